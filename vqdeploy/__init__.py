@@ -1,0 +1,13 @@
+"""vqdeploy: train vector quantizers in PyTorch, export them to ONNX, serve them with token parity."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from vqdeploy.errors import VQDeployError
+from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer
+
+try:
+    __version__ = version("vqdeploy")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0.0.0+local"
+
+__all__ = ["ResidualVQ", "VQDeployError", "VectorQuantize", "__version__", "load_quantizer", "save_quantizer"]

@@ -1,0 +1,67 @@
+"""Typed errors. Every error vqdeploy raises for bad input is a subclass of `VQDeployError`.
+
+Each class also derives from the builtin exception a Python user would expect (`ValueError`,
+`TypeError`, ...), so `except ValueError` keeps working.
+"""
+
+from __future__ import annotations
+
+
+class VQDeployError(Exception):
+    """Base class of every error raised by vqdeploy on purpose."""
+
+
+class InputShapeError(VQDeployError, ValueError):
+    """A tensor has the wrong rank or the wrong size along some axis."""
+
+
+class InputDtypeError(VQDeployError, TypeError):
+    """A tensor has a dtype the entry point does not accept."""
+
+
+class NonFiniteInputError(VQDeployError, ValueError):
+    """An input holds NaN or infinite values."""
+
+
+class IndexRangeError(VQDeployError, IndexError):
+    """Indices passed to decode lie outside the codebook."""
+
+
+class UninitializedCodebookError(VQDeployError, RuntimeError):
+    """A k-means initialised codebook was used before it saw a training batch."""
+
+
+class UnsupportedOptionError(VQDeployError, ValueError):
+    """An option (argument, reference-library setting, export part...) is not supported."""
+
+
+class ConfigError(VQDeployError, ValueError):
+    """Constructor arguments that contradict each other or are out of range."""
+
+
+class CheckpointError(VQDeployError, ValueError):
+    """A file is not a vqdeploy checkpoint or does not match its config."""
+
+
+class NotAVQDeployModelError(VQDeployError, ValueError):
+    """An ONNX file that was not written by `vqdeploy.export_onnx`."""
+
+
+class OutputExistsError(VQDeployError, FileExistsError):
+    """Refusing to overwrite a file the user owns (pass overwrite=True / --force)."""
+
+
+class ExportError(VQDeployError, RuntimeError):
+    """The ONNX export itself failed."""
+
+
+class BackendNotAvailableError(VQDeployError, ImportError):
+    """A runtime backend whose package is not installed, or whose hardware is absent."""
+
+
+class DeviceNotAvailableError(VQDeployError, RuntimeError):
+    """The requested device does not exist on this machine."""
+
+
+class ParityError(VQDeployError, AssertionError):
+    """Backend tokens are not at parity with the eager model (DESIGN.md section 4)."""

@@ -1,0 +1,61 @@
+"""Checkpoints: safetensors weights plus the constructor config in the file's metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from vqdeploy.errors import CheckpointError
+from vqdeploy.files import atomic_write
+
+FORMAT_KEY = "vqdeploy.format"
+FORMAT_VERSION = "1"
+CLASS_KEY = "vqdeploy.class"
+CONFIG_KEY = "vqdeploy.config"
+
+
+def _quantizer_classes() -> dict[str, type[nn.Module]]:
+    from vqdeploy.nn.residual_vq import ResidualVQ
+    from vqdeploy.nn.vector_quantize import VectorQuantize
+
+    return {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ}
+
+
+def save_quantizer(module: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a VectorQuantize or ResidualVQ (weights, EMA state and config) to a .safetensors file."""
+    name = type(module).__name__
+    if name not in _quantizer_classes():
+        raise CheckpointError(f"save_quantizer takes a VectorQuantize or ResidualVQ, got {name}")
+    metadata = {FORMAT_KEY: FORMAT_VERSION, CLASS_KEY: name, CONFIG_KEY: json.dumps(module.config)}
+    return atomic_write(path, lambda tmp: save_model(module, str(tmp), metadata=metadata), overwrite=overwrite)
+
+
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata of a vqdeploy checkpoint; raises CheckpointError for any other file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for non-safetensors files
+        raise CheckpointError(f"{path} is not a safetensors file: {error}") from error
+    if metadata.get(FORMAT_KEY) != FORMAT_VERSION or metadata.get(CLASS_KEY) not in _quantizer_classes():
+        raise CheckpointError(f"{path} is a safetensors file but not a vqdeploy quantizer checkpoint")
+    return metadata
+
+
+def load_quantizer(path: str | os.PathLike) -> nn.Module:
+    """Rebuild the module saved by `save_quantizer`, in eval mode."""
+    metadata = read_checkpoint_metadata(path)
+    cls = _quantizer_classes()[metadata[CLASS_KEY]]
+    module = cls(**json.loads(metadata[CONFIG_KEY]))
+    missing, unexpected = load_model(module, str(path), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match its config: missing {missing}, unexpected {unexpected}")
+    return module.eval()

@@ -1,0 +1,172 @@
+"""ResidualVQ (SoundStream, Algorithm 1): quantize the input, then the residuals, in sequence."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+from torch import nn
+
+from vqdeploy.checks import (
+    check_axis_size,
+    check_finite,
+    check_floating,
+    check_index_range,
+    check_integer,
+    check_rank,
+    eager_checks_enabled,
+)
+from vqdeploy.errors import ConfigError, UnsupportedOptionError
+from vqdeploy.nn.vector_quantize import VectorQuantize
+
+# VectorQuantize options that make no sense per stage of a residual quantizer.
+_PER_STAGE_ONLY = ("heads", "separate_codebook_per_head", "accept_image_fmap", "channel_last", "codebook_dim", "dim")
+
+
+class ResidualVQ(nn.Module):
+    """Residual vector quantizer: `num_quantizers` VectorQuantize stages on successive residuals.
+
+    >>> import torch
+    >>> rvq = ResidualVQ(dim=256, num_quantizers=8, codebook_size=1024)
+    >>> quantized, indices, commit_loss = rvq(torch.randn(1, 1024, 256))
+    >>> tuple(quantized.shape), tuple(indices.shape), tuple(commit_loss.shape)
+    ((1, 1024, 256), (8, 1, 1024), (8, 1))
+
+    Indices and losses are quantizer-first, as the seed README documents. Inputs are
+    (batch, seq, dim). With `quantize_dropout=True`, training forwards stop after a random stage
+    (at least `quantize_dropout_cutoff_index`) and mark later stages with index -1.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        shared_codebook: bool = False,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        codebook_dim: int | None = None,
+        **vq_kwargs: Any,
+    ):
+        super().__init__()
+        for key in _PER_STAGE_ONLY:
+            if key in vq_kwargs:
+                raise UnsupportedOptionError(f"ResidualVQ does not accept {key}= for its stages (inputs are batch, seq, dim)")
+        if not isinstance(num_quantizers, int) or num_quantizers < 1:
+            raise ConfigError(f"num_quantizers must be a positive integer, got {num_quantizers!r}")
+        if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
+            raise ConfigError(
+                f"quantize_dropout_cutoff_index must lie in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}"
+            )
+        codebook_dim = codebook_dim if codebook_dim is not None else dim
+        self.config: dict[str, Any] = dict(
+            dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size,
+            shared_codebook=shared_codebook, quantize_dropout=quantize_dropout,
+            quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of, codebook_dim=codebook_dim, **vq_kwargs,
+        )
+        self.dim, self.codebook_dim, self.codebook_size = dim, codebook_dim, codebook_size
+        self.num_quantizers = num_quantizers
+        self.shared_codebook = shared_codebook
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+
+        self.has_projections = codebook_dim != dim
+        self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
+        self.layers = nn.ModuleList(
+            VectorQuantize(dim=codebook_dim, codebook_size=codebook_size, **vq_kwargs) for _ in range(num_quantizers)
+        )
+        if shared_codebook:
+            for layer in self.layers[1:]:
+                layer._codebook = self.layers[0]._codebook
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        """(num_quantizers, K, D)."""
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    @property
+    def input_layout(self) -> str:
+        return "b n d"
+
+    def _dropout_last_stage(self) -> int:
+        """The last stage a training forward runs (quantize dropout), or the last stage."""
+        last = self.num_quantizers - 1
+        if not (self.training and self.quantize_dropout):
+            return last
+        stop = random.randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
+        if self.quantize_dropout_multiple_of != 1:
+            multiple = self.quantize_dropout_multiple_of
+            stop = min(last, -(-(stop + 1) // multiple) * multiple - 1)
+        return stop
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns quantized (b, n, dim), indices (q, b, n), commit losses (q, 1)."""
+        check_floating(x, "x")
+        check_rank(x, (3,), "x", "batch, seq, dim")
+        check_axis_size(x, -1, self.dim, "x", "dim")
+        if eager_checks_enabled():
+            check_finite(x, "x")
+
+        residual = self.project_in(x)
+        quantized_out = torch.zeros_like(residual)
+        last_stage = self._dropout_last_stage()
+        all_indices, all_losses, stage_inputs = [], [], []
+        for stage, layer in enumerate(self.layers):
+            if stage > last_stage:
+                all_indices.append(torch.full(x.shape[:2], -1, dtype=torch.long, device=x.device))
+                all_losses.append(torch.zeros(1, device=x.device))
+                continue
+            stage_inputs.append(residual.detach())
+            quantized, indices, loss = layer.quantize_tokens(
+                residual, input_requires_grad=x.requires_grad, refresh_embed=not self.shared_codebook
+            )
+            residual = residual - quantized.detach()
+            quantized_out = quantized_out + quantized
+            all_indices.append(indices)
+            all_losses.append(loss)
+
+        if self.training and self.shared_codebook:  # one EMA refresh for the shared codebook, after every stage
+            codebook = self.layers[0]._codebook
+            codebook.refresh_embed_()
+            rows = torch.cat([codebook.transform_input(t).reshape(1, -1, self.codebook_dim) for t in stage_inputs], dim=1)
+            codebook.expire_dead_codes_(rows.float())
+
+        return self.project_out(quantized_out), torch.stack(all_indices), torch.stack(all_losses)
+
+    # -- decode -----------------------------------------------------------------------------------
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (q', b, n) with q' <= num_quantizers -> codes (q, b, n, codebook_dim); -1 decodes to 0."""
+        check_integer(indices, "indices")
+        check_rank(indices, (3,), "indices", "quantizer, batch, seq")
+        if indices.shape[0] > self.num_quantizers:
+            check_axis_size(indices, 0, self.num_quantizers, "indices", "quantizers")
+        if eager_checks_enabled():
+            check_index_range(indices, self.codebook_size, "indices", allow_dropped=True)
+        codes = []
+        for stage, layer in enumerate(self.layers):
+            if stage >= indices.shape[0]:
+                codes.append(torch.zeros(*indices.shape[1:], self.codebook_dim, device=indices.device))
+                continue
+            stage_indices = indices[stage].long()
+            dropped = stage_indices < 0
+            stage_codes = layer.codebook[stage_indices.clamp(min=0)]
+            codes.append(stage_codes.masked_fill(dropped[..., None], 0.0))
+        return torch.stack(codes)
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """What forward returns as `quantized` for these indices."""
+        return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+
+    @classmethod
+    def from_vector_quantize_pytorch(cls, module: nn.Module) -> ResidualVQ:
+        """Convert a trained `vector_quantize_pytorch.ResidualVQ`, weights and EMA state included."""
+        from vqdeploy.nn.convert import residual_vq_config
+
+        converted = cls(**residual_vq_config(module))
+        converted.load_state_dict(module.state_dict(), strict=True)
+        return converted.train(module.training)

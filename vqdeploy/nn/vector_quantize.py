@@ -1,0 +1,256 @@
+"""VectorQuantize with the API of vector-quantize-pytorch (the seed) and an EMA codebook."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqdeploy.checks import (
+    check_axis_size,
+    check_finite,
+    check_floating,
+    check_index_range,
+    check_integer,
+    check_rank,
+    eager_checks_enabled,
+)
+from vqdeploy.errors import ConfigError, UninitializedCodebookError
+from vqdeploy.nn.codebook import EMACodebook
+
+
+class VectorQuantize(nn.Module):
+    """Vector quantizer with an exponential-moving-average codebook.
+
+    >>> import torch
+    >>> vq = VectorQuantize(dim=256, codebook_size=512, decay=0.8, commitment=1.0)
+    >>> quantized, indices, commit_loss = vq(torch.randn(1, 1024, 256))
+    >>> tuple(quantized.shape), tuple(indices.shape), tuple(commit_loss.shape)
+    ((1, 1024, 256), (1, 1024), (1,))
+
+    Inputs are (batch, seq, dim), or (batch, dim) for one token, or (batch, dim, seq) with
+    ``channel_last=False``, or (batch, dim, height, width) with ``accept_image_fmap=True``.
+    Indices come back as (batch, seq) (with a trailing heads axis when ``heads > 1``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        decay: float = 0.8,
+        commitment: float | None = None,
+        eps: float = 1e-5,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        threshold_ema_dead_code: float = 0,
+        use_cosine_sim: bool = False,
+        codebook_dim: int | None = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        accept_image_fmap: bool = False,
+        channel_last: bool = True,
+        commitment_weight: float | None = None,
+    ):
+        super().__init__()
+        if commitment is not None and commitment_weight is not None and commitment != commitment_weight:
+            raise ConfigError(
+                f"commitment={commitment} and its alias commitment_weight={commitment_weight} disagree; pass one"
+            )
+        commitment = 1.0 if commitment is None and commitment_weight is None else (
+            commitment if commitment is not None else commitment_weight
+        )
+        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 <= decay <= 1.0:
+            raise ConfigError(f"decay must lie in [0, 1], got {decay}")
+
+        codebook_dim = codebook_dim if codebook_dim is not None else dim
+        self.config: dict[str, Any] = dict(
+            dim=dim, codebook_size=codebook_size, decay=decay, commitment=commitment, eps=eps,
+            kmeans_init=kmeans_init, kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=threshold_ema_dead_code, use_cosine_sim=use_cosine_sim,
+            codebook_dim=codebook_dim, heads=heads, separate_codebook_per_head=separate_codebook_per_head,
+            accept_image_fmap=accept_image_fmap, channel_last=channel_last,
+        )
+        self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, codebook_dim
+        self.heads, self.separate_codebook_per_head = heads, separate_codebook_per_head
+        self.commitment = commitment
+        self.use_cosine_sim = use_cosine_sim
+        self.accept_image_fmap, self.channel_last = accept_image_fmap, channel_last
+
+        inner_dim = codebook_dim * heads
+        self.has_projections = inner_dim != dim
+        self.project_in = nn.Linear(dim, inner_dim) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(inner_dim, dim) if self.has_projections else nn.Identity()
+        self._codebook = EMACodebook(
+            dim=codebook_dim,
+            codebook_size=codebook_size,
+            num_codebooks=heads if separate_codebook_per_head else 1,
+            decay=decay,
+            eps=eps,
+            kmeans_init=kmeans_init,
+            kmeans_iters=kmeans_iters,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            use_cosine_sim=use_cosine_sim,
+        )
+
+    # -- public properties ------------------------------------------------------------------
+    @property
+    def codebook(self) -> torch.Tensor:
+        """(K, D), or (heads, K, D) with separate codebooks per head."""
+        embed = self._codebook.embed
+        return embed if self.separate_codebook_per_head else embed[0]
+
+    @property
+    def input_layout(self) -> str:
+        if self.accept_image_fmap:
+            return "b d h w"
+        return "b n d" if self.channel_last else "b d n"
+
+    # -- layouts ------------------------------------------------------------------------------
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_floating(x, "x")
+        if self.accept_image_fmap:
+            check_rank(x, (4,), "x", "batch, dim, height, width")
+            check_axis_size(x, 1, self.dim, "x", "dim")
+        elif self.channel_last:
+            check_rank(x, (2, 3), "x", "batch, seq, dim or batch, dim")
+            check_axis_size(x, -1, self.dim, "x", "dim")
+        else:
+            check_rank(x, (2, 3), "x", "batch, dim, seq or batch, dim")
+            check_axis_size(x, 1, self.dim, "x", "dim")
+        if eager_checks_enabled():
+            check_finite(x, "x")
+
+    def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Any accepted input layout -> (batch, tokens, dim)."""
+        if self.accept_image_fmap:
+            return x.flatten(2).transpose(1, 2)
+        if x.ndim == 2:
+            return x.unsqueeze(1)
+        return x if self.channel_last else x.transpose(1, 2)
+
+    def _from_tokens(self, t: torch.Tensor, like_shape: torch.Size) -> torch.Tensor:
+        """(batch, tokens, ...) -> the layout the input came in (inverse of `_to_tokens`)."""
+        if self.accept_image_fmap:
+            batch, _, height, width = like_shape
+            return t.transpose(1, 2).reshape(batch, t.shape[-1], height, width)
+        if len(like_shape) == 2:
+            return t.squeeze(1)
+        return t if self.channel_last else t.transpose(1, 2)
+
+    def _index_shape(self, like_shape: torch.Size) -> tuple[int, ...]:
+        """Shape of the indices for an input of `like_shape` (before the trailing heads axis)."""
+        if self.accept_image_fmap:
+            return (like_shape[0], like_shape[2], like_shape[3])
+        if len(like_shape) == 2:
+            return (like_shape[0],)
+        return (like_shape[0], like_shape[1] if self.channel_last else like_shape[2])
+
+    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(b, n, heads * d) -> (H, b * n * heads / H, d) rows for the codebook(s)."""
+        b, n, _ = tokens.shape
+        per_head = tokens.reshape(b, n, self.heads, self.codebook_dim)
+        if self.separate_codebook_per_head:
+            return per_head.permute(2, 0, 1, 3).reshape(self.heads, b * n, self.codebook_dim)
+        return per_head.reshape(1, b * n * self.heads, self.codebook_dim)
+
+    def _merge_heads(self, rows: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """Inverse of `_split_heads`: (H, M, ...) -> (b, n, heads, ...)."""
+        tail = rows.shape[2:]
+        if self.separate_codebook_per_head:
+            return rows.reshape(self.heads, b, n, *tail).permute(1, 2, 0, *range(3, 3 + len(tail)))
+        return rows.reshape(b, n, self.heads, *tail)
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (quantized, indices, commit_loss); commit_loss has shape (1,)."""
+        self._check_input(x)
+        tokens = self._to_tokens(x)
+        quantized, indices, loss = self.quantize_tokens(tokens, input_requires_grad=x.requires_grad)
+        indices = indices.reshape(*self._index_shape(x.shape), *indices.shape[2:])
+        return self._from_tokens(quantized, x.shape), indices, loss
+
+    def quantize_tokens(
+        self, tokens: torch.Tensor, input_requires_grad: bool | None = None, refresh_embed: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(b, n, dim) -> quantized (b, n, dim), indices (b, n[, heads]), loss (1,). No input checks."""
+        codebook = self._codebook
+        if not self.training and eager_checks_enabled() and not bool(codebook.initted):
+            raise UninitializedCodebookError(
+                "this VectorQuantize was built with kmeans_init=True and has not seen a training batch; "
+                "run a forward pass in training mode first"
+            )
+        b, n, _ = tokens.shape
+        dtype = tokens.dtype
+        projected = self.project_in(tokens)
+        rows = codebook.transform_input(self._split_heads(projected)).float()
+
+        if self.training and not bool(codebook.initted):
+            codebook.init_with_kmeans_(rows.detach())
+
+        indices = codebook.nearest(rows)
+        codes = codebook.lookup(indices).to(rows.dtype)
+
+        loss = torch.zeros(1, device=tokens.device)
+        if self.training:
+            if self.commitment > 0:
+                loss = (F.mse_loss(codes.detach(), rows) * self.commitment).reshape(1)
+            track = rows.detach()
+            codebook.track_usage_(track, indices)
+            if refresh_embed:
+                codebook.refresh_embed_()
+                codebook.expire_dead_codes_(track)
+            requires_grad = tokens.requires_grad if input_requires_grad is None else input_requires_grad
+            if requires_grad:
+                codes = rows + (codes - rows).detach()  # straight-through gradient
+
+        quantized = self._merge_heads(codes, b, n).reshape(b, n, self.heads * self.codebook_dim)
+        quantized = self.project_out(quantized.to(dtype))
+        indices = self._merge_heads(indices, b, n)
+        indices = indices if self.heads > 1 else indices.squeeze(-1)
+        return quantized, indices, loss
+
+    # -- decode -----------------------------------------------------------------------------------
+    def _check_indices(self, indices: torch.Tensor) -> None:
+        check_integer(indices, "indices")
+        if eager_checks_enabled():
+            check_index_range(indices, self.codebook_size, "indices")
+        if self.heads > 1:
+            check_axis_size(indices, -1, self.heads, "indices", "heads (trailing axis)")
+
+    def _codes_channel_last(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (..., [heads]) -> codes (..., heads * codebook_dim), channel last."""
+        embed = self._codebook.embed
+        if self.heads == 1:
+            return embed[0][indices.long()]
+        per_head = [embed[h if self.separate_codebook_per_head else 0][indices[..., h].long()] for h in range(self.heads)]
+        return torch.cat(per_head, dim=-1)
+
+    def _channel_first_if_needed(self, t: torch.Tensor) -> torch.Tensor:
+        if (self.accept_image_fmap or not self.channel_last) and t.ndim > 2:
+            return t.movedim(-1, 1)
+        return t
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codebook vectors for `indices` (before project_out), in the module's input layout."""
+        self._check_indices(indices)
+        return self._channel_first_if_needed(self._codes_channel_last(indices))
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """What forward returns as `quantized` for these indices (after project_out)."""
+        self._check_indices(indices)
+        return self._channel_first_if_needed(self.project_out(self._codes_channel_last(indices)))
+
+    # -- conversion -------------------------------------------------------------------------------
+    @classmethod
+    def from_vector_quantize_pytorch(cls, module: nn.Module) -> VectorQuantize:
+        """Convert a trained `vector_quantize_pytorch.VectorQuantize`, weights and EMA state included."""
+        from vqdeploy.nn.convert import vector_quantize_config
+
+        converted = cls(**vector_quantize_config(module))
+        converted.load_state_dict(module.state_dict(), strict=True)
+        return converted.train(module.training)
