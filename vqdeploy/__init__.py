@@ -3,6 +3,7 @@
 from importlib.metadata import PackageNotFoundError, version
 
 from vqdeploy.errors import VQDeployError
+from vqdeploy.export import export_onnx, read_metadata
 from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer
 
 try:
@@ -10,4 +11,13 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+local"
 
-__all__ = ["ResidualVQ", "VQDeployError", "VectorQuantize", "__version__", "load_quantizer", "save_quantizer"]
+__all__ = [
+    "ResidualVQ",
+    "VQDeployError",
+    "VectorQuantize",
+    "__version__",
+    "export_onnx",
+    "load_quantizer",
+    "read_metadata",
+    "save_quantizer",
+]

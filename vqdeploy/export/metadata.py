@@ -1,0 +1,135 @@
+"""The metadata a vqdeploy export carries (ONNX `metadata_props`): the keys, written and read here."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+from torch import nn
+
+from vqdeploy.errors import NotAVQDeployModelError
+
+PREFIX = "vqdeploy."
+PARTS = ("encode", "decode", "quantize")
+# The file's inputs and outputs by part; a user model keeps the names torch gives its forward.
+PART_INPUTS = {"encode": ["x"], "quantize": ["x"], "decode": ["indices"]}
+PART_OUTPUTS = {"encode": ["indices"], "quantize": ["vectors", "indices"], "decode": ["vectors"]}
+STATE_PREFIX = "quantizer."  # initializers of a bare-quantizer export are named STATE_PREFIX + state-dict key
+
+
+@dataclass(frozen=True)
+class ExportInfo:
+    """What a vqdeploy ONNX file holds. `quantizers` lists every quantizer found in the model."""
+
+    version: str
+    part: str
+    kind: str  # "VectorQuantize", "ResidualVQ", or "model" for a user model that contains quantizers
+    num_quantizers: int
+    codebook_size: int
+    dim: int
+    codebook_dim: int
+    heads: int
+    metric: str  # "l2" or "cosine"
+    input_layout: str
+    index_dtype: str
+    fused: bool
+    opset: int
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # constructor config of a bare quantizer
+    quantizers: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def describe_quantizer(module: nn.Module) -> dict[str, Any]:
+    """Kind, sizes and metric of one VectorQuantize or ResidualVQ."""
+    from vqdeploy.nn import ResidualVQ
+
+    config = dict(module.config)
+    is_residual = isinstance(module, ResidualVQ)
+    return dict(
+        kind=type(module).__name__,
+        num_quantizers=module.num_quantizers if is_residual else 1,
+        codebook_size=module.codebook_size,
+        dim=module.dim,
+        codebook_dim=module.codebook_dim,
+        heads=1 if is_residual else module.heads,
+        metric="cosine" if config.get("use_cosine_sim") else "l2",
+        input_layout=module.input_layout,
+        config=config,
+    )
+
+
+def build_info(
+    quantizers: dict[str, nn.Module], kind: str, part: str, fused: bool, opset: int, inputs: list[str], outputs: list[str]
+) -> ExportInfo:
+    """ExportInfo for an export of `part`; `quantizers` maps module paths to the quantizers inside."""
+    from vqdeploy import __version__
+
+    described = [dict(path=path, **describe_quantizer(q)) for path, q in quantizers.items()]
+    first = described[0]
+    return ExportInfo(
+        version=__version__,
+        part=part,
+        kind=kind,
+        num_quantizers=first["num_quantizers"],
+        codebook_size=first["codebook_size"],
+        dim=first["dim"],
+        codebook_dim=first["codebook_dim"],
+        heads=first["heads"],
+        metric=first["metric"],
+        input_layout=first["input_layout"] if kind != "model" else "model",
+        index_dtype="int64",
+        fused=fused,
+        opset=opset,
+        inputs=inputs,
+        outputs=outputs,
+        config=first["config"] if kind != "model" else {},
+        quantizers=described,
+    )
+
+
+_JSON_FIELDS = ("inputs", "outputs", "config", "quantizers", "fused")
+_INT_FIELDS = ("num_quantizers", "codebook_size", "dim", "codebook_dim", "heads", "opset")
+
+
+def write_metadata(model: onnx.ModelProto, info: ExportInfo) -> None:
+    """Store `info` in the model's metadata_props, one key per field."""
+    kept = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in info.as_dict().items():
+        text = json.dumps(value) if key in _JSON_FIELDS else str(value)
+        model.metadata_props.append(onnx.StringStringEntryProto(key=PREFIX + key, value=text))
+
+
+def read_metadata(model: onnx.ModelProto | str | os.PathLike) -> ExportInfo:
+    """The ExportInfo of a vqdeploy export; `NotAVQDeployModelError` for any other ONNX file."""
+    name = "model"
+    if not isinstance(model, onnx.ModelProto):
+        name = str(model)
+        path = Path(model)
+        if not path.is_file():
+            raise NotAVQDeployModelError(f"{path} does not exist")
+        try:
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception as error:  # protobuf raises DecodeError and friends
+            raise NotAVQDeployModelError(f"{path} is not an ONNX file: {error}") from error
+    props = {p.key.removeprefix(PREFIX): p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
+    missing = [f for f in ExportInfo.__dataclass_fields__ if f not in props]
+    if missing:
+        raise NotAVQDeployModelError(
+            f"{name} is not a vqdeploy export (no vqdeploy metadata{'' if len(missing) > 12 else ': missing ' + ', '.join(missing)}); "
+            "write it with vqdeploy.export_onnx or `vqdeploy export`"
+        )
+    values: dict[str, Any] = {}
+    for key in ExportInfo.__dataclass_fields__:
+        raw = props[key]
+        values[key] = json.loads(raw) if key in _JSON_FIELDS else int(raw) if key in _INT_FIELDS else raw
+    return ExportInfo(**values)

@@ -1,0 +1,242 @@
+"""export_onnx: a quantizer (encode / decode / quantize) or a model around it, to one ONNX file."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+from torch.export import Dim
+
+from vqdeploy.errors import (
+    ExportError,
+    OutputExistsError,
+    UninitializedCodebookError,
+    UnsupportedOptionError,
+)
+from vqdeploy.export import functions
+from vqdeploy.export.metadata import (
+    PART_INPUTS,
+    PART_OUTPUTS,
+    PARTS,
+    STATE_PREFIX,
+    build_info,
+    write_metadata,
+)
+from vqdeploy.files import atomic_write
+from vqdeploy.nn import ResidualVQ, VectorQuantize
+
+IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
+DEFAULT_OPSET = 18
+
+
+class _Encode(nn.Module):
+    def __init__(self, quantizer: nn.Module):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantizer(x)[1]
+
+
+class _Quantize(_Encode):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors, indices, _ = self.quantizer(x)
+        return vectors, indices
+
+
+class _Decode(_Encode):
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.get_output_from_indices(indices)
+
+
+_PART_WRAPPERS = {"encode": _Encode, "quantize": _Quantize, "decode": _Decode}
+
+
+def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
+    """Module path -> VectorQuantize / ResidualVQ inside `model` (stages of a ResidualVQ not listed)."""
+    found: dict[str, nn.Module] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, VectorQuantize | ResidualVQ) and not any(path.startswith(p + ".") for p in found if p):
+            found[path] = module
+    return found
+
+
+def _example_input(quantizer: nn.Module, part: str) -> torch.Tensor:
+    """A small input with sizes >= 2 on every dynamic axis (torch.export specialises sizes 0 and 1)."""
+    batch, seq, height, width = 2, 3, 3, 5
+    if part == "decode":
+        if isinstance(quantizer, ResidualVQ):
+            return torch.randint(0, quantizer.codebook_size, (quantizer.num_quantizers, batch, seq))
+        shape = (batch, height, width) if quantizer.accept_image_fmap else (batch, seq)
+        return torch.randint(0, quantizer.codebook_size, (*shape, quantizer.heads) if quantizer.heads > 1 else shape)
+    if isinstance(quantizer, ResidualVQ) or quantizer.channel_last and not quantizer.accept_image_fmap:
+        return torch.randn(batch, seq, quantizer.dim)
+    if quantizer.accept_image_fmap:
+        return torch.randn(batch, quantizer.dim, height, width)
+    return torch.randn(batch, quantizer.dim, seq)
+
+
+def _dynamic_axes(quantizer: nn.Module, part: str, example: torch.Tensor) -> dict[int, object]:
+    """Batch and sequence (or height and width) axes of the part's input."""
+    if part == "decode":
+        if isinstance(quantizer, ResidualVQ):
+            return {1: Dim.DYNAMIC, 2: Dim.DYNAMIC}
+        axes = 3 if quantizer.accept_image_fmap else 2
+        return dict.fromkeys(range(axes), Dim.DYNAMIC)
+    if isinstance(quantizer, ResidualVQ) or (quantizer.channel_last and not quantizer.accept_image_fmap):
+        return {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} if example.ndim == 3 else {0: Dim.DYNAMIC}
+    if quantizer.accept_image_fmap:
+        return {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}
+    return {0: Dim.DYNAMIC, 2: Dim.DYNAMIC}
+
+
+def _nearest_code_translation(x, codebook, mode: str = "exact"):
+    """onnxscript translation of torch.ops.vqdeploy.nearest_code: one fused NearestCode node."""
+    import onnxscript
+
+    vqdeploy_ops = onnxscript.values.Opset(functions.DOMAIN, functions.FUNCTION_VERSION)
+    return vqdeploy_ops.NearestCode(x, codebook, plugin_namespace=functions.PLUGIN_NAMESPACE)
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The dynamo exporter prints progress and torchvision notices; keep them out of the user's terminal."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_ready(quantizers: dict[str, nn.Module]) -> None:
+    for path, quantizer in quantizers.items():
+        for module in quantizer.modules():
+            if isinstance(module, VectorQuantize) and not bool(module._codebook.initted):
+                name = path or type(quantizer).__name__
+                raise UninitializedCodebookError(
+                    f"{name} uses kmeans_init=True and its codebook was never initialised; "
+                    "train it on at least one batch before exporting"
+                )
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    part: str = "quantize",
+    example_input: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    fused: bool = True,
+    opset: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export a quantizer, or a model that contains quantizers, to an ONNX file at `path`.
+
+    For a bare VectorQuantize / ResidualVQ, `part` picks ``"encode"`` (x -> indices),
+    ``"decode"`` (indices -> vectors) or ``"quantize"`` (x -> vectors, indices). Any other module
+    is exported whole (its forward) and needs `example_input`. Batch and sequence axes (image:
+    batch, height, width) are dynamic. With ``fused=True`` every nearest-code search is one
+    ``vqdeploy::NearestCode`` node backed by a model-local function; with ``fused=False`` the same
+    computation is inlined in standard ops. Returns the path written.
+
+    >>> import tempfile, pathlib, vqdeploy
+    >>> vq = vqdeploy.VectorQuantize(dim=8, codebook_size=16)
+    >>> out = pathlib.Path(tempfile.mkdtemp()) / "vq.onnx"
+    >>> export_onnx(vq, out, part="encode").name
+    'vq.onnx'
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    if part not in PARTS:
+        raise UnsupportedOptionError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
+    opset = DEFAULT_OPSET if opset is None else opset
+    if opset < functions.MIN_OPSET:
+        raise UnsupportedOptionError(f"opset must be >= {functions.MIN_OPSET}, got {opset}")
+
+    is_quantizer = isinstance(model, VectorQuantize | ResidualVQ)
+    quantizers = {"": model} if is_quantizer else find_quantizers(model)
+    if not quantizers:
+        raise UnsupportedOptionError(f"{type(model).__name__} contains no vqdeploy VectorQuantize or ResidualVQ")
+    _check_ready(quantizers)
+
+    if is_quantizer:
+        wrapper = _PART_WRAPPERS[part](model)
+        example = _example_input(model, part) if example_input is None else example_input
+        dynamic = {"x" if part != "decode" else "indices": _dynamic_axes(model, part, example)}
+        input_names, output_names = PART_INPUTS[part], PART_OUTPUTS[part]
+    else:
+        if part != "quantize":
+            raise UnsupportedOptionError(
+                f"part={part!r} applies to a bare quantizer; a model ({type(model).__name__}) is exported whole"
+            )
+        if example_input is None:
+            raise UnsupportedOptionError(f"exporting a {type(model).__name__} needs example_input")
+        wrapper, example = model, example_input
+        examples = example if isinstance(example, tuple) else (example,)
+        dynamic = tuple({axis: Dim.AUTO for axis in range(t.ndim)} for t in examples)
+        input_names = [f"input_{i}" for i in range(len(examples))] if len(examples) > 1 else ["input"]
+        output_names = None
+    examples = example if isinstance(example, tuple) else (example,)
+
+    was_training = model.training
+    model.eval()
+    functions.register_schema()
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                wrapper,
+                examples,
+                dynamo=True,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_shapes=dynamic if is_quantizer else dynamic,
+                custom_translation_table={torch.ops.vqdeploy.nearest_code.default: _nearest_code_translation},
+                opset_version=opset,
+                optimize=False,  # keep initializer names = state-dict keys (the torch backend reads them)
+                verbose=False,
+            )
+        proto = program.model_proto
+    except Exception as error:
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {error}") from error
+    finally:
+        model.train(was_training)
+
+    proto = finish_model(proto, fused=fused)
+    info = build_info(
+        quantizers,
+        kind=type(model).__name__ if is_quantizer else "model",
+        part=part,
+        fused=fused,
+        opset=opset,
+        inputs=[i.name for i in proto.graph.input],
+        outputs=[o.name for o in proto.graph.output],
+    )
+    write_metadata(proto, info)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise ExportError(f"the exported graph fails onnx.checker: {error}") from error
+    return atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)), overwrite=overwrite)
+
+
+def finish_model(proto: onnx.ModelProto, fused: bool) -> onnx.ModelProto:
+    """Attach the NearestCode function (fused) or inline it (unfused); set the IR version."""
+    functions.attach_function(proto)
+    if not fused:
+        proto = functions.inline_function(proto)
+    proto.ir_version = IR_VERSION
+    return proto
+
+
+__all__ = ["IR_VERSION", "STATE_PREFIX", "export_onnx", "find_quantizers"]
