@@ -53,6 +53,7 @@ class EMACodebook(nn.Module):
         self.kmeans_iters = kmeans_iters
         self.threshold_ema_dead_code = threshold_ema_dead_code
         self.use_cosine_sim = use_cosine_sim
+        self.search_mode = "exact"  # "fast" lets CUDA use tensor cores with a float32 re-check (same tokens)
 
         if kmeans_init:
             embed = torch.zeros(num_codebooks, codebook_size, dim)
@@ -73,7 +74,7 @@ class EMACodebook(nn.Module):
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (H, M, D) -> indices (H, M): one nearest-code search per codebook."""
         embed = self.embed.detach()
-        return torch.stack([nearest_code(flat[h], embed[h]) for h in range(self.num_codebooks)])
+        return torch.stack([nearest_code(flat[h], embed[h], self.search_mode) for h in range(self.num_codebooks)])
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (H, M) -> codes (H, M, D)."""

@@ -1,0 +1,120 @@
+"""One Quantizer API over ONNX Runtime, TensorRT and plain torch.
+
+>>> import tempfile, pathlib, numpy as np, vqdeploy
+>>> from vqdeploy import runtime
+>>> vq = vqdeploy.VectorQuantize(dim=8, codebook_size=16).eval()
+>>> path = vqdeploy.export_onnx(vq, pathlib.Path(tempfile.mkdtemp()) / "vq.onnx", part="encode")
+>>> with runtime.load(path, backend="ort") as quantizer:
+...     quantizer.encode(np.zeros((2, 5, 8), np.float32)).shape
+(2, 5)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from vqdeploy.errors import BackendNotAvailableError, DeviceNotAvailableError, UnsupportedOptionError
+from vqdeploy.export.metadata import ExportInfo, read_metadata
+from vqdeploy.runtime.base import Quantizer, Runner, default_chunk_size
+
+PRECISIONS = ("exact", "fast")
+
+
+def _ort(path, info: ExportInfo, device: str, precision: str, **options: Any) -> Runner:
+    from vqdeploy.runtime.onnxrt import OnnxRuntimeRunner
+
+    return OnnxRuntimeRunner(path, device=device, precision=precision, **options)
+
+
+def _trt(path, info: ExportInfo, device: str, precision: str, **options: Any) -> Runner:
+    from vqdeploy.runtime.tensorrt import TensorRTRunner
+
+    return TensorRTRunner(path, info, device=device, precision=precision, **options)
+
+
+def _torch(path, info: ExportInfo, device: str, precision: str, **options: Any) -> Runner:
+    from vqdeploy.runtime.torch_backend import TorchRunner
+
+    if options:
+        raise UnsupportedOptionError(f"the torch backend takes no options, got {sorted(options)}")
+    return TorchRunner(path, info, device=device, precision=precision)
+
+
+# name -> (loader, python module the backend needs, what to pip install)
+BACKENDS: dict[str, tuple[Callable[..., Runner], str, str]] = {
+    "ort": (_ort, "onnxruntime", "onnxruntime (or onnxruntime-gpu for CUDA)"),
+    "trt": (_trt, "tensorrt", "tensorrt (10 or later, from NVIDIA's index)"),
+    "torch": (_torch, "torch", "torch"),
+}
+
+
+def is_available(backend: str) -> bool:
+    """Whether the package a backend needs is importable (hardware is checked when loading)."""
+    return importlib.util.find_spec(BACKENDS[backend][1]) is not None
+
+
+def available_backends() -> list[str]:
+    return [name for name in BACKENDS if is_available(name)]
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """'auto' -> trt when importable on CUDA, else ort, else torch."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise UnsupportedOptionError(f"unknown backend {backend!r}; choose from auto, {', '.join(BACKENDS)}")
+        if not is_available(backend):
+            raise BackendNotAvailableError(f"backend {backend!r} is not installed: pip install {BACKENDS[backend][2]}")
+        return backend
+    if device.startswith("cuda") and is_available("trt"):
+        return "trt"
+    return "ort" if is_available("ort") else "torch"
+
+
+def _check_device(device: str) -> None:
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise DeviceNotAvailableError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'") from error
+    if parsed.type not in ("cpu", "cuda"):
+        raise DeviceNotAvailableError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceNotAvailableError(f"device={device!r} was asked for, but no CUDA device is available")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DeviceNotAvailableError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    device: str = "cpu",
+    precision: str = "exact",
+    chunk_size: int | None = None,
+    **options: Any,
+) -> Quantizer:
+    """Open a vqdeploy ONNX export on a backend; returns a `Quantizer`.
+
+    backend: "auto", "ort", "trt" or "torch". precision: "exact" (default: tokens at parity with the
+    eager model; TF32 off) or "fast" (tensor cores where the backend has a parity-preserving path).
+    chunk_size: tokens per backend call (default keeps a chunk's scores near 8 MiB). Other options
+    go to the backend (ort: intra_op_num_threads, inter_op_num_threads; trt: min_tokens, opt_tokens,
+    max_tokens, cache_dir).
+    """
+    if precision not in PRECISIONS:
+        raise UnsupportedOptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    _check_device(device)
+    info = read_metadata(path)
+    name = resolve_backend(backend, device)
+    runner = BACKENDS[name][0](path, info, device, precision, **options)
+    if chunk_size is None and name == "trt":
+        chunk_size = runner.max_tokens
+    return Quantizer(info, runner, chunk_size=chunk_size)
+
+
+__all__ = ["BACKENDS", "Quantizer", "available_backends", "default_chunk_size", "load", "resolve_backend"]

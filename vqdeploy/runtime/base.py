@@ -1,0 +1,267 @@
+"""The Quantizer API shared by every backend: input checks, layouts, chunking, array kinds.
+
+A backend is a *runner* with one method, ``infer(feed) -> outputs``, that runs the exported
+graph on inputs in the graph's own layout (as a Polygraphy runner does). `Quantizer` turns what
+the user passes (numpy or torch, any accepted layout, any size) into chunks of at most
+`chunk_size` tokens in that layout, runs them, and writes the results into preallocated outputs,
+so the extra memory of a call is bounded by the chunk, not by N.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from vqdeploy.checks import (
+    check_axis_size,
+    check_finite,
+    check_floating,
+    check_index_range,
+    check_integer,
+    check_rank,
+)
+from vqdeploy.errors import UnsupportedOptionError
+from vqdeploy.export.metadata import ExportInfo
+
+# Scores a chunk may hold (float32): 2M values = 8 MiB per score-sized buffer in the backend.
+CHUNK_SCORE_BUDGET = 2 * 2**20
+MIN_CHUNK = 256
+
+
+def default_chunk_size(codebook_size: int) -> int:
+    """Tokens per chunk so that one chunk's N x K scores stay within CHUNK_SCORE_BUDGET."""
+    return max(MIN_CHUNK, CHUNK_SCORE_BUDGET // max(codebook_size, 1))
+
+
+def chunk_shape(info: ExportInfo, tokens: int) -> tuple[int, ...]:
+    """Shape of the graph input for a chunk of `tokens` tokens, as `Quantizer` feeds it (batch 1)."""
+    heads = (info.heads,) if info.heads > 1 else ()
+    if info.part == "decode":
+        if info.kind == "ResidualVQ":
+            return (info.num_quantizers, 1, tokens)
+        return (1, 1, tokens, *heads) if info.input_layout == "b d h w" else (1, tokens, *heads)
+    if info.input_layout == "b d h w":
+        return (1, info.dim, 1, tokens)
+    if info.input_layout == "b d n":
+        return (1, info.dim, tokens)
+    return (1, tokens, info.dim)
+
+
+class Runner(Protocol):
+    """What a backend provides: run the graph on one feed, in the graph's layout."""
+
+    name: str
+    device: str
+    float_dtype: torch.dtype  # dtype of the graph's float input / output vectors
+
+    def infer(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _TokenView:
+    """A user array seen as G groups of T tokens, so chunks are slices along the token axis.
+
+    channel_last: view (1, T, d) / indices (1, T[, h]) or RVQ indices (q, 1, T).
+    channel_first: view (G, d, T) / indices (G, T[, h]).
+    """
+
+    view: torch.Tensor
+    groups: int
+    tokens: int
+    token_axis: int
+
+    def chunks(self, size: int) -> Iterator[tuple[int, int, int, torch.Tensor]]:
+        for group in range(self.groups):
+            for start in range(0, self.tokens, size):
+                stop = min(start + size, self.tokens)
+                index = [slice(None)] * self.view.ndim
+                index[0] = slice(group, group + 1)
+                index[self.token_axis] = slice(start, stop)
+                yield group, start, stop, self.view[tuple(index)]
+
+
+class Quantizer:
+    """Runs a vqdeploy export: ``encode(x)``, ``decode(indices)``, ``quantize(x)``.
+
+    Numpy in gives numpy out; a torch tensor in gives a torch tensor out on the same device.
+    Usable as a context manager; ``close()`` releases the backend's session or engine.
+    """
+
+    def __init__(self, info: ExportInfo, runner: Runner, chunk_size: int | None = None):
+        self.info = info
+        self._runner = runner
+        self.chunk_size = chunk_size or default_chunk_size(info.codebook_size)
+        if self.chunk_size < 1:
+            raise UnsupportedOptionError(f"chunk_size must be >= 1, got {chunk_size}")
+        self._channel_first = info.input_layout in ("b d n", "b d h w")
+        self._residual = info.kind == "ResidualVQ"
+
+    # -- public API ---------------------------------------------------------------------------------
+    @property
+    def backend(self) -> str:
+        return self._runner.name
+
+    @property
+    def device(self) -> str:
+        return self._runner.device
+
+    def encode(self, x: Any) -> Any:
+        """Indices of the nearest codes: (b, n[, heads]); ResidualVQ (q, b, n); images (b, h, w[, heads])."""
+        self._require("encode", ("encode", "quantize"))
+        return self._run_vectors(x, want_vectors=False)[1]
+
+    def quantize(self, x: Any) -> tuple[Any, Any]:
+        """(vectors, indices), as the eager module's first two outputs."""
+        self._require("quantize", ("quantize",))
+        return self._run_vectors(x, want_vectors=True)
+
+    def decode(self, indices: Any) -> Any:
+        """Vectors for indices, as the eager module's `get_output_from_indices`."""
+        self._require("decode", ("decode",))
+        return self._run_decode(indices)
+
+    def close(self) -> None:
+        self._runner.close()
+
+    def __enter__(self) -> Quantizer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Quantizer(kind={self.info.kind}, part={self.info.part}, backend={self.backend}, device={self.device})"
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _require(self, method: str, parts: tuple[str, ...]) -> None:
+        if self.info.kind == "model":
+            raise UnsupportedOptionError(
+                "this file is a whole user model; run it with onnxruntime directly, or export the quantizer alone"
+            )
+        if self.info.part not in parts:
+            raise UnsupportedOptionError(
+                f"{method}() needs an export of part {' or '.join(parts)}; this file holds part {self.info.part!r} "
+                f"(export again with part={parts[0]!r})"
+            )
+
+    def _as_tensor(self, array: Any, name: str) -> tuple[torch.Tensor, bool]:
+        if isinstance(array, torch.Tensor):
+            return array.detach(), False
+        if isinstance(array, np.ndarray):
+            return torch.from_numpy(array), True
+        raise UnsupportedOptionError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
+
+    def _returned(self, tensor: torch.Tensor, as_numpy: bool) -> Any:
+        return tensor.numpy() if as_numpy else tensor
+
+    def _token_view(self, x: torch.Tensor) -> tuple[_TokenView, tuple[int, ...]]:
+        """Check x and view it as token groups; returns the view and the shape indices come back in."""
+        info = self.info
+        check_floating(x, "x")
+        if self._residual:
+            check_rank(x, (3,), "x", "batch, seq, dim")
+        elif info.input_layout == "b d h w":
+            check_rank(x, (4,), "x", "batch, dim, height, width")
+        else:
+            check_rank(x, (2, 3), "x", f"{info.input_layout.replace(' ', ', ')} or batch, dim")
+        dim_axis = 1 if self._channel_first else -1
+        check_axis_size(x, dim_axis, info.dim, "x", "dim")
+        check_finite(x, "x")
+        if not self._channel_first:
+            view = x.reshape(1, -1, info.dim)
+            return _TokenView(view, 1, view.shape[1], 1), tuple(x.shape[:-1])
+        if x.ndim == 2:  # one token per batch row, channel-first graph: (b, d) -> (1, d, b)
+            return _TokenView(x.t().unsqueeze(0), 1, x.shape[0], 2), (x.shape[0],)
+        view = x.reshape(x.shape[0], info.dim, -1)
+        return _TokenView(view, x.shape[0], view.shape[2], 2), (x.shape[0], *x.shape[2:])
+
+    def _feed_vectors(self, chunk: torch.Tensor) -> torch.Tensor:
+        """A chunk in the graph's layout: (1, c, d), (1, d, c) or (1, d, 1, c) for images."""
+        if self.info.input_layout == "b d h w":
+            chunk = chunk.reshape(1, self.info.dim, 1, -1)
+        return chunk.contiguous()
+
+    def _run_vectors(self, x: Any, want_vectors: bool) -> tuple[Any, Any]:
+        x, as_numpy = self._as_tensor(x, "x")
+        tokens, index_shape = self._token_view(x)
+        info = self.info
+        heads = (info.heads,) if info.heads > 1 else ()
+        index_rows = torch.empty(
+            (info.num_quantizers, tokens.groups, tokens.tokens) if self._residual else (tokens.groups, tokens.tokens, *heads),
+            dtype=torch.int64,
+            device=x.device,
+        )
+        float_dtype = self._runner.float_dtype
+        vectors = torch.empty(tokens.view.shape, dtype=float_dtype, device=x.device) if want_vectors else None
+        name = self.info.inputs[0]
+        for group, start, stop, chunk in tokens.chunks(self.chunk_size):
+            outputs = self._runner.infer({name: self._feed_vectors(chunk.to(float_dtype))})
+            indices_out = outputs[-1]
+            if self._residual:
+                index_rows[:, group, start:stop] = indices_out.reshape(info.num_quantizers, -1)
+            else:
+                index_rows[group, start:stop] = indices_out.reshape(stop - start, *heads)
+            if vectors is not None:
+                if self._channel_first:
+                    vectors[group, :, start:stop] = outputs[0].reshape(info.dim, stop - start)
+                else:
+                    vectors[0, start:stop] = outputs[0].reshape(stop - start, info.dim)
+        if self._residual:
+            indices = index_rows.reshape(info.num_quantizers, *index_shape)
+        else:
+            indices = index_rows.reshape(*index_shape, *heads)
+        if vectors is not None:
+            vectors = vectors[0].t().contiguous() if self._channel_first and x.ndim == 2 else vectors.reshape(x.shape)
+            return self._returned(vectors, as_numpy), self._returned(indices, as_numpy)
+        return None, self._returned(indices, as_numpy)
+
+    def _run_decode(self, indices: Any) -> Any:
+        indices, as_numpy = self._as_tensor(indices, "indices")
+        info = self.info
+        check_integer(indices, "indices")
+        check_index_range(indices, info.codebook_size, "indices", allow_dropped=self._residual)
+        heads = (info.heads,) if info.heads > 1 else ()
+        if self._residual:
+            check_rank(indices, (3,), "indices", "quantizer, batch, seq")
+            check_axis_size(indices, 0, info.num_quantizers, "indices", "quantizers")
+            lead = tuple(indices.shape[1:])
+            view = indices.reshape(info.num_quantizers, 1, -1)
+        else:
+            ranks = (3 if info.input_layout == "b d h w" else 2) + len(heads)
+            check_rank(indices, (ranks,), "indices", "indices as encode returns them")
+            if heads:
+                check_axis_size(indices, -1, info.heads, "indices", "heads")
+            lead = tuple(indices.shape[: indices.ndim - len(heads)])
+            groups = lead[0] if self._channel_first else 1
+            view = indices.reshape(groups, -1, *heads)
+        tokens = math.prod(lead) // (lead[0] if self._channel_first and not self._residual else 1)
+        groups = lead[0] if self._channel_first and not self._residual else 1
+        shape = (groups, info.dim, tokens) if self._channel_first else (1, tokens, info.dim)
+        vectors = torch.empty(shape, dtype=self._runner.float_dtype, device=indices.device)
+        name = info.inputs[0]
+        for group in range(groups):
+            for start in range(0, tokens, self.chunk_size):
+                stop = min(start + self.chunk_size, tokens)
+                if self._residual:
+                    chunk = view[:, :, start:stop]
+                elif info.input_layout == "b d h w":
+                    chunk = view[group : group + 1, start:stop].reshape(1, 1, stop - start, *heads)
+                else:
+                    chunk = view[group : group + 1, start:stop]
+                out = self._runner.infer({name: chunk.to(torch.int64).contiguous()})[0]
+                if self._channel_first:
+                    vectors[group, :, start:stop] = out.reshape(info.dim, stop - start)
+                else:
+                    vectors[0, start:stop] = out.reshape(stop - start, info.dim)
+        if self._channel_first:
+            vectors = vectors.reshape(lead[0], info.dim, *lead[1:])
+        else:
+            vectors = vectors.reshape(*lead, info.dim)
+        return self._returned(vectors, as_numpy)
