@@ -232,36 +232,38 @@ class Quantizer:
             check_rank(indices, (3,), "indices", "quantizer, batch, seq")
             check_axis_size(indices, 0, info.num_quantizers, "indices", "quantizers")
             lead = tuple(indices.shape[1:])
-            view = indices.reshape(info.num_quantizers, 1, -1)
         else:
-            ranks = (3 if info.input_layout == "b d h w" else 2) + len(heads)
-            check_rank(indices, (ranks,), "indices", "indices as encode returns them")
+            base = 3 if info.input_layout == "b d h w" else 2
+            check_rank(indices, (base + len(heads),) if base == 3 else (1 + len(heads), 2 + len(heads)), "indices",
+                       "indices as encode returns them")
             if heads:
                 check_axis_size(indices, -1, info.heads, "indices", "heads")
             lead = tuple(indices.shape[: indices.ndim - len(heads)])
-            groups = lead[0] if self._channel_first else 1
-            view = indices.reshape(groups, -1, *heads)
-        tokens = math.prod(lead) // (lead[0] if self._channel_first and not self._residual else 1)
-        groups = lead[0] if self._channel_first and not self._residual else 1
-        shape = (groups, info.dim, tokens) if self._channel_first else (1, tokens, info.dim)
-        vectors = torch.empty(shape, dtype=self._runner.float_dtype, device=indices.device)
+        # Vectors come back channel-first for channel-first layouts, except for one token per row.
+        channel_first_out = self._channel_first and len(lead) > 1
+        groups = lead[0] if channel_first_out else 1
+        tokens = math.prod(lead) // groups
+        if self._residual:
+            view = indices.reshape(info.num_quantizers, 1, tokens)
+        else:
+            view = indices.reshape(groups, tokens, *heads)
+        float_dtype = self._runner.float_dtype
+        shape = (groups, info.dim, tokens) if channel_first_out else (tokens, info.dim)
+        vectors = torch.empty(shape, dtype=float_dtype, device=indices.device)
         name = info.inputs[0]
         for group in range(groups):
             for start in range(0, tokens, self.chunk_size):
                 stop = min(start + self.chunk_size, tokens)
+                count = stop - start
                 if self._residual:
                     chunk = view[:, :, start:stop]
-                elif info.input_layout == "b d h w":
-                    chunk = view[group : group + 1, start:stop].reshape(1, 1, stop - start, *heads)
                 else:
-                    chunk = view[group : group + 1, start:stop]
+                    chunk = view[group, start:stop].reshape(chunk_shape(info, count))
                 out = self._runner.infer({name: chunk.to(torch.int64).contiguous()})[0]
-                if self._channel_first:
-                    vectors[group, :, start:stop] = out.reshape(info.dim, stop - start)
+                rows = out.reshape(info.dim, count).t() if self._channel_first else out.reshape(count, info.dim)
+                if channel_first_out:
+                    vectors[group, :, start:stop] = rows.t()
                 else:
-                    vectors[0, start:stop] = out.reshape(stop - start, info.dim)
-        if self._channel_first:
-            vectors = vectors.reshape(lead[0], info.dim, *lead[1:])
-        else:
-            vectors = vectors.reshape(*lead, info.dim)
+                    vectors[start:stop] = rows
+        vectors = vectors.reshape(lead[0], info.dim, *lead[1:]) if channel_first_out else vectors.reshape(*lead, info.dim)
         return self._returned(vectors, as_numpy)
