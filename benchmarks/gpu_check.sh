@@ -1,0 +1,28 @@
+#!/bin/bash
+# GPU check of the fused nearest-code kernel (run in the repository root, on a machine with CUDA):
+# the GPU tests, then the timing/memory/parity table of benchmarks/gpu_check.py. Logs and
+# gpu_check.json go to $OUT when set. Exit status: 0 all good, 1 a test or parity check failed,
+# 2 no CUDA device. Under 5 minutes on an H100. If onnxruntime-gpu was installed into /tmp/site
+# (shared/device/README.md), it is picked up from PYTHONPATH.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
+unset TRITON_INTERPRET
+log=${OUT:-/tmp/vqdeploy_gpu_check}
+mkdir -p "$log"
+py=${PYTHON:-python3}
+
+if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  echo "gpu_check.sh: no CUDA device here; run it on a machine with an NVIDIA GPU." >&2
+  exit 2
+fi
+
+timeout 150 "$py" -m pytest -q -p no:cacheprovider -rs \
+  tests/ops/test_triton_kernels_gpu.py tests/runtime/test_trt_plugin.py 2>&1 | tee "$log/gpu_tests.log"
+tests_rc=${PIPESTATUS[0]}
+
+timeout 150 "$py" benchmarks/gpu_check.py "$@" 2>&1 | tee "$log/gpu_check.log"
+bench_rc=${PIPESTATUS[0]}
+
+echo "gpu tests: exit $tests_rc; gpu_check.py: exit $bench_rc"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

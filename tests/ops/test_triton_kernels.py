@@ -1,0 +1,292 @@
+"""The fused Triton nearest-code kernel on CPU.
+
+The kernel's logic (tiles, masks, ties, second-best tracking, row re-checks, both modes) runs in
+the Triton interpreter, which needs ``TRITON_INTERPRET=1`` before triton is imported. Setting it
+in this process would also turn the GPU tests of the same pytest run into interpreted ones, so
+`test_interpreted_suite` re-runs this file in a child process with the variable set; there the
+``@interpreted`` tests run and the others skip. The interpreter computes every dot in float32
+whatever the requested precision: these tests check logic, the GPU tests check arithmetic.
+
+Tests that need no interpreter (error bounds, configs, input checks, PTX for the AOT plugin,
+compiled for an H100 target without a GPU) run in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
+
+from vqdeploy.errors import (  # noqa: E402
+    DeviceNotAvailableError,
+    InputDtypeError,
+    InputShapeError,
+    UnsupportedOptionError,
+)
+from vqdeploy.ops.nearest_code import (  # noqa: E402
+    UNIT_ROUNDOFF,
+    nearest_code_reference,
+    squared_distances64,
+    tie_tolerance,
+)
+from vqdeploy.ops.triton_kernels import (  # noqa: E402
+    KernelConfig,
+    margin_threshold_coefficients,
+    nearest_code_into,
+    nearest_code_pass,
+    nearest_code_triton,
+    score_error_coefficients,
+    select_config,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+interpreted = pytest.mark.skipif(
+    not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 child of test_interpreted_suite"
+)
+SMALL = KernelConfig(block_m=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
+
+
+def assert_tokens_certified(x: torch.Tensor, codebook: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Every token equals the float64 argmin or is a certified float32 tie (DESIGN.md section 4)."""
+    ref = nearest_code_reference(x, codebook)
+    differ = tokens != ref
+    if differ.any():
+        xd = x[differ]
+        gap = squared_distances64(xd, codebook, tokens[differ]) - squared_distances64(
+            xd, codebook, ref[differ]
+        )
+        tau = tie_tolerance(xd, codebook, ref[differ], tokens[differ], precision="float32")
+        assert bool((gap <= tau).all()), f"{int((gap > tau).sum())} tokens are not certified ties"
+
+
+# -- the interpreted suite, run in a child process ----------------------------------------------
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process already runs under the interpreter")
+def test_interpreted_suite() -> None:
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    report = (proc.stdout[-6000:] + "\n" + proc.stderr[-3000:]).strip()
+    assert proc.returncode == 0, f"interpreted suite failed:\n{report}"
+    assert " passed" in proc.stdout, report
+    assert "TRITON_INTERPRET=1 child" not in proc.stdout, f"interpreted tests were skipped:\n{report}"
+
+
+# -- logic under the interpreter ---------------------------------------------------------------
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+@pytest.mark.parametrize(
+    ("rows", "codes", "dim"),
+    [(1, 1, 1), (37, 5, 3), (130, 40, 37), (200, 300, 64), (17, 129, 20)],
+)
+def test_random_data_matches_float64(mode: str, rows: int, codes: int, dim: int) -> None:
+    x, codebook = torch.randn(rows, dim), torch.randn(codes, dim)
+    assert_tokens_certified(x, codebook, nearest_code_triton(x, codebook, mode=mode))
+
+
+@interpreted
+@pytest.mark.parametrize("codes", [5, 16, 17, 50])
+def test_small_tiles_ragged_everything(codes: int) -> None:
+    """16-wide tiles: ragged M (45), K below, at and above one code tile, D = 37 (3 slices)."""
+    x, codebook = torch.randn(45, 37), torch.randn(codes, 37)
+    for mode in ("exact", "fast"):
+        out = torch.empty(45, dtype=torch.int64)
+        assert_tokens_certified(x, codebook, nearest_code_into(x, codebook, out, mode=mode, config=SMALL))
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_duplicate_codes_tie_to_lowest_index(mode: str) -> None:
+    codebook = torch.randn(40, 6)
+    codebook[21] = codebook[3]  # in another 16-code tile than code 3
+    codebook[7] = codebook[3]  # in the same tile
+    x = torch.cat([codebook[3:4] + 0.01 * torch.randn(5, 6), codebook[3:4]])
+    for config in (SMALL, None):
+        out = torch.empty(6, dtype=torch.int64)
+        assert nearest_code_into(x, codebook, out, mode=mode, config=config).tolist() == [3] * 6
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_points_exactly_between_codes_go_to_lowest_index(mode: str) -> None:
+    # Integer coordinates: every distance is exact in any float arithmetic, so these are true ties.
+    codebook = torch.tensor([[4.0, 0.0, 2.0], [0.0, 0.0, 0.0], [2.0, 2.0, 2.0], [0.0, 4.0, 2.0]])
+    x = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [0.0, 2.0, 1.0], [3.0, 1.0, 2.0]])
+    # [2,0,1]: codes 0 and 1 at 5 (and code 2 at 5) -> 0; [1,1,1]: codes 1, 2 at 3 -> 1;
+    # [2,2,2]: code 2 exactly; [0,2,1]: codes 1, 3 at 5 and code 2 at 5 -> 1; [3,1,2]: codes 0, 2 at 2 -> 0.
+    expected = nearest_code_reference(x, codebook).tolist()
+    assert expected == [0, 1, 2, 1, 0]
+    assert nearest_code_triton(x, codebook, mode=mode).tolist() == expected
+    out = torch.empty(5, dtype=torch.int64)
+    assert nearest_code_into(x, codebook, out, mode=mode, config=SMALL).tolist() == expected
+
+
+@interpreted
+def test_fast_equals_exact_on_adversarial_near_ties() -> None:
+    codebook = torch.randn(64, 24)
+    pairs = torch.randint(0, 64, (300, 2))
+    mid = 0.5 * (codebook[pairs[:, 0]] + codebook[pairs[:, 1]])
+    x = torch.cat([mid, mid + 1e-6 * torch.randn_like(mid), torch.randn(50, 24)])
+    exact = nearest_code_triton(x, codebook, mode="exact")
+    fast = nearest_code_triton(x, codebook, mode="fast")
+    assert torch.equal(fast, exact)
+    assert_tokens_certified(x, codebook, exact)
+
+
+@interpreted
+def test_low_precision_pass_flags_near_ties_only() -> None:
+    codebook = torch.randn(32, 16)
+    codebook[16:24] = codebook[8:16] + 0.3 * torch.randn(8, 16)  # close pairs, far from the rest
+    far = codebook[:8].clone()  # on a code: margin far above the bound
+    mid = 0.5 * (codebook[8:16] + codebook[16:24])  # equidistant from a pair: margin ~ 0
+    x = torch.cat([far, mid])
+    norms = codebook.square().sum(1)
+    for dot in ("tf32", "tf32x3"):
+        out = torch.empty(16, dtype=torch.int64)
+        nearest_code_pass(x, codebook, norms, out, dot)
+        assert (out[:8] == torch.arange(8)).all(), dot
+        flagged = out[8:] < 0
+        assert flagged.all(), dot
+        decoded = -1 - out[8:]  # the kernel stores -1 - index for rows to re-check
+        assert ((decoded == torch.arange(8, 16)) | (decoded == torch.arange(16, 24))).all()
+    out = torch.empty(16, dtype=torch.int64)
+    nearest_code_pass(x, codebook, norms, out, "ieee")
+    assert (out >= 0).all()
+
+
+@interpreted
+def test_indexed_rows_pass_writes_only_those_rows() -> None:
+    x, codebook = torch.randn(50, 9), torch.randn(20, 9)
+    out = torch.full((50,), -7, dtype=torch.int64)
+    rows = torch.tensor([3, 0, 49, 17, 18])
+    nearest_code_pass(x, codebook, codebook.square().sum(1), out, "ieee", rows=rows, config=SMALL)
+    ref = nearest_code_reference(x, codebook)
+    assert torch.equal(out[rows], ref[rows])
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[rows] = False
+    assert (out[untouched] == -7).all()
+
+
+@interpreted
+@pytest.mark.parametrize(
+    ("x_dtype", "c_dtype"),
+    [(torch.float16, torch.float16), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)],
+)
+def test_half_precision_inputs(x_dtype: torch.dtype, c_dtype: torch.dtype) -> None:
+    x, codebook = torch.randn(70, 37).to(x_dtype), torch.randn(33, 37).to(c_dtype)
+    for mode in ("exact", "fast"):
+        tokens = nearest_code_triton(x, codebook, mode=mode)
+        assert tokens.dtype == torch.int64
+        assert_tokens_certified(x.float(), codebook.float(), tokens)
+
+
+@interpreted
+def test_empty_batch_and_non_contiguous_input() -> None:
+    codebook = torch.randn(10, 8)
+    assert nearest_code_triton(torch.empty(0, 8), codebook).shape == (0,)
+    x = torch.randn(8, 30)[:, :16:2]  # strided view
+    assert_tokens_certified(x, codebook, nearest_code_triton(x, codebook, mode="fast"))
+
+
+# -- no interpreter needed ---------------------------------------------------------------------
+
+
+def test_ieee_bound_is_the_contract_bound() -> None:
+    """The ieee pass's score bound is within the gamma_{D+3} bound that tie_tolerance certifies."""
+    u = UNIT_ROUNDOFF["float32"]
+    for dim in (1, 3, 64, 256, 4096):
+        delta, beta = score_error_coefficients("ieee", dim)
+        gamma = (dim + 3) * u / (1 - (dim + 3) * u)
+        # 2 delta ||x|| ||c|| + beta ||c||^2 <= gamma (||x|| + ||c||)^2 for all norms.
+        assert delta <= gamma and beta <= gamma
+
+
+def test_margin_threshold_orders_the_passes() -> None:
+    for dim in (3, 37, 256, 1024):
+        a_tf32, b_tf32 = margin_threshold_coefficients("tf32", dim)
+        a_x3, _ = margin_threshold_coefficients("tf32x3", dim)
+        a_ieee, _ = margin_threshold_coefficients("ieee", dim)
+        assert a_tf32 > a_x3 > a_ieee > 0 and b_tf32 > 0
+        # tf32 rounds inputs at 2^-11: its cross term is at least 4 * 2 * 2^-11 (both candidates).
+        assert a_tf32 >= 8 * 2.0**-11
+    with pytest.raises(UnsupportedOptionError):
+        margin_threshold_coefficients("bf16", 8)
+
+
+def test_threshold_is_infinite_where_no_bound_exists() -> None:
+    a, _ = margin_threshold_coefficients("tf32x3", 2**22)  # 3D * 2^-23 >= 1
+    assert a == float("inf")
+
+
+@pytest.mark.parametrize(("dim", "codes"), [(3, 1), (37, 40), (256, 1024), (64, 4096)])
+def test_config_depends_on_dim_and_codes_only(dim: int, codes: int) -> None:
+    for dot in ("ieee", "tf32", "tf32x3"):
+        cfg = select_config(dim, codes, dot)
+        for block in (cfg.block_m, cfg.block_k, cfg.block_d):
+            assert block >= 16 and block & (block - 1) == 0
+        assert cfg.block_k <= max(16, 2 * codes) and cfg.block_d <= max(16, 2 * dim)
+
+
+def test_bad_inputs_raise_typed_errors() -> None:
+    x, codebook = torch.randn(4, 3), torch.randn(5, 3)
+    with pytest.raises(InputShapeError, match="features"):
+        nearest_code_triton(torch.randn(4, 2), codebook)
+    with pytest.raises(InputShapeError, match="rank 2"):
+        nearest_code_triton(torch.randn(4), codebook)
+    with pytest.raises(InputDtypeError, match="float32"):
+        nearest_code_triton(x.double(), codebook)
+    with pytest.raises(InputShapeError, match="no codes"):
+        nearest_code_triton(x, torch.empty(0, 3))
+    with pytest.raises(UnsupportedOptionError, match="mode"):
+        nearest_code_triton(x, codebook, mode="approx")
+    with pytest.raises(InputShapeError, match="int64"):
+        nearest_code_into(x, codebook, torch.empty(4, dtype=torch.int32))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="only the compiled kernel refuses CPU tensors")
+def test_cpu_tensors_without_interpreter_raise() -> None:
+    with pytest.raises(DeviceNotAvailableError, match="TRITON_INTERPRET"):
+        nearest_code_triton(torch.randn(4, 3), torch.randn(5, 3))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="needs the compiled (not interpreted) kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_aot_ptx_compiles_without_gpu(dtype: torch.dtype) -> None:
+    """PTX for an H100 (sm_90) from this CPU-only machine: what the TensorRT AOT plugin embeds."""
+    from triton.backends.compiler import GPUTarget
+
+    from vqdeploy.ops.triton_kernels import compile_exact_ptx
+
+    kernel = compile_exact_ptx(dtype, target=GPUTarget("cuda", 90, 32))
+    # TensorRT launches with (inputs, extra scalars, outputs): x, codebook, M, K, D, out.
+    assert kernel.num_params == 6
+    entry = kernel.ptx[kernel.ptx.index(".entry " + kernel.name) :]
+    params = entry[: entry.index(")")]
+    assert params.count(".param") == 6 and params.count(".u32") == 3
+    assert kernel.block_x == 4 * 32 and kernel.shared_mem <= 48 * 1024  # no opt-in shared memory
+    assert kernel.grid_x(1) == 1 and kernel.grid_x(kernel.block_m + 1) == 2
+
+
+def test_strip_unused_trailing_params() -> None:
+    from vqdeploy.ops.triton_kernels import _strip_unused_trailing_params
+
+    ptx = (
+        ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u32 k_param_1,\n"
+        "\t.param .u64 k_param_2,\n\t.param .u64 k_param_3\n)\n{\n"
+        "\tld.param.u64 %rd1, [k_param_0];\n\tld.param.u32 %r1, [k_param_1];\n}\n"
+    )
+    stripped, kept = _strip_unused_trailing_params(ptx, "k")
+    assert kept == 2
+    assert "k_param_2" not in stripped and "k_param_3" not in stripped and "[k_param_1]" in stripped
+    with pytest.raises(ValueError, match="not found"):
+        _strip_unused_trailing_params(ptx, "other")

@@ -1,0 +1,582 @@
+"""Fused exact nearest-code kernel in Triton (DESIGN.md sections 3 to 5).
+
+`nearest_code_triton(x, codebook, mode)` computes the contract of `vqdeploy.ops.nearest_code`
+(argmin_k ||x - c_k||^2, ties to the lowest k) without writing the M x K matrix: one program per
+tile of BLOCK_M rows loops over tiles of BLOCK_K codes, accumulates x.c over slices of BLOCK_D
+with `tl.dot`, forms the score s_k = ||c_k||^2 - 2 x.c_k in float32 (code norms computed once per
+call, in float32) and keeps a running (min, argmin) per row in registers. Memory: the inputs, the
+int64 output, K code norms, and the index list of rows that need a re-check.
+
+Passes and modes
+----------------
+The kernel runs with one of three dot precisions:
+
+* ``ieee``: float32 FMA (CUDA cores). Its scores obey the bound of `vqdeploy.ops.nearest_code`
+  (eq. (1), u = 2^-24), so its argmin differs from the float64 argmin only by certified ties.
+  Call that argmin the *ieee argmin*; both modes return exactly the ieee argmin for every row.
+* ``tf32x3``: three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), close to float32 accuracy
+  and ~3x faster than ``ieee`` on an H100 (DESIGN.md section 5).
+* ``tf32``: one TF32 tensor-core pass, ~10x faster than ``ieee``, with 2^-11 input rounding.
+
+A low-precision pass also keeps, per row, the second-best score and flags every row whose margin
+(second - best) is within the error bound below; flagged rows (returned as ``-1 - index`` by the
+kernel, so no extra buffer is needed) are gathered by index and recomputed by the next pass.
+
+* ``exact``: a ``tf32x3`` pass, then ``ieee`` on its flagged rows.
+* ``fast``: a ``tf32`` pass, then ``exact`` (``tf32x3``, then ``ieee``) on its flagged rows.
+
+Error bound of a pass and the margin threshold (the fast-mode bound)
+---------------------------------------------------------------------
+Notation of `vqdeploy.ops.nearest_code`: gamma_n(u) = n u / (1 - n u); s_k the exact score; a pass
+computes t_k; ||.|| is the 2-norm; C = max_k ||c_k||.
+
+1. Input rounding. The tf32 pass rounds both operands to TF32 (10 explicit mantissa bits) with
+   round-to-nearest *in the kernel* (the tensor core itself may truncate; pre-rounding makes its
+   conversion exact), so tf32(v) = v (1 + e), |e| <= v_in = 2^-11. The product of two TF32
+   numbers (11-bit significands) is exact in float32, hence
+   |x_i c_i - tf32(x_i) tf32(c_i)| <= ((1 + v_in)^2 - 1) |x_i c_i| = (2 v_in + v_in^2) |x_i c_i|.
+2. Accumulation of n products in float32 adds at most gamma_n(w) * sum |products|. We take
+   w = 2^-23 for tensor-core passes (covers accumulation that truncates instead of rounding) and
+   w = 2^-24 for the FMA ``ieee`` pass. Together:
+       |fl(x.c) - x.c| <= delta * sum_i |x_i c_i| <= delta ||x|| ||c||   (Cauchy-Schwarz),
+       tf32:   delta = (1 + v_in)^2 (1 + gamma_D(2^-23)) - 1
+       ieee:   delta = gamma_D(2^-24)
+       tf32x3: delta = rho + gamma_{3D}(2^-23) g,  rho = 12 v^2 + 16 v^3,  g = (1+2v)^2 + 4v (1+2v),
+   where for tf32x3 (v = 2^-11, each split assumed truncated: |a - a_hi| <= 2v|a|, the part
+   lo*lo and the residual a - a_hi - a_lo are dropped) rho bounds the relative error of one
+   product and g bounds the sum of the three partial products' magnitudes.
+3. The score t_k = fl(n_k - 2 fl(x.c_k)) with n_k = ||c_k||^2 summed in float32 (error
+   gamma_D(2^-24) ||c_k||^2) and one final rounding (2^-24) gives
+       |t_k - s_k| <= 2 delta' ||x|| ||c_k|| + beta ||c_k||^2,
+       delta' = (1 + delta)(1 + 2^-24) - 1,  beta = (1 + gamma_D(2^-24))(1 + 2^-24) - 1.
+4. Let b be the pass's argmin and m = t_(2) - t_b its margin. If for every k != b
+       m > E_b + E_k + F_b + F_k                                                          (3)
+   with E the bound of step 3 for the pass and F the one for ``ieee``, then
+   s_k - s_b >= m - E_k - E_b > F_b + F_k, so b is the strict ieee argmin (and the strict exact
+   argmin). Bounding ||c_k|| <= C, (3) holds when
+       m > threshold(x) = A ||x|| C + B C^2,
+       A = 4 (delta'_pass + delta'_ieee) * safety,  B = 4 beta * safety.
+   `safety` = 1 + 2 gamma_{D+8}(2^-24) + 2^-20 covers evaluating ||x||, C, the threshold and the
+   margin in float32 inside the kernel. For D = 256 and tf32: A ~ 4.1e-3, i.e. a row is re-checked
+   when its margin is below ~0.4% of ||x|| C.
+5. Rows not flagged return b, which is the ieee argmin; flagged rows are recomputed by a pass
+   that again returns the ieee argmin (the last one, ``ieee``, by definition). Hence ``fast`` and
+   ``exact`` return the same tokens, row by row, and every token that differs from the float64
+   argmin is a certified tie per ``tie_tolerance(..., precision="float32")``.
+
+Other entry points: `nearest_code_into` (write into a given int64 buffer), `launch_on_stream`
+(for the TensorRT plugin: run on a given CUDA stream), `compile_exact_ptx` (PTX of the
+single-pass ``ieee`` kernel for the TensorRT AOT plugin).
+
+With ``TRITON_INTERPRET=1`` set before triton is imported, the kernel runs in the Triton
+interpreter on CPU tensors (slow; for tests: it checks the logic, not the GPU's arithmetic).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # nearest_code.py falls back to the blocked torch path
+    raise ImportError("vqdeploy.ops.triton_kernels needs Triton: pip install triton") from exc
+
+from vqdeploy.errors import DeviceNotAvailableError, InputDtypeError, InputShapeError, UnsupportedOptionError
+
+__all__ = [
+    "MODES",
+    "AotKernel",
+    "KernelConfig",
+    "compile_exact_ptx",
+    "launch_on_stream",
+    "margin_threshold_coefficients",
+    "nearest_code_into",
+    "nearest_code_pass",
+    "nearest_code_triton",
+    "score_error_coefficients",
+    "select_config",
+]
+
+MODES = ("exact", "fast")
+DOTS = ("ieee", "tf32x3", "tf32")
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+U_FP32 = 2.0**-24  # unit roundoff of float32, round to nearest
+U_ACC_TC = 2.0**-23  # tensor-core accumulation, allowing truncation
+V_TF32 = 2.0**-11  # unit roundoff of the TF32 conversion, round to nearest
+# FMA contraction only merges roundings, so every bound above holds with or without it; pinned
+# so that the kernel does not change when Triton changes its default (3.10 turns it off).
+FP_FUSION = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Error bounds (module docstring, steps 1 to 4)
+# ----------------------------------------------------------------------------------------------
+
+
+def _gamma(n: float, u: float) -> float:
+    """gamma_n(u) = n u / (1 - n u); infinite where n u >= 1 (no bound)."""
+    nu = n * u
+    return math.inf if nu >= 1.0 else nu / (1.0 - nu)
+
+
+def score_error_coefficients(dot: str, dim: int) -> tuple[float, float]:
+    """(delta', beta) of step 3: |t_k - s_k| <= 2 delta' ||x|| ||c_k|| + beta ||c_k||^2 for a pass."""
+    if dot == "ieee":
+        delta = _gamma(dim, U_FP32)
+    elif dot == "tf32":
+        delta = (1.0 + V_TF32) ** 2 * (1.0 + _gamma(dim, U_ACC_TC)) - 1.0
+    elif dot == "tf32x3":
+        v = V_TF32
+        rho = 12 * v**2 + 16 * v**3
+        growth = (1 + 2 * v) ** 2 + 4 * v * (1 + 2 * v)
+        delta = rho + _gamma(3 * dim, U_ACC_TC) * growth
+    else:
+        raise UnsupportedOptionError(f"dot precision must be one of {DOTS}, got {dot!r}")
+    delta_final = (1.0 + delta) * (1.0 + U_FP32) - 1.0
+    beta = (1.0 + _gamma(dim, U_FP32)) * (1.0 + U_FP32) - 1.0
+    return delta_final, beta
+
+
+def margin_threshold_coefficients(dot: str, dim: int) -> tuple[float, float]:
+    """(A, B) of step 4: a row of a ``dot`` pass is re-checked when margin <= A ||x|| C + B C^2.
+
+    Infinite coefficients mean the bound does not exist (huge D): every row must be re-checked.
+    """
+    delta_pass, beta = score_error_coefficients(dot, dim)
+    delta_ref, _ = score_error_coefficients("ieee", dim)
+    safety = 1.0 + 2.0 * _gamma(dim + 8, U_FP32) + 2.0**-20
+    a = 4.0 * (delta_pass + delta_ref) * safety
+    b = 4.0 * beta * safety
+    # Rounded up by a relative 2^-20 so that the float32 kernel argument never falls below the bound.
+    return a * (1.0 + 2.0**-20), b * (1.0 + 2.0**-20)
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nearest_code_kernel(
+    x_ptr,
+    c_ptr,
+    cnorm_ptr,
+    rows_ptr,
+    M,
+    K,
+    D,
+    out_ptr,
+    thr_a,
+    thr_b,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
+    TRACK_SECOND: tl.constexpr,
+    NORMS_IN_KERNEL: tl.constexpr,
+    ROWS_INDEXED: tl.constexpr,
+):
+    """Rows [pid*BLOCK_M, +BLOCK_M) (or rows_ptr[...] of them): index of the nearest code.
+
+    Non-constexpr arguments are ordered (inputs, scalars, output) so that the AOT variant
+    (cnorm_ptr, rows_ptr, thr_a, thr_b made constexpr) matches TensorRT's launch convention.
+    """
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    if ROWS_INDEXED:
+        rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        rows = offs_m.to(tl.int64)
+    x_rows = x_ptr + rows * D  # int64 offsets: M * D may exceed 2^31
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    best = tl.full([BLOCK_M], float("inf"), tl.float32)
+    best_idx = tl.zeros([BLOCK_M], tl.int32)
+    second = tl.full([BLOCK_M], float("inf"), tl.float32)
+    x_sq = tl.zeros([BLOCK_M], tl.float32)
+    c_max_sq = tl.max(tl.zeros([BLOCK_K], tl.float32), axis=0)
+    if TRACK_SECOND:
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            xt = tl.load(x_rows[:, None] + dd[None, :], mask=m_mask[:, None] & (dd < D)[None, :], other=0.0)
+            xt = xt.to(tl.float32)
+            x_sq += tl.sum(xt * xt, axis=1)
+
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + offs_k
+        k_mask = codes < K
+        c_rows = c_ptr + codes.to(tl.int64) * D
+        acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        c_norm = tl.zeros([BLOCK_K], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            d_mask = dd < D
+            xt = tl.load(x_rows[:, None] + dd[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+            ct = tl.load(c_rows[:, None] + dd[None, :], mask=k_mask[:, None] & d_mask[None, :], other=0.0)
+            xt = xt.to(tl.float32)
+            ct = ct.to(tl.float32)
+            if NORMS_IN_KERNEL:
+                c_norm += tl.sum(ct * ct, axis=1)
+            if ROUND_TF32:
+                # Round to nearest TF32 (ties away): the tensor core then converts exactly.
+                xt = ((xt.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+                ct = ((ct.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+            acc = tl.dot(xt, tl.trans(ct), acc, input_precision=DOT)
+        if not NORMS_IN_KERNEL:
+            c_norm = tl.load(cnorm_ptr + codes, mask=k_mask, other=0.0)
+        scores = c_norm[None, :] - 2.0 * acc
+        scores = tl.where(k_mask[None, :], scores, float("inf"))
+        tile_best = tl.min(scores, axis=1)
+        # Lowest code index reaching the tile minimum: ties go to the lowest k.
+        tile_idx = tl.min(tl.where(scores == tile_best[:, None], codes[None, :], K), axis=1)
+        if TRACK_SECOND:
+            tile_second = tl.min(tl.where(codes[None, :] == tile_idx[:, None], float("inf"), scores), axis=1)
+            second = tl.minimum(tl.minimum(second, tile_second), tl.maximum(best, tile_best))
+            c_max_sq = tl.maximum(c_max_sq, tl.max(tl.where(k_mask, c_norm, 0.0), axis=0))
+        # Strict <: an equal score in a later tile has a higher index and loses the tie.
+        better = tile_best < best
+        best_idx = tl.where(better, tile_idx, best_idx)
+        best = tl.where(better, tile_best, best)
+
+    result = best_idx.to(tl.int64)
+    if TRACK_SECOND:
+        threshold = thr_a * tl.sqrt(x_sq) * tl.sqrt(c_max_sq) + thr_b * c_max_sq
+        recheck = (second - best) <= threshold
+        result = tl.where(recheck, -1 - result, result)
+    tl.store(out_ptr + rows, result, mask=m_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch options. BLOCK_* are powers of two >= 16 (tl.dot's minimum)."""
+
+    block_m: int = 128
+    block_k: int = 128
+    block_d: int = 32
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+def _pow2_at_least(n: int, floor: int = 16) -> int:
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def select_config(dim: int, num_codes: int, dot: str) -> KernelConfig:
+    """The config for a problem: depends on (D, K, dot) only, never on M.
+
+    Tiles of 128 rows x 128 codes x 32 dims were the measured H100 baseline (DESIGN.md section 5);
+    small codebooks or dims shrink their tile so that no work goes to masked lanes.
+    """
+    block_k = min(128, _pow2_at_least(num_codes))
+    block_d = min(32, _pow2_at_least(dim))
+    num_stages = 2 if dot == "ieee" else 3
+    return KernelConfig(block_m=128, block_k=block_k, block_d=block_d, num_warps=8, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    """True when the kernel runs in the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_nearest_code_kernel, triton.runtime.JITFunction)
+
+
+def _kernel_for(device: torch.device) -> Any:
+    """The kernel for tensors on ``device``: CUDA, or CPU under the Triton interpreter."""
+    if device.type == "cpu" and not _interpreting():
+        raise DeviceNotAvailableError(
+            "the Triton kernel needs CUDA tensors; CPU tensors run only in the Triton interpreter "
+            "(set TRITON_INTERPRET=1 before triton is imported). On CPU use vqdeploy.ops.nearest_code."
+        )
+    return _nearest_code_kernel
+
+
+def _check_inputs(x: torch.Tensor, codebook: torch.Tensor) -> None:
+    for name, t in (("x", x), ("codebook", codebook)):
+        if not isinstance(t, torch.Tensor):
+            raise InputDtypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise InputShapeError(f"{name} must have rank 2, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise InputDtypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if x.shape[1] != codebook.shape[1]:
+        raise InputShapeError(f"x has {x.shape[1]} features per row but the codebook has {codebook.shape[1]}")
+    if codebook.shape[0] == 0:
+        raise InputShapeError("the codebook has no codes (shape [0, D])")
+    if x.device != codebook.device:
+        raise InputShapeError(f"x is on {x.device} but the codebook is on {codebook.device}")
+    if x.device.type not in ("cuda", "cpu"):
+        raise DeviceNotAvailableError(
+            f"the Triton kernel runs on CUDA tensors (or CPU, interpreted), got {x.device}"
+        )
+    max_int32 = 2**31 - 1
+    if x.shape[0] > max_int32 or codebook.shape[0] > max_int32 or x.shape[1] > max_int32:
+        raise InputShapeError(
+            f"sizes must fit in int32, got x {tuple(x.shape)}, codebook {tuple(codebook.shape)}"
+        )
+
+
+def nearest_code_pass(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    code_norms: torch.Tensor,
+    out: torch.Tensor,
+    dot: str,
+    rows: torch.Tensor | None = None,
+    config: KernelConfig | None = None,
+) -> None:
+    """One launch: writes ``out[rows]`` (all rows if None) for contiguous x and codebook.
+
+    ``dot="ieee"`` writes indices; ``"tf32"`` and ``"tf32x3"`` write ``-1 - index`` for the rows
+    whose margin is within the bound of the module docstring (step 4), to be re-checked.
+    """
+    if dot not in DOTS:
+        raise UnsupportedOptionError(f"dot precision must be one of {DOTS}, got {dot!r}")
+    if not (
+        x.is_contiguous() and codebook.is_contiguous() and code_norms.is_contiguous() and out.is_contiguous()
+    ):
+        raise InputShapeError("nearest_code_pass needs contiguous tensors (the kernel uses row stride D)")
+    num_rows = x.shape[0] if rows is None else rows.shape[0]
+    if num_rows == 0:
+        return
+    dim, num_codes = x.shape[1], codebook.shape[0]
+    cfg = config or select_config(dim, num_codes, dot)
+    track = dot != "ieee"
+    thr_a, thr_b = margin_threshold_coefficients(dot, dim) if track else (0.0, 0.0)
+    grid = (triton.cdiv(num_rows, cfg.block_m),)
+    _kernel_for(x.device)[grid](
+        x,
+        codebook,
+        code_norms,
+        rows,
+        num_rows,
+        num_codes,
+        dim,
+        out,
+        thr_a,
+        thr_b,
+        BLOCK_M=cfg.block_m,
+        BLOCK_K=cfg.block_k,
+        BLOCK_D=cfg.block_d,
+        DOT=dot,
+        ROUND_TF32=dot == "tf32",
+        TRACK_SECOND=track,
+        NORMS_IN_KERNEL=False,
+        ROWS_INDEXED=rows is not None,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        enable_fp_fusion=FP_FUSION,
+    )
+
+
+def _flagged(out: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Row numbers that a low-precision pass marked for a re-check (out < 0)."""
+    if rows is None:
+        return torch.nonzero(out < 0).squeeze(1)
+    return rows[out[rows] < 0]
+
+
+def _run_mode(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    code_norms: torch.Tensor,
+    out: torch.Tensor,
+    mode: str,
+    config: KernelConfig | None,
+) -> None:
+    dim = x.shape[1]
+    chain = ("tf32", "tf32x3", "ieee") if mode == "fast" else ("tf32x3", "ieee")
+    # Skip a low-precision pass whose bound does not exist (D too large): it would flag every row.
+    chain = tuple(d for d in chain if d == "ieee" or math.isfinite(margin_threshold_coefficients(d, dim)[0]))
+    rows: torch.Tensor | None = None
+    for dot in chain:
+        nearest_code_pass(x, codebook, code_norms, out, dot, rows=rows, config=config)
+        if dot == "ieee":
+            return
+        rows = _flagged(out, rows)
+        if rows.numel() == 0:
+            return
+
+
+def nearest_code_into(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    out: torch.Tensor,
+    mode: str = "exact",
+    config: KernelConfig | None = None,
+) -> torch.Tensor:
+    """Like `nearest_code_triton`, writing into ``out`` (int64[M], contiguous); returns ``out``.
+
+    ``config`` overrides the tile sizes of every pass (tests use small tiles).
+    """
+    if mode not in MODES:
+        raise UnsupportedOptionError(f"mode must be one of {MODES}, got {mode!r}")
+    _check_inputs(x, codebook)
+    if out.dtype != torch.int64 or out.shape != (x.shape[0],) or not out.is_contiguous():
+        raise InputShapeError(
+            f"out must be a contiguous int64 tensor of shape ({x.shape[0]},), got {out.dtype} {tuple(out.shape)}"
+        )
+    if x.shape[0] == 0:
+        return out
+    x = x.detach().contiguous()
+    codebook = codebook.detach().contiguous()
+    code_norms = codebook.float().square().sum(dim=1)  # once per call, float32
+    _run_mode(x, codebook, code_norms, out, mode, config)
+    return out
+
+
+def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exact") -> torch.Tensor:
+    """Index of the nearest code for every row of ``x``: int64[M] on x's device.
+
+    ``x`` [M, D] and ``codebook`` [K, D] may be float32, float16 or bfloat16 (computed in float32).
+    ``mode="exact"`` and ``mode="fast"`` return the same tokens (module docstring); ``fast`` starts
+    from one TF32 pass and re-checks only the rows whose margin is within its error bound.
+
+    >>> import torch
+    >>> codes = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    >>> x = torch.tensor([[0.9, 0.8], [0.5, 0.5]])
+    >>> nearest_code_triton(x.cuda(), codes.cuda()).tolist()  # doctest: +SKIP
+    [1, 0]
+    """
+    _check_inputs(x, codebook)
+    out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
+    return nearest_code_into(x, codebook, out, mode=mode)
+
+
+def launch_on_stream(
+    x: torch.Tensor, codebook: torch.Tensor, out: torch.Tensor, stream: int, mode: str = "exact"
+) -> None:
+    """Run `nearest_code_into` on the raw CUDA stream handle ``stream`` (e.g. TensorRT's)."""
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=x.device)):
+        nearest_code_into(x, codebook, out, mode=mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time PTX (TensorRT AOT plugin)
+# ----------------------------------------------------------------------------------------------
+
+AOT_CONFIG = KernelConfig(block_m=64, block_k=64, block_d=32, num_warps=4, num_stages=1)
+_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class AotKernel:
+    """A compiled single-pass kernel: launch with grid (ceil(M / block_m),), block (block_x,).
+
+    Kernel parameters, in order: x_ptr, codebook_ptr, M (i32), K (i32), D (i32), out_ptr (int64).
+    """
+
+    name: str
+    ptx: str
+    block_m: int
+    block_x: int
+    shared_mem: int
+    num_params: int
+
+    def grid_x(self, num_rows: int) -> int:
+        """Programs to launch for ``num_rows`` rows."""
+        return -(-num_rows // self.block_m)
+
+
+def _strip_unused_trailing_params(ptx: str, name: str) -> tuple[str, int]:
+    """Drop trailing kernel parameters the body never reads; returns (ptx, parameters kept).
+
+    Recent Triton appends scratch-pointer parameters (global/profile scratch) that a caller
+    outside Triton, such as TensorRT's AOT launcher, does not pass; unused ones are safe to drop.
+    """
+    match = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\(([^)]*)\)", ptx)
+    if match is None:
+        raise ValueError(f"kernel {name} not found in the PTX")
+    params = [p.strip() for p in match.group(1).split(",") if p.strip()]
+    names = [p.split()[-1] for p in params]
+    body = ptx[match.end() :]
+    keep = len(params)
+    while keep > 0 and not re.search(r"\b" + re.escape(names[keep - 1]) + r"\b", body):
+        keep -= 1
+    new_list = ",\n\t".join(params[:keep])
+    start, end = match.span(1)
+    return ptx[:start] + "\n\t" + new_list + "\n" + ptx[end:], keep
+
+
+def compile_exact_ptx(
+    x_dtype: torch.dtype = torch.float32,
+    codebook_dtype: torch.dtype | None = None,
+    target: Any = None,
+    config: KernelConfig = AOT_CONFIG,
+) -> AotKernel:
+    """PTX of the single-pass ``ieee`` kernel (exact, ties certified) with code norms in-kernel.
+
+    ``target`` is a ``triton.backends.compiler.GPUTarget`` (default: the current GPU); passing
+    one, e.g. ``GPUTarget("cuda", 90, 32)``, compiles without a GPU.
+    """
+    codebook_dtype = codebook_dtype or x_dtype
+    for dtype in (x_dtype, codebook_dtype):
+        if dtype not in _TRITON_DTYPES:
+            raise InputDtypeError(f"AOT kernel inputs must be float32, float16 or bfloat16, got {dtype}")
+    signature = {
+        "x_ptr": "*" + _TRITON_DTYPES[x_dtype],
+        "c_ptr": "*" + _TRITON_DTYPES[codebook_dtype],
+        "cnorm_ptr": "constexpr",
+        "rows_ptr": "constexpr",
+        "M": "i32",
+        "K": "i32",
+        "D": "i32",
+        "out_ptr": "*i64",
+        "thr_a": "constexpr",
+        "thr_b": "constexpr",
+        "BLOCK_M": "constexpr",
+        "BLOCK_K": "constexpr",
+        "BLOCK_D": "constexpr",
+        "DOT": "constexpr",
+        "ROUND_TF32": "constexpr",
+        "TRACK_SECOND": "constexpr",
+        "NORMS_IN_KERNEL": "constexpr",
+        "ROWS_INDEXED": "constexpr",
+    }
+    constexprs = {
+        "cnorm_ptr": None,
+        "rows_ptr": None,
+        "thr_a": 0.0,
+        "thr_b": 0.0,
+        "BLOCK_M": config.block_m,
+        "BLOCK_K": config.block_k,
+        "BLOCK_D": config.block_d,
+        "DOT": "ieee",
+        "ROUND_TF32": False,
+        "TRACK_SECOND": False,
+        "NORMS_IN_KERNEL": True,
+        "ROWS_INDEXED": False,
+    }
+    kernel = _nearest_code_kernel
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise UnsupportedOptionError("compile_exact_ptx needs the compiled kernel; unset TRITON_INTERPRET")
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": FP_FUSION}
+    compiled = triton.compile(source, target=target, options=options)
+    name = compiled.metadata.name
+    ptx, kept = _strip_unused_trailing_params(compiled.asm["ptx"], name)
+    return AotKernel(
+        name=name,
+        ptx=ptx,
+        block_m=config.block_m,
+        block_x=compiled.metadata.num_warps * 32,
+        shared_mem=int(compiled.metadata.shared),
+        num_params=kept,
+    )
