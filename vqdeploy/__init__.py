@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from vqdeploy.errors import VQDeployError
 from vqdeploy.export import export_onnx, read_metadata
 from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer
+from vqdeploy.verify import ParityReport, verify  # noqa: E402  (the function shadows the module name on purpose)
 
 try:
     __version__ = version("vqdeploy")
@@ -12,6 +13,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+local"
 
 __all__ = [
+    "ParityReport",
     "ResidualVQ",
     "VQDeployError",
     "VectorQuantize",
@@ -20,4 +22,5 @@ __all__ = [
     "load_quantizer",
     "read_metadata",
     "save_quantizer",
+    "verify",
 ]

@@ -53,15 +53,25 @@ def engine_cache_key(onnx_path: str | os.PathLike, trt_version: str, gpu_name: s
     return digest.hexdigest()[:32]
 
 
-def build_engine(onnx_path: str | os.PathLike, info: ExportInfo, precision: str, profile, log_level: str = "WARNING") -> bytes:
-    """Serialized engine for the file, NearestCode mapped to the vqdeploy plugin."""
-    trt = import_tensorrt()
-    from vqdeploy.runtime.trt_plugin import register_nearest_code_plugin
+def build_engine(
+    onnx_path: str | os.PathLike, info: ExportInfo, precision: str, profile, log_level: str = "WARNING", prefer_aot: bool = False
+) -> bytes:
+    """Serialized engine for the file, NearestCode mapped to the vqdeploy plugin.
 
-    register_nearest_code_plugin()
+    prefer_aot picks the plugin's ahead-of-time (PTX) implementation, so the engine runs without
+    Python; the default JIT implementation launches the Triton kernel (exact or fast modes).
+    """
+    trt = import_tensorrt()
+    from vqdeploy.runtime.trt_plugin import python_plugin_network_flags, register_nearest_code_plugin
+
+    # Without the plugin the parser falls back to the NearestCode function body: still correct.
+    has_plugin = register_nearest_code_plugin()
     logger = trt.Logger(getattr(trt.Logger, log_level))
     builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    if has_plugin:
+        flags |= python_plugin_network_flags(trt, prefer_aot=prefer_aot)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))

@@ -1,0 +1,105 @@
+"""Token parity through Polygraphy: an eager-module runner and a parity-aware compare function.
+
+Polygraphy's `Comparator` runs `EagerQuantizerRunner` beside its own ONNX Runtime runner (and its
+TensorRT runner where TensorRT exists) on the same feeds; `ParityCompareFunc` classifies index
+outputs with the same certified-tie rule as `vqdeploy.verify`, so both tools give one verdict.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from polygraphy.backend.base import BaseRunner
+from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+from polygraphy.comparator import Comparator
+from torch import nn
+
+from vqdeploy.export.metadata import read_metadata
+from vqdeploy.export.onnx import PART_MODULES
+from vqdeploy.nn import ResidualVQ
+from vqdeploy.verify import StageReport, _check_residual, _check_vector_quantize, _stage_names
+
+
+class EagerQuantizerRunner(BaseRunner):
+    """A Polygraphy runner over the eager quantizer, for one exported part."""
+
+    def __init__(
+        self, module: nn.Module, part: str, input_name: str, output_names: list[str], example: np.ndarray,
+        name: str = "vqdeploy-eager",
+    ):
+        super().__init__(name=name)
+        self.graph = PART_MODULES[part](module).eval()
+        self.input_name, self.output_names = input_name, output_names
+        self.example = example
+
+    def activate_impl(self) -> None:
+        pass
+
+    def get_input_metadata_impl(self):
+        from polygraphy.common import TensorMetadata
+
+        return TensorMetadata().add(self.input_name, self.example.dtype, self.example.shape)
+
+    def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
+        start = time.perf_counter()
+        with torch.no_grad():
+            outputs = self.graph(torch.from_numpy(np.asarray(feed_dict[self.input_name])))
+        self.inference_time = time.perf_counter() - start  # Polygraphy reports it
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        return OrderedDict((name, out.numpy()) for name, out in zip(self.output_names, outputs, strict=True))
+
+    def deactivate_impl(self) -> None:
+        pass
+
+
+class ParityCompareFunc:
+    """Compare two runners' outputs: indices by certified-tie parity, vectors within 1e-6."""
+
+    def __init__(self, module: nn.Module, feeds: list[dict[str, np.ndarray]], input_name: str):
+        self.module, self.feeds, self.input_name = module, feeds, input_name
+        self.stages = [StageReport(name) for name in _stage_names(module)]
+        self._iteration = 0
+
+    def __call__(self, reference, candidate) -> OrderedDict:
+        x = torch.from_numpy(np.asarray(self.feeds[self._iteration][self.input_name]))
+        self._iteration += 1
+        verdict = OrderedDict()
+        if "indices" in reference:
+            before = sum(s.violations for s in self.stages)
+            eager = torch.from_numpy(np.asarray(reference["indices"]))
+            other = torch.from_numpy(np.asarray(candidate["indices"]))
+            if isinstance(self.module, ResidualVQ):
+                _check_residual(self.module, x, eager, other, self.stages)
+            else:
+                _check_vector_quantize(self.module, x, eager, other, self.stages)
+            verdict["indices"] = sum(s.violations for s in self.stages) == before
+        if "vectors" in reference and "indices" not in reference:
+            diff = np.abs(np.asarray(reference["vectors"]) - np.asarray(candidate["vectors"])).max()
+            verdict["vectors"] = bool(diff <= 1e-6 * max(1.0, np.abs(reference["vectors"]).max()))
+        return verdict
+
+
+def compare_with_polygraphy(
+    module: nn.Module, onnx_path: str | os.PathLike, inputs: list[Any]
+) -> tuple[bool, list[StageReport]]:
+    """Run the eager module and Polygraphy's ONNX Runtime runner through `Comparator`.
+
+    Returns Polygraphy's overall verdict and the per-stage classification behind it.
+    """
+    info = read_metadata(onnx_path)
+    module.eval()
+    name = info.inputs[0]
+    feeds = [{name: np.asarray(torch.as_tensor(x), dtype=np.float32 if info.part != "decode" else np.int64)} for x in inputs]
+    runners = [
+        EagerQuantizerRunner(module, info.part, name, list(info.outputs), feeds[0][name]),
+        OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"])),
+    ]
+    results = Comparator.run(runners, data_loader=feeds)
+    compare = ParityCompareFunc(module, feeds, name)
+    accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+    return bool(accuracy), compare.stages
