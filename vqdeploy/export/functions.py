@@ -22,31 +22,54 @@ OP_TYPE = "NearestCode"
 PLUGIN_NAMESPACE = "vqdeploy"
 FUNCTION_VERSION = 1
 MIN_OPSET = 18
+_FLOAT_TYPES = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+
+
+def _infer_nearest_code(ctx) -> None:
+    """Type and shape of NearestCode's output: int64[M], M the first axis of x.
+
+    A registered schema takes precedence over the model-local function in ONNX shape inference,
+    so without this the output would be untyped in any process that imported vqdeploy.
+    """
+    rows = None
+    x_type = ctx.get_input_type(0)
+    if x_type is not None and x_type.tensor_type.HasField("shape") and len(x_type.tensor_type.shape.dim) >= 1:
+        rows = x_type.tensor_type.shape.dim[0]
+    output = helper.make_tensor_type_proto(TensorProto.INT64, shape=None)
+    dim = output.tensor_type.shape.dim.add()
+    if rows is not None:
+        dim.CopyFrom(rows)
+    ctx.set_output_type(0, output)
 
 
 def register_schema() -> None:
     """Register the NearestCode schema in this process, so the exporter and checker know its signature."""
     if defs.has(OP_TYPE, DOMAIN):
         return
-    defs.register_schema(
-        defs.OpSchema(
-            OP_TYPE,
-            DOMAIN,
-            FUNCTION_VERSION,
-            doc="Index of the nearest code (squared L2, ties to the lowest index) for every row of x.",
-            inputs=[
-                defs.OpSchema.FormalParameter("x", "T", "rows to quantize, [M, D]"),
-                defs.OpSchema.FormalParameter("codebook", "T", "codes, [K, D]"),
-            ],
-            outputs=[defs.OpSchema.FormalParameter("indices", "tensor(int64)", "[M]")],
-            type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], "float inputs")],
-            attributes=[
-                defs.OpSchema.Attribute(
-                    "plugin_namespace", defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False
-                )
-            ],
-        )
+    schema = defs.OpSchema(
+        OP_TYPE,
+        DOMAIN,
+        FUNCTION_VERSION,
+        doc="Index of the nearest code (squared L2, ties to the lowest index) for every row of x.",
+        inputs=[
+            defs.OpSchema.FormalParameter("x", "T1", "rows to quantize, [M, D]"),
+            defs.OpSchema.FormalParameter("codebook", "T2", "codes, [K, D]"),
+        ],
+        outputs=[defs.OpSchema.FormalParameter("indices", "tensor(int64)", "[M]")],
+        # Two type variables: a float16 module searches float32 rows (widened before the op, as in
+        # eager) against its float16 codebook; the body casts both to float32.
+        type_constraints=[
+            ("T1", _FLOAT_TYPES, "float rows"),
+            ("T2", _FLOAT_TYPES, "float codes"),
+        ],
+        attributes=[
+            defs.OpSchema.Attribute(
+                "plugin_namespace", defs.OpSchema.AttrType.STRING, "TensorRT plugin namespace", required=False
+            )
+        ],
     )
+    schema.set_type_and_shape_inference_function(_infer_nearest_code)
+    defs.register_schema(schema)
 
 
 def nearest_code_function(opset: int) -> onnx.FunctionProto:

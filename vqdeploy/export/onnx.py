@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -56,7 +57,7 @@ class _Decode(_Encode):
         return self.quantizer.get_output_from_indices(indices)
 
 
-_PART_WRAPPERS = {"encode": _Encode, "quantize": _Quantize, "decode": _Decode}
+PART_MODULES = {"encode": _Encode, "quantize": _Quantize, "decode": _Decode}
 
 
 def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
@@ -83,18 +84,54 @@ def _example_input(quantizer: nn.Module, part: str) -> torch.Tensor:
     return torch.randn(batch, quantizer.dim, seq)
 
 
-def _dynamic_axes(quantizer: nn.Module, part: str, example: torch.Tensor) -> dict[int, object]:
-    """Batch and sequence (or height and width) axes of the part's input."""
+def _dynamic_axis_names(quantizer: nn.Module, part: str, example: torch.Tensor) -> dict[int, str]:
+    """Axis -> name of the dynamic axes of the part's input: batch and seq, or batch, height and width."""
     if part == "decode":
         if isinstance(quantizer, ResidualVQ):
-            return {1: Dim.DYNAMIC, 2: Dim.DYNAMIC}
-        axes = 3 if quantizer.accept_image_fmap else 2
-        return dict.fromkeys(range(axes), Dim.DYNAMIC)
-    if isinstance(quantizer, ResidualVQ) or (quantizer.channel_last and not quantizer.accept_image_fmap):
-        return {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} if example.ndim == 3 else {0: Dim.DYNAMIC}
-    if quantizer.accept_image_fmap:
-        return {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}
-    return {0: Dim.DYNAMIC, 2: Dim.DYNAMIC}
+            return {1: "batch", 2: "seq"}
+        names = ("batch", "height", "width") if quantizer.accept_image_fmap else ("batch", "seq")
+        data_axes = example.ndim - (1 if quantizer.heads > 1 else 0)  # a trailing heads axis is static
+        return dict(enumerate(names[: max(data_axes, 1)]))
+    if not isinstance(quantizer, ResidualVQ) and quantizer.accept_image_fmap:
+        return {0: "batch", 2: "height", 3: "width"}
+    if example.ndim == 2:  # (batch, dim): one token per row
+        return {0: "batch"}
+    channel_last = isinstance(quantizer, ResidualVQ) or quantizer.channel_last
+    return {0: "batch", 1: "seq"} if channel_last else {0: "batch", 2: "seq"}
+
+
+def _dynamic_axes(quantizer: nn.Module, part: str, example: torch.Tensor) -> dict[int, object]:
+    """Batch and sequence (or height and width) axes of the part's input."""
+    return dict.fromkeys(_dynamic_axis_names(quantizer, part, example), Dim.DYNAMIC)
+
+
+_SYMBOL = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+
+
+def name_dynamic_dims(proto: onnx.ModelProto, axis_names: dict[int, str]) -> onnx.ModelProto:
+    """Rename the exporter's symbols ("s77", "s27"...) to `axis_names` of the first graph input, everywhere.
+
+    The symbol found on input axis i becomes axis_names[i], in the graph's inputs, outputs and
+    value_info, inside expressions too ("s27*s77" -> "seq*batch"). Symbols not on those axes stay.
+    """
+    graph_input = proto.graph.input[0].type.tensor_type.shape.dim
+    mapping: dict[str, str] = {}
+    for axis, name in axis_names.items():
+        symbol = graph_input[axis].dim_param if axis < len(graph_input) else ""
+        if _SYMBOL.fullmatch(symbol) and symbol not in mapping:  # a bare symbol, not an expression
+            mapping[symbol] = name
+    if not mapping:
+        return proto
+
+    def rename(text: str) -> str:
+        return _SYMBOL.sub(lambda m: mapping.get(m.group(0), m.group(0)), text)
+
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        if value.type.HasField("tensor_type"):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param:
+                    dim.dim_param = rename(dim.dim_param)
+    return proto
 
 
 def _nearest_code_translation(x, codebook, mode: str = "exact"):
@@ -171,7 +208,7 @@ def export_onnx(
     _check_ready(quantizers)
 
     if is_quantizer:
-        wrapper = _PART_WRAPPERS[part](model)
+        wrapper = PART_MODULES[part](model)
         example = _example_input(model, part) if example_input is None else example_input
         dynamic = {"x" if part != "decode" else "indices": _dynamic_axes(model, part, example)}
         input_names, output_names = PART_INPUTS[part], PART_OUTPUTS[part]
@@ -189,7 +226,7 @@ def export_onnx(
         output_names = None
     examples = example if isinstance(example, tuple) else (example,)
 
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each submodule's own mode
     model.eval()
     functions.register_schema()
     try:
@@ -210,9 +247,12 @@ def export_onnx(
     except Exception as error:
         raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {error}") from error
     finally:
-        model.train(was_training)
+        for module, training in modes:  # model.train(flag) would also flip a user's frozen (eval) parts
+            module.training = training
 
     proto = finish_model(proto, fused=fused)
+    if is_quantizer:
+        proto = name_dynamic_dims(proto, _dynamic_axis_names(model, part, examples[0]))
     info = build_info(
         quantizers,
         kind=type(model).__name__ if is_quantizer else "model",
@@ -239,4 +279,4 @@ def finish_model(proto: onnx.ModelProto, fused: bool) -> onnx.ModelProto:
     return proto
 
 
-__all__ = ["IR_VERSION", "STATE_PREFIX", "export_onnx", "find_quantizers"]
+__all__ = ["IR_VERSION", "STATE_PREFIX", "export_onnx", "find_quantizers", "name_dynamic_dims"]
