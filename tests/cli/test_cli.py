@@ -171,10 +171,11 @@ def test_export_refuses_to_overwrite_without_force(exported: Path) -> None:
     assert exported.read_bytes() == before
 
 
-def test_export_with_force_replaces_the_file(workdir: Path) -> None:
+def test_export_with_force_replaces_the_file(workdir: Path, capsys, monkeypatch) -> None:
     target = workdir / "replace_me.onnx"
     target.write_text("a file the user owns")
-    proc = run_cli("export", "vq.safetensors", "-o", target.name, "--unfused", "--force", cwd=workdir)
+    monkeypatch.chdir(workdir)
+    proc = run_main(capsys, "export", "vq.safetensors", "-o", target.name, "--unfused", "--force")
     assert_ok(proc)
     model = onnx.load(str(target))
     assert not [n for n in model.graph.node if n.op_type == "NearestCode"]  # unfused: standard ops only
