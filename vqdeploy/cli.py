@@ -605,9 +605,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             with torch.inference_mode():
                 features = model.features(images)
             save_quantizer(vq, files["checkpoint"], overwrite=True)
-            print(f"model: shipped DigitsVQVAE (VectorQuantize, {vq.codebook_size} codes x {vq.codebook_dim} dims, "
-                  f"4x4 tokens per 8x8 digit), {images.shape[0]} scikit-learn digits -> "
-                  f"{features.shape[0] * features.shape[2] * features.shape[3]} tokens")
+            bar.write(f"model: shipped DigitsVQVAE (VectorQuantize, {vq.codebook_size} codes x {vq.codebook_dim} dims, "
+                      f"4x4 tokens per 8x8 digit), {images.shape[0]} scikit-learn digits -> "
+                      f"{features.shape[0] * features.shape[2] * features.shape[3]} tokens")
             bar.update()
 
             for key, fused in (("fused", True), ("unfused", False)):
