@@ -74,11 +74,15 @@ class EMACodebook(nn.Module):
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """flat (H, M, D) -> indices (H, M): one nearest-code search per codebook."""
         embed = self.embed.detach()
+        if self.num_codebooks == 1:  # no stack: it would copy
+            return nearest_code(flat[0], embed[0], self.search_mode).unsqueeze(0)
         return torch.stack([nearest_code(flat[h], embed[h], self.search_mode) for h in range(self.num_codebooks)])
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (H, M) -> codes (H, M, D)."""
         embed = self.embed.detach()
+        if self.num_codebooks == 1:
+            return embed[0].index_select(0, indices[0]).unsqueeze(0)
         return torch.stack([embed[h].index_select(0, indices[h]) for h in range(self.num_codebooks)])
 
     # -- training -------------------------------------------------------------------------------

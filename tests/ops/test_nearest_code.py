@@ -1,0 +1,63 @@
+"""The NearestCode contract on the CPU path: float64 agreement, ties, blocks, the custom op."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+from vqdeploy.ops import (
+    nearest_code,
+    nearest_code_blocked,
+    nearest_code_reference,
+    squared_distances64,
+    tie_tolerance,
+)
+
+
+def _certified(x, codebook, got, truth):
+    differ = got != truth
+    gap = squared_distances64(x[differ], codebook, got[differ]) - squared_distances64(x[differ], codebook, truth[differ])
+    return bool((gap <= tie_tolerance(x[differ], codebook, truth[differ], got[differ])).all())
+
+
+@pytest.mark.parametrize("m, d, k", [(1, 1, 1), (7, 3, 5), (1000, 37, 300), (5000, 64, 2048)])
+def test_agrees_with_float64_up_to_certified_ties(m, d, k, digits):
+    x = torch.randn(m, d) if d != 64 else digits[:m].repeat(3, 1)[:m]
+    codebook = torch.randn(k, d)
+    got, truth = nearest_code(x, codebook), nearest_code_reference(x, codebook)
+    assert got.dtype == torch.int64 and got.shape == (m,)
+    assert _certified(x, codebook, got, truth)
+
+
+def test_ties_go_to_the_lowest_index():
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [3.0, 0.0]])
+    assert nearest_code(x, codebook).tolist() == [0, 0, 0, 0]
+
+
+def test_blocks_change_nothing(monkeypatch):
+    nearest_code_module = importlib.import_module("vqdeploy.ops.nearest_code")  # the module, not the function
+    x, codebook = torch.randn(3000, 16), torch.randn(500, 16)
+    whole = nearest_code_blocked(x, codebook)
+    monkeypatch.setattr(nearest_code_module, "SCORE_BLOCK_BYTES", 4 * 500 * 17)  # 17-row blocks
+    assert nearest_code_module.rows_per_block(500) == 17
+    assert torch.equal(nearest_code_blocked(x, codebook), whole)
+
+
+def test_half_inputs_are_widened():
+    x, codebook = torch.randn(200, 8), torch.randn(40, 8)
+    assert torch.equal(nearest_code(x.half(), codebook), nearest_code(x.half().float(), codebook))
+
+
+def test_custom_op_is_one_node_under_torch_export():
+    class Search(torch.nn.Module):
+        def forward(self, x, codebook):
+            return nearest_code(x, codebook)
+
+    program = torch.export.export(Search(), (torch.randn(6, 4), torch.randn(3, 4)))
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == ["vqdeploy.nearest_code.default"]
+    fake = torch.ops.vqdeploy.nearest_code(torch.empty(5, 4, device="meta"), torch.empty(3, 4, device="meta"))
+    assert fake.shape == (5,) and fake.dtype == torch.int64
