@@ -95,6 +95,21 @@ def test_tokens_identical_to_eager(exports, digits, name, backend):
             torch.testing.assert_close(decoded, vectors, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk_size", [7, 120])
+@pytest.mark.parametrize("name", ["channel_first", "image", "heads", "residual"])
+def test_tiles_across_and_within_batch_items(exports, name, chunk_size):
+    """Small chunks cut an item's tokens; larger ones take several batch items per call."""
+    module, quantize_path, decode_path = exports[name]
+    x = torch.randn(*QUANTIZERS[name][1])
+    with torch.no_grad():
+        vectors, indices, _ = module(x)
+    with runtime.load(quantize_path, chunk_size=chunk_size) as quantizer, runtime.load(decode_path, chunk_size=chunk_size) as decoder:
+        got_vectors, got_indices = quantizer.quantize(x)
+        assert torch.equal(got_indices, indices)
+        torch.testing.assert_close(got_vectors, vectors, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(decoder.decode(indices), vectors, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_chunked_equals_unchunked(exports, backend):
     module, path, _ = exports["plain"]

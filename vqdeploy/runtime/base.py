@@ -64,27 +64,32 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
+def tiles(groups: int, tokens: int, size: int) -> Iterator[tuple[int, int, int, int]]:
+    """(g0, g1, t0, t1) tiles of a groups x tokens grid holding about `size` tokens each.
+
+    Long groups are cut along their tokens; short ones are taken several at a time, so a batch of
+    many small images costs few backend calls.
+    """
+    if tokens >= size or groups == 1:
+        for group in range(groups):
+            for start in range(0, tokens, size):
+                yield group, group + 1, start, min(start + size, tokens)
+        return
+    per_tile = max(1, size // max(tokens, 1))
+    for group in range(0, groups, per_tile):
+        yield group, min(group + per_tile, groups), 0, tokens
+
+
 @dataclass
 class _TokenView:
-    """A user array seen as G groups of T tokens, so chunks are slices along the token axis.
+    """A user array seen as G groups of T tokens.
 
-    channel_last: view (1, T, d) / indices (1, T[, h]) or RVQ indices (q, 1, T).
-    channel_first: view (G, d, T) / indices (G, T[, h]).
+    channel_last: view (1, T, d); channel_first: view (G, d, T).
     """
 
     view: torch.Tensor
     groups: int
     tokens: int
-    token_axis: int
-
-    def chunks(self, size: int) -> Iterator[tuple[int, int, int, torch.Tensor]]:
-        for group in range(self.groups):
-            for start in range(0, self.tokens, size):
-                stop = min(start + size, self.tokens)
-                index = [slice(None)] * self.view.ndim
-                index[0] = slice(group, group + 1)
-                index[self.token_axis] = slice(start, stop)
-                yield group, start, stop, self.view[tuple(index)]
 
 
 class Quantizer:
@@ -176,11 +181,11 @@ class Quantizer:
         check_finite(x, "x")
         if not self._channel_first:
             view = x.reshape(1, -1, info.dim)
-            return _TokenView(view, 1, view.shape[1], 1), tuple(x.shape[:-1])
+            return _TokenView(view, 1, view.shape[1]), tuple(x.shape[:-1])
         if x.ndim == 2:  # one token per batch row, channel-first graph: (b, d) -> (1, d, b)
-            return _TokenView(x.t().unsqueeze(0), 1, x.shape[0], 2), (x.shape[0],)
+            return _TokenView(x.t().unsqueeze(0), 1, x.shape[0]), (x.shape[0],)
         view = x.reshape(x.shape[0], info.dim, -1)
-        return _TokenView(view, x.shape[0], view.shape[2], 2), (x.shape[0], *x.shape[2:])
+        return _TokenView(view, x.shape[0], view.shape[2]), (x.shape[0], *x.shape[2:])
 
     def _feed_vectors(self, chunk: torch.Tensor) -> torch.Tensor:
         """A chunk in the graph's layout: (1, c, d), (1, d, c) or (1, d, 1, c) for images."""
@@ -201,18 +206,24 @@ class Quantizer:
         float_dtype = self._runner.float_dtype
         vectors = torch.empty(tokens.view.shape, dtype=float_dtype, device=x.device) if want_vectors else None
         name = self.info.inputs[0]
-        for group, start, stop, chunk in tokens.chunks(self.chunk_size):
+        for g0, g1, t0, t1 in tiles(tokens.groups, tokens.tokens, self.chunk_size):
+            count = (g1 - g0) * (t1 - t0)
+            if self._channel_first:  # (gb, d, tc) -> (1, d, gb * tc): one copy of the chunk
+                chunk = tokens.view[g0:g1, :, t0:t1].permute(1, 0, 2).reshape(1, info.dim, count)
+            else:
+                chunk = tokens.view[:, t0:t1]
             outputs = self._runner.infer({name: self._feed_vectors(chunk.to(float_dtype))})
             indices_out = outputs[-1]
             if self._residual:
-                index_rows[:, group, start:stop] = indices_out.reshape(info.num_quantizers, -1)
+                index_rows[:, 0, t0:t1] = indices_out.reshape(info.num_quantizers, -1)
             else:
-                index_rows[group, start:stop] = indices_out.reshape(stop - start, *heads)
+                index_rows[g0:g1, t0:t1] = indices_out.reshape(g1 - g0, t1 - t0, *heads)
             if vectors is not None:
                 if self._channel_first:
-                    vectors[group, :, start:stop] = outputs[0].reshape(info.dim, stop - start)
+                    block = outputs[0].reshape(info.dim, g1 - g0, t1 - t0).permute(1, 0, 2)
+                    vectors[g0:g1, :, t0:t1] = block
                 else:
-                    vectors[0, start:stop] = outputs[0].reshape(stop - start, info.dim)
+                    vectors[0, t0:t1] = outputs[0].reshape(t1 - t0, info.dim)
         if self._residual:
             indices = index_rows.reshape(info.num_quantizers, *index_shape)
         else:
@@ -251,19 +262,17 @@ class Quantizer:
         shape = (groups, info.dim, tokens) if channel_first_out else (tokens, info.dim)
         vectors = torch.empty(shape, dtype=float_dtype, device=indices.device)
         name = info.inputs[0]
-        for group in range(groups):
-            for start in range(0, tokens, self.chunk_size):
-                stop = min(start + self.chunk_size, tokens)
-                count = stop - start
-                if self._residual:
-                    chunk = view[:, :, start:stop]
-                else:
-                    chunk = view[group, start:stop].reshape(chunk_shape(info, count))
-                out = self._runner.infer({name: chunk.to(torch.int64).contiguous()})[0]
-                rows = out.reshape(info.dim, count).t() if self._channel_first else out.reshape(count, info.dim)
-                if channel_first_out:
-                    vectors[group, :, start:stop] = rows.t()
-                else:
-                    vectors[start:stop] = rows
+        for g0, g1, t0, t1 in tiles(groups, tokens, self.chunk_size):
+            count = (g1 - g0) * (t1 - t0)
+            if self._residual:
+                chunk = view[:, :, t0:t1]
+            else:
+                chunk = view[g0:g1, t0:t1].reshape(chunk_shape(info, count))
+            out = self._runner.infer({name: chunk.to(torch.int64).contiguous()})[0]
+            rows = out.reshape(info.dim, count).t() if self._channel_first else out.reshape(count, info.dim)
+            if channel_first_out:
+                vectors[g0:g1, :, t0:t1] = rows.reshape(g1 - g0, t1 - t0, info.dim).permute(0, 2, 1)
+            else:
+                vectors[t0:t1] = rows
         vectors = vectors.reshape(lead[0], info.dim, *lead[1:]) if channel_first_out else vectors.reshape(*lead, info.dim)
         return self._returned(vectors, as_numpy)
