@@ -70,7 +70,7 @@ def test_ema_learning_lowers_quantization_error(digits):
     vq = VectorQuantize(dim=64, codebook_size=32, decay=0.9, kmeans_init=False)
     mse_before = F.mse_loss(vq.eval()(digits[None])[0][0], digits).item()
     vq.train()
-    for step in range(300):
+    for _ in range(300):
         batch = digits[torch.randint(0, len(digits), (256,))]
         vq(batch[None])
     mse_after = F.mse_loss(vq.eval()(digits[None])[0][0], digits).item()
