@@ -550,7 +550,7 @@ def _whole_model_parity(model, images, onnx_path: Path) -> tuple[dict[str, int],
     import onnxruntime as ort
     import torch
 
-    from vqdeploy.ops.nearest_code import squared_distances64, tie_tolerance
+    from vqdeploy.verify import classify_tokens
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
@@ -561,13 +561,8 @@ def _whole_model_parity(model, images, onnx_path: Path) -> tuple[dict[str, int],
         _, eager_indices = model(images)
     got, want = torch.from_numpy(np.asarray(indices)).reshape(-1), eager_indices.reshape(-1)
     rows = features.flatten(2).transpose(1, 2).reshape(-1, features.shape[1]).float()
-    codebook = model.quantizer.codebook.detach()
-    differ = got != want
-    counts = {"tokens": int(got.numel()), "identical": int((~differ).sum()), "ties": 0, "violations": 0}
-    if bool(differ.any()):
-        gap = squared_distances64(rows[differ], codebook, got[differ]) - squared_distances64(rows[differ], codebook, want[differ])
-        ok = gap <= tie_tolerance(rows[differ], codebook, want[differ], got[differ])
-        counts["ties"], counts["violations"] = int(ok.sum()), int((~ok).sum())
+    stage = classify_tokens(rows, model.quantizer.codebook.detach(), want, got)
+    counts = {"tokens": stage.tokens, "identical": stage.identical, "ties": stage.certified_ties, "violations": stage.violations}
     return counts, session, reconstruction
 
 

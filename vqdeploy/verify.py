@@ -169,6 +169,15 @@ def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) ->
 
 
 # -- classification ------------------------------------------------------------------------------------
+def classify_tokens(
+    rows: torch.Tensor, codebook: torch.Tensor, eager: torch.Tensor, backend: torch.Tensor, stage: str = "codebook"
+) -> StageReport:
+    """Classify one search's tokens: rows (M, d) in codebook space, codebook (K, d), indices (M,)."""
+    report = StageReport(stage)
+    _classify(report, rows, codebook, eager, backend)
+    return report
+
+
 def _classify(stage: StageReport, rows: torch.Tensor, codebook: torch.Tensor, eager: torch.Tensor, backend: torch.Tensor) -> None:
     """Fold one stage's tokens into `stage`. rows (M, d) are the backend path's stage inputs."""
     stage.tokens += len(backend)
