@@ -25,9 +25,6 @@ Run: ``python benchmarks/bench_backends.py [--sizes 65536x256x1024 ...] [--repea
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from bench_eager import QUICK_N, SIZES, build_case, environment, parse_size
+from bench_eager import build_case, run_benchmark
 from harness import markdown_table, paired_speedup, peak_extra_memory, time_interleaved
 
 import vqdeploy
@@ -241,57 +238,17 @@ def report(results: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--sizes", nargs="+", type=parse_size, default=SIZES, help="NxDxK or 1..4 (default: all four)"
+    results, _ = run_benchmark(
+        "bench_backends", __doc__.split("\n\n")[0], argv, run_size, report, 3, 0,
+        "untimed full rounds after the slice warm-up (default 0)",
     )
-    parser.add_argument(
-        "--repeats", type=int, default=None, help="timed repeats per method (default 3, quick 2)"
-    )
-    parser.add_argument(
-        "--warmup", type=int, default=0, help="untimed full rounds after the slice warm-up (default 0)"
-    )
-    parser.add_argument("--quick", action="store_true", help=f"smoke run: N capped at {QUICK_N}, 2 repeats")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--json", metavar="PATH", help="also write every figure and the environment as JSON")
-    args = parser.parse_args(argv)
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 3)
-    sizes = [(min(n, QUICK_N), d, k) if args.quick else (n, d, k) for n, d, k in args.sizes]
-
-    env = environment()
-    print(
-        f"# bench_backends  {env['date']}  {env['cpu']}  cores={env['cpu_count']}  torch threads={env['torch_threads']}"
-    )
-    print(f"# vqdeploy at {env['git']}  versions: {env['versions']}")
-    print(
-        f"# {' '.join(sys.argv)}  repeats={repeats} warmup={args.warmup}  loadavg={env['loadavg_start']}",
-        flush=True,
-    )
-    results = []
-    for n, d, k in sizes:
-        results.append(run_size(n, d, k, repeats, args.warmup, memory=not args.no_memory))
-        m = results[-1]["methods"]
-        print(
-            f"# {n}x{d}x{k}: " + ", ".join(f"{name} {v['vectors_per_s']:.3g}/s" for name, v in m.items()),
-            flush=True,
-        )
-    env["loadavg_end"] = os.getloadavg()
-    print(f"# loadavg at end: {env['loadavg_end']}\n")
-    print(report(results))
     total = sum(
         m["mismatches_vs_eager"]
         for res in results
-        for n_, m in res["methods"].items()
-        if n_ in VQDEPLOY_METHODS
+        for name, m in res["methods"].items()
+        if name in VQDEPLOY_METHODS
     )
     print(f"\n# vqdeploy index mismatches vs eager, all backends and sizes: {total}")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(
-                {"environment": env, "repeats": repeats, "warmup": args.warmup, "results": results},
-                out,
-                indent=2,
-            )
     return 0
 
 

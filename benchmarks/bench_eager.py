@@ -271,49 +271,52 @@ def report(results: list[dict[str, Any]]) -> str:
     return table + "\n\n" + parity
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_benchmark(
+    name: str,
+    description: str,
+    argv: list[str] | None,
+    run_size: Callable[..., dict[str, Any]],
+    report: Callable[[list[dict[str, Any]]], str],
+    default_repeats: int,
+    default_warmup: int,
+    warmup_help: str,
+) -> tuple[list[dict[str, Any]], Any]:
+    """The command line shared by the benchmark scripts: parse, run every size, print, write JSON."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--sizes", nargs="+", type=parse_size, default=SIZES, help="NxDxK or 1..4 (default: all four)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed repeats per method (default 5, quick 2)"
+        "--repeats", type=int, default=None, help=f"timed repeats per method (default {default_repeats}, quick 2)"
     )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    parser.add_argument("--warmup", type=int, default=default_warmup, help=warmup_help)
     parser.add_argument("--quick", action="store_true", help=f"smoke run: N capped at {QUICK_N}, 2 repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", metavar="PATH", help="also write every figure and the environment as JSON")
     args = parser.parse_args(argv)
-    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else default_repeats)
     sizes = [(min(n, QUICK_N), d, k) if args.quick else (n, d, k) for n, d, k in args.sizes]
 
     env = environment()
-    print(
-        f"# bench_eager  {env['date']}  {env['cpu']}  cores={env['cpu_count']}  torch threads={env['torch_threads']}"
-    )
+    print(f"# {name}  {env['date']}  {env['cpu']}  cores={env['cpu_count']}  torch threads={env['torch_threads']}")
     print(f"# vqdeploy at {env['git']}  versions: {env['versions']}")
-    print(
-        f"# {' '.join(sys.argv)}  repeats={repeats} warmup={args.warmup}  loadavg={env['loadavg_start']}",
-        flush=True,
-    )
+    print(f"# {' '.join(sys.argv)}  repeats={repeats} warmup={args.warmup}  loadavg={env['loadavg_start']}", flush=True)
     results = []
     for n, d, k in sizes:
         results.append(run_size(n, d, k, repeats, args.warmup, memory=not args.no_memory))
-        m = results[-1]["methods"]
-        print(
-            f"# {n}x{d}x{k}: " + ", ".join(f"{name} {v['vectors_per_s']:.3g}/s" for name, v in m.items()),
-            flush=True,
-        )
+        methods = results[-1]["methods"]
+        print(f"# {n}x{d}x{k}: " + ", ".join(f"{m} {v['vectors_per_s']:.3g}/s" for m, v in methods.items()), flush=True)
     env["loadavg_end"] = os.getloadavg()
     print(f"# loadavg at end: {env['loadavg_end']}\n")
     print(report(results))
     if args.json:
         with open(args.json, "w") as out:
-            json.dump(
-                {"environment": env, "repeats": repeats, "warmup": args.warmup, "results": results},
-                out,
-                indent=2,
-            )
+            json.dump({"environment": env, "repeats": repeats, "warmup": args.warmup, "results": results}, out, indent=2)
+    return results, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    run_benchmark("bench_eager", __doc__.split("\n\n")[0], argv, run_size, report, 5, 1, "untimed rounds before the timed ones")
     return 0
 
 
