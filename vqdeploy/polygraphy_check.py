@@ -66,7 +66,8 @@ class ParityCompareFunc:
         self._iteration = 0
 
     def __call__(self, reference, candidate) -> OrderedDict:
-        x = torch.from_numpy(np.asarray(self.feeds[self._iteration][self.input_name]))
+        # Comparator calls once per iteration, pair after pair, in feed order.
+        x = torch.from_numpy(np.asarray(self.feeds[self._iteration % len(self.feeds)][self.input_name]))
         self._iteration += 1
         verdict = OrderedDict()
         if "indices" in reference:
@@ -84,13 +85,38 @@ class ParityCompareFunc:
         return verdict
 
 
-def compare_with_polygraphy(
-    module: nn.Module, onnx_path: str | os.PathLike, inputs: list[Any]
-) -> tuple[bool, list[StageReport]]:
-    """Run the eager module and Polygraphy's ONNX Runtime runner through `Comparator`.
+def _tensorrt_runner(onnx_path: str | os.PathLike, shape: tuple[int, ...], input_name: str):
+    """Polygraphy's TensorRT runner, with the NearestCode plugin registered and TF32 off."""
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineFromNetwork,
+        NetworkFromOnnxPath,
+        Profile,
+        TrtRunner,
+    )
 
-    Returns Polygraphy's overall verdict and the per-stage classification behind it.
+    from vqdeploy.runtime.trt_plugin import register_nearest_code_plugin
+
+    register_nearest_code_plugin()
+    profile = Profile().add(input_name, min=shape, opt=shape, max=shape)
+    config = CreateConfig(tf32=False, profiles=[profile])
+    return TrtRunner(EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path), strongly_typed=True), config=config))
+
+
+def compare_with_polygraphy(
+    module: nn.Module, onnx_path: str | os.PathLike, inputs: list[Any], include_tensorrt: bool | None = None
+) -> tuple[bool, list[StageReport]]:
+    """Run the eager module, Polygraphy's ONNX Runtime runner and, where TensorRT and a GPU exist
+    (`include_tensorrt=None` decides by itself), its TensorRT runner through `Comparator`.
+
+    Every runner is compared with the eager one. Returns Polygraphy's overall verdict and the
+    per-stage classification behind it (all runners' tokens folded in). Inputs must share one
+    shape when TensorRT runs (its profile is built from the first).
     """
+    if include_tensorrt is None:
+        import importlib.util
+
+        include_tensorrt = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
     info = read_metadata(onnx_path)
     module.eval()
     name = info.inputs[0]
@@ -99,7 +125,10 @@ def compare_with_polygraphy(
         EagerQuantizerRunner(module, info.part, name, list(info.outputs), feeds[0][name]),
         OnnxrtRunner(SessionFromOnnx(str(onnx_path), providers=["CPUExecutionProvider"])),
     ]
+    if include_tensorrt:
+        runners.append(_tensorrt_runner(onnx_path, feeds[0][name].shape, name))
     results = Comparator.run(runners, data_loader=feeds)
     compare = ParityCompareFunc(module, feeds, name)
-    accuracy = Comparator.compare_accuracy(results, compare_func=compare)
+    pairs = [(0, other) for other in range(1, len(runners))]
+    accuracy = Comparator.compare_accuracy(results, compare_func=compare, comparisons=pairs)
     return bool(accuracy), compare.stages

@@ -46,7 +46,8 @@ class ParityReport:
     part: str
     input_shapes: list[list[int]]
     stages: list[StageReport] = field(default_factory=list)
-    max_vector_rel_diff: float = 0.0
+    max_abs_vector_diff: float = 0.0  # decoded vectors: backend vs eager decode of the same indices
+    max_vector_rel_diff: float = 0.0  # the same, relative to max(1, |vector|): what is checked
     vector_tolerance: float = 1e-6
 
     @property
@@ -97,7 +98,8 @@ class ParityReport:
         lines.append(
             f"{verdict}: backend={self.backend} device={self.device} precision={self.precision} part={self.part}; "
             f"{self.tokens} tokens, {self.identical} identical, {self.certified_ties} certified ties, "
-            f"{self.violations} violations; max relative vector diff = {self.max_vector_rel_diff:.3g} "
+            f"{self.violations} violations; max |vector diff| = {self.max_abs_vector_diff:.3g}, "
+            f"relative {self.max_vector_rel_diff:.3g} "
             f"(tolerance {self.vector_tolerance:g}); input shapes {self.input_shapes}"
         )
         return "\n".join(lines)
@@ -301,6 +303,7 @@ def _compare_one(module: nn.Module, quantizer: Any, part: str, x: torch.Tensor, 
 def _update_vector_diff(report: ParityReport, got: torch.Tensor, want: torch.Tensor) -> None:
     diff = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
     scale = max(1.0, want.abs().max().item() if want.numel() else 1.0)
+    report.max_abs_vector_diff = max(report.max_abs_vector_diff, diff)
     report.max_vector_rel_diff = max(report.max_vector_rel_diff, diff / scale)
 
 
