@@ -237,7 +237,7 @@ def export_onnx(
                 dynamo=True,
                 input_names=input_names,
                 output_names=output_names,
-                dynamic_shapes=dynamic if is_quantizer else dynamic,
+                dynamic_shapes=dynamic,
                 custom_translation_table={torch.ops.vqdeploy.nearest_code.default: _nearest_code_translation},
                 opset_version=opset,
                 optimize=False,  # keep initializer names = state-dict keys (the torch backend reads them)
