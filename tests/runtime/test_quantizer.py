@@ -223,3 +223,19 @@ def test_encode_memory_is_bounded(backend, tmp_path):
     )
     figures = json.loads(result.stdout.strip().splitlines()[-1])
     assert figures["growth_mib"] - figures["output_mib"] <= 64, figures
+
+
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_ort_output_shapes_resolve_before_running(exports, name):
+    """The CUDA path binds torch-allocated outputs: their shapes must be known from the inputs alone."""
+    from vqdeploy.runtime.base import chunk_shape
+    from vqdeploy.runtime.onnxrt import OnnxRuntimeRunner
+
+    _, quantize_path, decode_path = exports[name]
+    for path in (quantize_path, decode_path):
+        runner = OnnxRuntimeRunner(path)
+        quantizer = runtime.load(path)
+        meta = runner.session.get_inputs()[0]
+        shape = chunk_shape(quantizer.info, 37)
+        feed = {meta.name: torch.randint(0, 4, shape) if meta.type == "tensor(int64)" else torch.randn(shape)}
+        assert runner._output_shapes(feed) == [tuple(o.shape) for o in runner.infer(feed)]

@@ -73,19 +73,47 @@ class OnnxRuntimeRunner:
             return [torch.from_numpy(np.asarray(o)) for o in outputs]
         return self._infer_cuda(feed)
 
+    def _output_shapes(self, feed: dict[str, torch.Tensor]) -> list[tuple[int, ...]] | None:
+        """Concrete output shapes: symbolic dims ("batch", "seq"...) take the sizes the inputs gave them."""
+        sizes: dict[str, int] = {}
+        for meta in self.session.get_inputs():
+            for dim, size in zip(meta.shape, feed[meta.name].shape, strict=True):
+                if isinstance(dim, str):
+                    sizes[dim] = size
+        shapes = []
+        for meta in self.session.get_outputs():
+            if any(isinstance(d, str) and d not in sizes for d in meta.shape) or any(d is None for d in meta.shape):
+                return None
+            shapes.append(tuple(sizes[d] if isinstance(d, str) else d for d in meta.shape))
+        return shapes
+
     def _infer_cuda(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         """IO binding: ORT reads and writes torch's CUDA memory, no host copies."""
         binding = self.session.io_binding()
         device_index = torch.device(self.device).index or 0
-        for name, tensor in feed.items():
-            tensor = tensor.to(self.device).contiguous()
+        inputs = {name: tensor.to(self.device).contiguous() for name, tensor in feed.items()}
+        for name, tensor in inputs.items():
             binding.bind_input(name, "cuda", device_index, _numpy_dtype(tensor.dtype), list(tensor.shape), tensor.data_ptr())
-        for name in self.output_names:
-            binding.bind_output(name, "cuda", device_index)
+        shapes = self._output_shapes(inputs)
+        outputs: list[torch.Tensor] = []
+        for i, meta in enumerate(self.session.get_outputs()):
+            if shapes is None:
+                binding.bind_output(meta.name, "cuda", device_index)
+                continue
+            dtype = torch.int64 if meta.type == "tensor(int64)" else _ORT_FLOAT.get(meta.type, torch.float32)
+            out = torch.empty(shapes[i], dtype=dtype, device=self.device)
+            binding.bind_output(meta.name, "cuda", device_index, _numpy_dtype(dtype), list(out.shape), out.data_ptr())
+            outputs.append(out)
         torch.cuda.current_stream().synchronize()  # inputs written on torch's stream are ready
         self.session.run_with_iobinding(binding)
-        return [torch.from_dlpack(o.to_dlpack()) if hasattr(o, "to_dlpack") else torch.as_tensor(o.numpy(), device=self.device)
-                for o in binding.get_outputs()]
+        if shapes is not None:
+            return outputs
+        # Shapes unknown before the run: ORT allocated the outputs; hand them over by DLPack when the
+        # build supports it, else through the host.
+        values = binding.get_outputs()
+        if all(hasattr(v, "to_dlpack") for v in values):
+            return [torch.from_dlpack(v.to_dlpack()) for v in values]
+        return [torch.from_numpy(v.numpy()).to(self.device) for v in values]
 
     def close(self) -> None:
         self.session = None
