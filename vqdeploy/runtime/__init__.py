@@ -104,7 +104,8 @@ def load(
     eager model; TF32 off) or "fast" (tensor cores where the backend has a parity-preserving path).
     chunk_size: tokens per backend call (default keeps a chunk's scores near 8 MiB). Other options
     go to the backend (ort: intra_op_num_threads, inter_op_num_threads; trt: min_tokens, opt_tokens,
-    max_tokens, cache_dir).
+    max_tokens, cache_dir, prefer_aot). On TensorRT the NearestCode plugin always searches in exact
+    mode; "fast" there only lets TensorRT use TF32 for the graph's other layers.
     """
     if precision not in PRECISIONS:
         raise UnsupportedOptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

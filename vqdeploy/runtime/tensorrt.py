@@ -103,6 +103,7 @@ class TensorRTRunner:
         opt_tokens: int | None = None,
         max_tokens: int = DEFAULT_MAX_TOKENS,
         cache_dir: str | os.PathLike | None = None,
+        prefer_aot: bool = False,
     ):
         trt = import_tensorrt()
         if not device.startswith("cuda") or not torch.cuda.is_available():
@@ -110,11 +111,12 @@ class TensorRTRunner:
         self.device = device
         self.max_tokens = max_tokens
         profile = profile_shapes(info, min_tokens, opt_tokens, max_tokens)
-        key = engine_cache_key(path, trt.__version__, torch.cuda.get_device_name(torch.device(device)), precision, profile)
+        variant = f"{precision}{'-aot' if prefer_aot else ''}"
+        key = engine_cache_key(path, trt.__version__, torch.cuda.get_device_name(torch.device(device)), variant, profile)
         engine_path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         engine_path = engine_path / f"{key}.engine"
         if not engine_path.exists():
-            blob = build_engine(path, info, precision, profile)
+            blob = build_engine(path, info, precision, profile, prefer_aot=prefer_aot)
             atomic_write(engine_path, lambda tmp: tmp.write_bytes(blob), overwrite=True)
         self.engine_path = engine_path
         from vqdeploy.runtime.trt_plugin import register_nearest_code_plugin
