@@ -104,8 +104,9 @@ def load(
     eager model; TF32 off) or "fast" (tensor cores where the backend has a parity-preserving path).
     chunk_size: tokens per backend call (default keeps a chunk's scores near 8 MiB). Other options
     go to the backend (ort: intra_op_num_threads, inter_op_num_threads; trt: min_tokens, opt_tokens,
-    max_tokens, cache_dir, prefer_aot). On TensorRT the NearestCode plugin always searches in exact
-    mode; "fast" there only lets TensorRT use TF32 for the graph's other layers.
+    max_tokens, cache_dir, prefer_aot). Only the torch backend on CUDA has a "fast" search (Triton,
+    tensor cores plus a float32 re-check); ONNX Runtime and TensorRT keep TF32 off in both precisions,
+    since TF32 there would change tokens.
     """
     if precision not in PRECISIONS:
         raise UnsupportedOptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
