@@ -6,8 +6,6 @@ import json
 import os
 from pathlib import Path
 
-from safetensors import safe_open
-from safetensors.torch import load_model, save_model
 from torch import nn
 
 from vqdeploy.errors import CheckpointError
@@ -31,12 +29,16 @@ def save_quantizer(module: nn.Module, path: str | os.PathLike, overwrite: bool =
     name = type(module).__name__
     if name not in _quantizer_classes():
         raise CheckpointError(f"save_quantizer takes a VectorQuantize or ResidualVQ, got {name}")
+    from safetensors.torch import save_model  # imported here: `import vqdeploy` works without it (GPU boxes)
+
     metadata = {FORMAT_KEY: FORMAT_VERSION, CLASS_KEY: name, CONFIG_KEY: json.dumps(module.config)}
     return atomic_write(path, lambda tmp: save_model(module, str(tmp), metadata=metadata), overwrite=overwrite)
 
 
 def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The metadata of a vqdeploy checkpoint; raises CheckpointError for any other file."""
+    from safetensors import safe_open
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -52,6 +54,8 @@ def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def load_quantizer(path: str | os.PathLike) -> nn.Module:
     """Rebuild the module saved by `save_quantizer`, in eval mode."""
+    from safetensors.torch import load_model
+
     metadata = read_checkpoint_metadata(path)
     cls = _quantizer_classes()[metadata[CLASS_KEY]]
     module = cls(**json.loads(metadata[CONFIG_KEY]))
