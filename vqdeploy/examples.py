@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqdeploy.errors import BackendNotAvailableError, CheckpointError
-from vqdeploy.files import atomic_write
 from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.nn.checkpoint import load_configured, read_safetensors_metadata, save_configured
 
 IMAGE_SIZE = 8
 GRID = 4  # the encoder halves 8x8 to a 4x4 grid of tokens
@@ -208,36 +208,19 @@ def fit(model: nn.Module, images: torch.Tensor, steps: int = 1500, batch_size: i
 
 def save_example(model: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write an example model (weights, EMA state and config) to one .safetensors file."""
-    from safetensors.torch import save_model
-
     name = type(model).__name__
     if name not in EXAMPLES:
         raise CheckpointError(f"save_example takes one of {', '.join(EXAMPLES)}, got {name}")
-    metadata = {FORMAT_KEY: name, CONFIG_KEY: json.dumps(model.config)}
-    return atomic_write(path, lambda tmp: save_model(model, str(tmp), metadata=metadata), overwrite=overwrite)
+    return save_configured(model, path, {FORMAT_KEY: name, CONFIG_KEY: json.dumps(model.config)}, overwrite)
 
 
 def load_example(path: str | os.PathLike) -> nn.Module:
     """Rebuild an example model saved by `save_example`, in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_model
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"example checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except Exception as error:  # safetensors raises its own error types for other files
-        raise CheckpointError(f"{path} is not a safetensors file: {error}") from error
+    metadata = read_safetensors_metadata(path, "example checkpoint")
     name = metadata.get(FORMAT_KEY)
     if name not in EXAMPLES:
         raise CheckpointError(f"{path} is not a vqdeploy example-model checkpoint (no {FORMAT_KEY} metadata)")
-    model = EXAMPLES[name](**json.loads(metadata[CONFIG_KEY]))
-    missing, unexpected = load_model(model, str(path), strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its config: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return load_configured(EXAMPLES[name], json.loads(metadata[CONFIG_KEY]), path)
 
 
 def pretrained_path(name: str = "digits_vqvae"):
