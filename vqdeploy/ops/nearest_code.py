@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import torch
 
+from vqdeploy.ops import cpu_kernels
+
 UNIT_ROUNDOFF = {
     "float32": 2.0**-24,
     "tf32": 2.0**-11,
@@ -85,7 +87,8 @@ def nearest_code_blocked(
 ) -> torch.Tensor:
     """Blocked implementation: one reused block of scores, never the M x K matrix.
 
-    Works on any device; the CPU path of the custom op (float32) and the float64 reference.
+    Works on any device: the float64 reference, and the CPU path of the custom op where the
+    compiled kernel of `vqdeploy.ops.cpu_kernels` is not available.
     """
     num_rows, num_codes = x.shape[0], codebook.shape[0]
     out = torch.empty(num_rows, dtype=torch.int64, device=x.device)
@@ -117,6 +120,8 @@ def _triton_available() -> bool:
 
 @torch.library.custom_op("vqdeploy::nearest_code", mutates_args=())
 def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exact") -> torch.Tensor:
+    if x.device.type == "cpu" and codebook.shape[0] > 0 and cpu_kernels.available():
+        return cpu_kernels.nearest_code_cpu(x, codebook)
     return nearest_code_blocked(x, codebook)
 
 

@@ -1,0 +1,116 @@
+"""The compiled CPU search (numba): contract, tiles, thread chunks, concurrency, fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+
+from vqdeploy.ops import cpu_kernels, nearest_code, nearest_code_reference, squared_distances64, tie_tolerance
+
+
+def _certified(x, codebook, got, truth) -> bool:
+    differ = got != truth
+    gap = squared_distances64(x[differ], codebook, got[differ]) - squared_distances64(
+        x[differ], codebook, truth[differ]
+    )
+    return bool((gap <= tie_tolerance(x[differ], codebook, truth[differ], got[differ])).all())
+
+
+def test_numba_kernel_is_available_and_used_by_the_op():
+    assert cpu_kernels.available(), "numba is a dependency: the compiled kernel must run here"
+    x, codebook = torch.randn(300, 12), torch.randn(50, 12)
+    assert torch.equal(nearest_code(x, codebook), cpu_kernels.nearest_code_cpu(x, codebook))
+
+
+@pytest.mark.parametrize(
+    "m, d, k",
+    [(1, 1, 1), (5, 3, 2), (1000, 37, 300), (4097, 32, 256), (3000, 256, 1024), (200, 8, 9000)],
+)
+def test_agrees_with_float64_up_to_certified_ties(m, d, k):
+    x, codebook = torch.randn(m, d), torch.randn(k, d)
+    got = cpu_kernels.nearest_code_cpu(x, codebook)
+    truth = nearest_code_reference(x, codebook)
+    assert got.dtype == torch.int64 and got.shape == (m,)
+    assert int((got != truth).sum()) <= max(1, m // 1000)
+    assert _certified(x, codebook, got, truth)
+
+
+def test_real_data_digits(digits):
+    codebook = digits[torch.randperm(len(digits))[:256]] + 0.01 * torch.randn(256, 64)
+    got = cpu_kernels.nearest_code_cpu(digits, codebook)
+    assert _certified(digits, codebook, got, nearest_code_reference(digits, codebook))
+
+
+def test_ties_go_to_the_lowest_index():
+    # duplicate codes, a point exactly between two codes, and the origin equidistant to all four
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 0.0], [3.0, 0.0], [-1.0, 0.0]])
+    assert cpu_kernels.nearest_code_cpu(x, codebook).tolist() == [0, 0, 0, 0, 3]
+    # the same ties in every column of a tile wide enough for several threads
+    wide = x.repeat(400, 1)
+    assert cpu_kernels.nearest_code_cpu(wide, codebook).tolist() == [0, 0, 0, 0, 3] * 400
+
+
+def test_tiles_and_thread_chunks_change_nothing(monkeypatch):
+    x, codebook = torch.randn(5003, 24), torch.randn(300, 24)
+    whole = cpu_kernels.nearest_code_cpu(x, codebook)
+    monkeypatch.setattr(cpu_kernels, "TILE_BYTES", 4 * 300 * 37)  # 37-row tiles, a ragged last one
+    monkeypatch.setattr(cpu_kernels, "MIN_COLUMNS_PER_THREAD", 16)
+    assert cpu_kernels.rows_per_tile(300) == 37
+    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), whole)
+
+
+def test_more_chunks_than_columns_leaves_no_row_unwritten():
+    kernel = cpu_kernels._kernel()
+    rng = np.random.default_rng(0)
+    dots = rng.standard_normal((7, 20)).astype(np.float32)
+    norms = rng.standard_normal(7).astype(np.float32)
+    out = np.full(20, -1, dtype=np.int64)
+    kernel(dots, norms, out, 8)  # chunks are 16 columns wide: two of them cover all 20, six are empty
+    assert out.tolist() == np.argmin(norms[:, None] - 2 * dots, axis=0).tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_are_searched_in_float32(dtype):
+    x, codebook = torch.randn(500, 16).to(dtype), torch.randn(64, 16)
+    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), cpu_kernels.nearest_code_cpu(x.float(), codebook))
+
+
+def test_non_contiguous_and_empty_inputs():
+    base, codebook = torch.randn(16, 900), torch.randn(40, 16)
+    x = base.t()  # (900, 16), column-major
+    assert not x.is_contiguous()
+    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), cpu_kernels.nearest_code_cpu(x.contiguous(), codebook))
+    assert cpu_kernels.nearest_code_cpu(torch.empty(0, 16), codebook).shape == (0,)
+
+
+def test_concurrent_calls_from_threads_are_all_right():
+    codebook = torch.randn(256, 32)
+    inputs = [torch.randn(3000 + 17 * i, 32) for i in range(12)]
+    expected = [cpu_kernels.nearest_code_cpu(x, codebook) for x in inputs]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(lambda x: cpu_kernels.nearest_code_cpu(x, codebook), inputs))
+    assert all(torch.equal(a, b) for a, b in zip(results, expected))
+
+
+def test_without_numba_the_op_falls_back_to_torch():
+    script = (
+        "import sys; sys.modules['numba'] = None\n"  # makes `import numba` raise ImportError
+        "import torch\n"
+        "from vqdeploy.ops import cpu_kernels, nearest_code, nearest_code_blocked\n"
+        "assert not cpu_kernels.available()\n"
+        "x, c = torch.randn(777, 9), torch.randn(33, 9)\n"
+        "assert torch.equal(nearest_code(x, c), nearest_code_blocked(x, c))\n"
+        "print('fallback ok')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=dict(os.environ)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "fallback ok" in result.stdout

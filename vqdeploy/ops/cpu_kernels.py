@@ -1,0 +1,112 @@
+"""Fused CPU nearest-code search: one GEMM per tile of rows, then a compiled running argmin.
+
+`nearest_code_cpu(x, codebook)` computes the contract of `vqdeploy.ops.nearest_code` on the CPU.
+
+Why a compiled argmin
+---------------------
+With a small D the GEMM is cheap (32 multiply-adds per score at D = 32) and the step after it
+dominates: torch's index-tracking ``min(dim=1)`` over a row-major block of scores runs a scalar
+loop per row, about twice the time of the GEMM itself (benchmarks/RESULTS.md, 262144x32x256).
+
+How
+---
+For each tile of R rows, ``torch.mm`` (MKL) writes ``dots = codebook @ x_tile^T`` as a (K, R)
+float32 block of at most TILE_BYTES, small enough to stay in cache. The numba kernel then walks
+the K rows of that block once, forms the score ``s_k = ||c_k||^2 - 2 dot_k`` exactly as
+`nearest_code_blocked` does (``fl(n_k - 2 fl(x.c_k))``, so the error bound (1) of
+`vqdeploy.ops.nearest_code` holds) and keeps a running (min, argmin) for every column with a strict
+``<``, so ties go to the lowest k. Its inner loop runs over the R contiguous columns of one code,
+independent from column to column, which the compiler vectorises; the columns are split into one
+chunk per thread. Nothing of size M x K is ever allocated.
+
+numba is a dependency of vqdeploy; where it cannot be imported or compiled, `available()` is
+False and the op uses `nearest_code_blocked` (same contract, slower at small D). The first call in
+a process compiles the kernel (a few seconds) unless numba's on-disk cache already holds it.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+
+import torch
+
+# Budget of the one (K, R) block of dot products a call holds at a time: cache-resident on the CPUs
+# measured (benchmarks/RESULTS.md); 4-8 MiB were equally fast, 32 MiB 30% slower.
+TILE_BYTES = 4 * 2**20
+# A thread gets at least this many columns, so small calls do not pay for waking threads.
+MIN_COLUMNS_PER_THREAD = 256
+# numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
+# entered by two threads at once; one lock around the kernel keeps every layer safe.
+_KERNEL_LOCK = threading.Lock()
+
+_SIGNATURE = "void(float32[:, ::1], float32[::1], int64[::1], int64)"
+
+
+@functools.cache
+def _kernel():
+    """The compiled kernel, or None where numba is missing or cannot compile it."""
+    try:
+        import numba
+
+        from vqdeploy.ops._running_argmin import running_argmin_over_codes
+    except ImportError:
+        return None
+    options = dict(parallel=True, nogil=True, boundscheck=False, fastmath=False)
+    try:
+        return numba.njit(_SIGNATURE, cache=True, **options)(running_argmin_over_codes)
+    except Exception:  # noqa: BLE001 - e.g. no writable cache directory: compile without the cache
+        pass
+    try:
+        return numba.njit(_SIGNATURE, cache=False, **options)(running_argmin_over_codes)
+    except Exception as error:  # noqa: BLE001 - any numba failure leaves the portable path in charge
+        warnings.warn(
+            f"vqdeploy: the numba nearest-code kernel did not compile ({error}); "
+            "using the slower torch implementation",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def available() -> bool:
+    """Whether the compiled CPU kernel can run here (compiles it on first call)."""
+    return _kernel() is not None
+
+
+def rows_per_tile(num_codes: int) -> int:
+    """Rows of x per tile so that the (K, R) float32 block stays within TILE_BYTES."""
+    return max(16, TILE_BYTES // (4 * max(num_codes, 1)))
+
+
+def _thread_count() -> int:
+    import numba
+
+    return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
+
+
+def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code for every row of x (CPU tensors, any float dtype)."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("the numba nearest-code kernel is not available; check available() first")
+    num_rows, num_codes = x.shape[0], codebook.shape[0]
+    out = torch.empty(num_rows, dtype=torch.int64)
+    if num_rows == 0:
+        return out
+    codes = codebook.detach().to(torch.float32).contiguous()
+    norms = (codes * codes).sum(dim=1).numpy()
+    step = min(rows_per_tile(num_codes), num_rows)
+    block = torch.empty(num_codes * step, dtype=torch.float32)
+    out_array = out.numpy()
+    threads = _thread_count()
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        width = stop - start
+        dots = block[: num_codes * width].view(num_codes, width)  # contiguous for every width
+        torch.mm(codes, x[start:stop].detach().to(torch.float32).t(), out=dots)
+        chunks = max(1, min(threads, width // MIN_COLUMNS_PER_THREAD))
+        with _KERNEL_LOCK:
+            kernel(dots.numpy(), norms, out_array[start:stop], chunks)
+    return out
