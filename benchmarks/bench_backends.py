@@ -6,7 +6,10 @@ x ~ N(0, 1) of shape (1, N, D) float32 by:
 - ``reference``: ``vector_quantize_pytorch.VectorQuantize(dim=D, codebook_size=K, rotation_trick=False)``
   eval forward (under ``torch.no_grad()``);
 - ``eager``: ``vqdeploy.VectorQuantize.from_vector_quantize_pytorch(reference)`` eval forward;
-- ``nearest_code``: the raw op ``vqdeploy.ops.nearest_code(x2d, codebook)``;
+- ``nearest_code``: the raw op ``vqdeploy.ops.nearest_code(x2d, codebook)`` (on CPU: MKL GEMM tiles
+  + the numba-compiled argmin of `vqdeploy.ops.cpu_kernels`);
+- ``blocked``: ``vqdeploy.ops.nearest_code_blocked(x2d, codebook)``, the torch-only path the op
+  falls back to where numba is missing;
 - ``faiss``: ``faiss.IndexFlatL2(D).search(x2d, 1)`` on the same codebook;
 - ``ort fused`` / ``ort unfused``: ``vqdeploy.runtime.load(path, backend="ort").encode(x_numpy)`` on
   ``export_onnx(vq, path, part="encode")`` with ``fused=True`` / ``fused=False``, at the default
@@ -39,7 +42,7 @@ from harness import markdown_table, paired_speedup, peak_extra_memory, time_inte
 
 import vqdeploy
 import vqdeploy.runtime
-from vqdeploy.ops.nearest_code import nearest_code
+from vqdeploy.ops.nearest_code import nearest_code, nearest_code_blocked
 
 CHUNK_VARIANT = 16384
 WARM_ROWS = 64
@@ -50,6 +53,7 @@ METHODS: dict[str, str] = {
     "reference": "reference VectorQuantize fwd",
     "eager": "vqdeploy VectorQuantize fwd (eager)",
     "nearest_code": "vqdeploy.ops.nearest_code",
+    "blocked": "nearest_code_blocked (torch only)",
     "faiss": "faiss IndexFlatL2.search",
     "ort_fused": "runtime ort, fused",
     "ort_fused_c16k": f"runtime ort, fused, chunk {CHUNK_VARIANT}",
@@ -60,6 +64,7 @@ METHODS: dict[str, str] = {
 VQDEPLOY_METHODS = [
     "eager",
     "nearest_code",
+    "blocked",
     "ort_fused",
     "ort_fused_c16k",
     "ort_unfused",
@@ -112,6 +117,7 @@ def method_calls(
         "reference": lambda: case.reference(x),
         "eager": lambda: case.vqdeploy(x),
         "nearest_code": lambda: nearest_code(x2d, case.codebook),
+        "blocked": lambda: nearest_code_blocked(x2d, case.codebook),
         "faiss": lambda: case.index.search(x2d_np, 1),
     }
     for name, q in backends.quantizers.items():

@@ -66,6 +66,27 @@ def test_tiles_and_thread_chunks_change_nothing(monkeypatch):
     assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), whole)
 
 
+@pytest.mark.parametrize("codes", [1, 2, 4, 5, 8, 9, 256, 1027])
+@pytest.mark.parametrize("columns, chunks", [(1, 1), (37, 2), (4096, 2), (300, 3)])
+def test_kernel_equals_numpy_argmin_of_the_same_float32_scores(codes, columns, chunks):
+    rng = np.random.default_rng(codes * 7919 + columns)
+    # few distinct values, so that many scores tie exactly, within and across groups of four codes
+    dots = rng.integers(-3, 4, size=(codes, columns)).astype(np.float32) / 4
+    norms = rng.integers(0, 3, size=codes).astype(np.float32) / 2
+    out = np.full(columns, -1, dtype=np.int64)
+    cpu_kernels._kernel()(dots, norms, out, chunks)
+    assert out.tolist() == np.argmin(norms[:, None] - np.float32(2) * dots, axis=0).tolist()
+
+
+def test_duplicate_codes_anywhere_tie_to_the_lower_index():
+    base = torch.randn(13, 6)
+    for low, high in [(0, 1), (1, 3), (2, 4), (3, 7), (6, 9), (9, 12), (11, 12), (0, 12)]:
+        codebook = base.clone()
+        codebook[high] = codebook[low]
+        x = codebook[[low, high]]  # exactly the shared code: an exact tie
+        assert cpu_kernels.nearest_code_cpu(x, codebook).tolist() == [low, low], (low, high)
+
+
 def test_more_chunks_than_columns_leaves_no_row_unwritten():
     kernel = cpu_kernels._kernel()
     rng = np.random.default_rng(0)
@@ -79,14 +100,18 @@ def test_more_chunks_than_columns_leaves_no_row_unwritten():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
 def test_other_float_dtypes_are_searched_in_float32(dtype):
     x, codebook = torch.randn(500, 16).to(dtype), torch.randn(64, 16)
-    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), cpu_kernels.nearest_code_cpu(x.float(), codebook))
+    assert torch.equal(
+        cpu_kernels.nearest_code_cpu(x, codebook), cpu_kernels.nearest_code_cpu(x.float(), codebook)
+    )
 
 
 def test_non_contiguous_and_empty_inputs():
     base, codebook = torch.randn(16, 900), torch.randn(40, 16)
     x = base.t()  # (900, 16), column-major
     assert not x.is_contiguous()
-    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), cpu_kernels.nearest_code_cpu(x.contiguous(), codebook))
+    assert torch.equal(
+        cpu_kernels.nearest_code_cpu(x, codebook), cpu_kernels.nearest_code_cpu(x.contiguous(), codebook)
+    )
     assert cpu_kernels.nearest_code_cpu(torch.empty(0, 16), codebook).shape == (0,)
 
 
@@ -96,7 +121,7 @@ def test_concurrent_calls_from_threads_are_all_right():
     expected = [cpu_kernels.nearest_code_cpu(x, codebook) for x in inputs]
     with ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(lambda x: cpu_kernels.nearest_code_cpu(x, codebook), inputs))
-    assert all(torch.equal(a, b) for a, b in zip(results, expected))
+    assert all(torch.equal(a, b) for a, b in zip(results, expected, strict=True))
 
 
 def test_without_numba_the_op_falls_back_to_torch():

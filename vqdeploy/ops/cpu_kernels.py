@@ -15,9 +15,9 @@ float32 block of at most TILE_BYTES, small enough to stay in cache. The numba ke
 the K rows of that block once, forms the score ``s_k = ||c_k||^2 - 2 dot_k`` exactly as
 `nearest_code_blocked` does (``fl(n_k - 2 fl(x.c_k))``, so the error bound (1) of
 `vqdeploy.ops.nearest_code` holds) and keeps a running (min, argmin) for every column with a strict
-``<``, so ties go to the lowest k. Its inner loop runs over the R contiguous columns of one code,
-independent from column to column, which the compiler vectorises; the columns are split into one
-chunk per thread. Nothing of size M x K is ever allocated.
+``<``, so ties go to the lowest k. Its inner loops run over the R contiguous columns, independent
+from column to column, which the compiler vectorises; the columns are split into one chunk per
+thread (details in `vqdeploy.ops._running_argmin`). Nothing of size M x K is ever allocated.
 
 numba is a dependency of vqdeploy; where it cannot be imported or compiled, `available()` is
 False and the op uses `nearest_code_blocked` (same contract, slower at small D). The first call in
@@ -97,6 +97,7 @@ def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return out
     codes = codebook.detach().to(torch.float32).contiguous()
     norms = (codes * codes).sum(dim=1).numpy()
+    codes_column_major = codes.t().contiguous().t()  # MKL ran ~3% faster with this layout of A
     step = min(rows_per_tile(num_codes), num_rows)
     block = torch.empty(num_codes * step, dtype=torch.float32)
     out_array = out.numpy()
@@ -105,7 +106,7 @@ def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         stop = min(start + step, num_rows)
         width = stop - start
         dots = block[: num_codes * width].view(num_codes, width)  # contiguous for every width
-        torch.mm(codes, x[start:stop].detach().to(torch.float32).t(), out=dots)
+        torch.mm(codes_column_major, x[start:stop].detach().to(torch.float32).t(), out=dots)
         chunks = max(1, min(threads, width // MIN_COLUMNS_PER_THREAD))
         with _KERNEL_LOCK:
             kernel(dots.numpy(), norms, out_array[start:stop], chunks)
