@@ -11,8 +11,8 @@ loop per row, about twice the time of the GEMM itself (benchmarks/RESULTS.md, 26
 How
 ---
 For each tile of R rows, ``torch.mm`` (MKL) writes ``dots = codebook @ x_tile^T`` as a (K, R)
-float32 block of at most TILE_BYTES, small enough to stay in cache. The numba kernel then walks
-the K rows of that block once, forms the score ``s_k = ||c_k||^2 - 2 dot_k`` exactly as
+float32 block of at most TILE_BYTES. The numba kernel then walks the K rows of that block once,
+forms the score ``s_k = ||c_k||^2 - 2 dot_k`` exactly as
 `nearest_code_blocked` does (``fl(n_k - 2 fl(x.c_k))``, so the error bound (1) of
 `vqdeploy.ops.nearest_code` holds) and keeps a running (min, argmin) for every column with a strict
 ``<``, so ties go to the lowest k. Its inner loops run over the R contiguous columns, independent
@@ -32,9 +32,10 @@ import warnings
 
 import torch
 
-# Budget of the one (K, R) block of dot products a call holds at a time: cache-resident on the CPUs
-# measured (benchmarks/RESULTS.md); 4-8 MiB were equally fast, 32 MiB 30% slower.
-TILE_BYTES = 4 * 2**20
+# Budget of the one (K, R) block of dot products a call holds at a time. Measured on 2 cores
+# (benchmarks/RESULTS.md): 16 MiB was the fastest or within noise of it at every size of DESIGN.md
+# section 5; 4 MiB lost 10-20% where K is large (too few columns per GEMM), 32 MiB up to 10%.
+TILE_BYTES = 16 * 2**20
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
 # numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
