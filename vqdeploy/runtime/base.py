@@ -28,14 +28,21 @@ from vqdeploy.checks import (
 from vqdeploy.errors import UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo
 
-# Scores a chunk may hold (float32): 2M values = 8 MiB per score-sized buffer in the backend.
+# Scores a chunk may hold (float32) where the backend materialises them: 2M values = 8 MiB per
+# score-sized buffer in the backend (ONNX Runtime runs the function body MatMul -> ArgMin).
 CHUNK_SCORE_BUDGET = 2 * 2**20
+# Vector values a chunk may hold where the search itself is tiled (the torch backend): 1M float32
+# = 4 MiB per vector-sized buffer; the search adds its own bounded tile (vqdeploy.ops.cpu_kernels).
+CHUNK_VECTOR_BUDGET = 2**20
 MIN_CHUNK = 256
 
 
-def default_chunk_size(codebook_size: int) -> int:
-    """Tokens per chunk so that one chunk's N x K scores stay within CHUNK_SCORE_BUDGET."""
-    return max(MIN_CHUNK, CHUNK_SCORE_BUDGET // max(codebook_size, 1))
+def default_chunk_size(info: ExportInfo, materializes_scores: bool = True) -> int:
+    """Tokens per chunk: a chunk's N x K scores within CHUNK_SCORE_BUDGET where the backend holds
+    them all, else its N x D vectors within CHUNK_VECTOR_BUDGET."""
+    if materializes_scores:
+        return max(MIN_CHUNK, CHUNK_SCORE_BUDGET // max(info.codebook_size, 1))
+    return max(MIN_CHUNK, CHUNK_VECTOR_BUDGET // max(info.dim, 1))
 
 
 def chunk_shape(info: ExportInfo, tokens: int) -> tuple[int, ...]:
@@ -58,6 +65,7 @@ class Runner(Protocol):
     name: str
     device: str
     float_dtype: torch.dtype  # dtype of the graph's float input / output vectors
+    materializes_scores: bool  # whether one call holds all N x K scores (sets the default chunk)
 
     def infer(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]: ...
 
@@ -102,7 +110,7 @@ class Quantizer:
     def __init__(self, info: ExportInfo, runner: Runner, chunk_size: int | None = None):
         self.info = info
         self._runner = runner
-        self.chunk_size = chunk_size or default_chunk_size(info.codebook_size)
+        self.chunk_size = chunk_size or default_chunk_size(info, runner.materializes_scores)
         if self.chunk_size < 1:
             raise UnsupportedOptionError(f"chunk_size must be >= 1, got {chunk_size}")
         self._channel_first = info.input_layout in ("b d n", "b d h w")

@@ -47,6 +47,7 @@ class OnnxRuntimeRunner:
     """Runs an exported graph in one InferenceSession (thread-safe: ORT allows concurrent run calls)."""
 
     name = "ort"
+    materializes_scores = True
 
     def __init__(
         self,

@@ -93,6 +93,7 @@ class TensorRTRunner:
     """Runs a cached (or freshly built) engine with execute_async_v3 on torch's current stream."""
 
     name = "trt"
+    materializes_scores = True
 
     def __init__(
         self,

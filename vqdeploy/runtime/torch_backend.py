@@ -1,7 +1,8 @@
 """Plain-torch backend: rebuilds the quantizer from the export's metadata and initializers.
 
-Needs neither ONNX Runtime nor TensorRT. CPU runs the blocked nearest-code search, CUDA the fused
-Triton kernel (when triton is installed).
+Needs neither ONNX Runtime nor TensorRT. CPU runs the tiled nearest-code search of
+`vqdeploy.ops.cpu_kernels` (or the blocked torch one without numba), CUDA the fused Triton kernel
+(when triton is installed).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class TorchRunner:
     """Runs the part's computation with vqdeploy's own modules."""
 
     name = "torch"
+    materializes_scores = False  # the nearest-code op tiles its own search
 
     def __init__(self, path: str | os.PathLike, info: ExportInfo, device: str = "cpu", precision: str = "exact"):
         if device.startswith("cuda") and not torch.cuda.is_available():
