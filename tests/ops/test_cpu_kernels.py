@@ -139,3 +139,16 @@ def test_without_numba_the_op_falls_back_to_torch():
     )
     assert result.returncode == 0, result.stderr
     assert "fallback ok" in result.stdout
+
+
+def test_tile_buffer_is_reused_and_survives_inference_mode():
+    x, codebook = torch.randn(5000, 16), torch.randn(64, 16)
+    with torch.inference_mode():
+        inside = cpu_kernels.nearest_code_cpu(x, codebook)
+    idle = cpu_kernels._WORKSPACE._idle
+    assert idle is not None and idle.size >= 64 * 5000
+    outside = cpu_kernels.nearest_code_cpu(x, codebook)  # writes into the buffer the first call left
+    assert cpu_kernels._WORKSPACE._idle is idle
+    assert torch.equal(inside, outside)
+    with torch.no_grad():
+        assert torch.equal(nearest_code(x, codebook), outside)
