@@ -34,6 +34,8 @@ import warnings
 import numpy as np
 import torch
 
+from vqdeploy.ops.nearest_code import squared_norms
+
 # Budget of the one (K, R) block of dot products a call holds at a time. Measured on 2 cores
 # (benchmarks/RESULTS.md): 16 MiB was the fastest or within noise of it at every size of DESIGN.md
 # section 5; 4 MiB lost 10-20% where K is large (too few columns per GEMM), 32 MiB up to 10%.
@@ -131,8 +133,7 @@ def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     if num_rows == 0:
         return out
     codes = codebook.detach().to(torch.float32).contiguous()
-    norms = (codes * codes).sum(dim=1).numpy()
-    codes_column_major = codes.t().contiguous().t()  # MKL ran ~3% faster with this layout of A
+    norms = squared_norms(codes).numpy()
     step = min(rows_per_tile(num_codes), num_rows)
     buffer = _WORKSPACE.take(num_codes * step)
     block = torch.from_numpy(buffer)
@@ -143,7 +144,7 @@ def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
             stop = min(start + step, num_rows)
             width = stop - start
             dots = block[: num_codes * width].view(num_codes, width)  # contiguous for every width
-            torch.mm(codes_column_major, x[start:stop].detach().to(torch.float32).t(), out=dots)
+            torch.mm(codes, x[start:stop].detach().to(torch.float32).t(), out=dots)
             chunks = max(1, min(threads, width // MIN_COLUMNS_PER_THREAD))
             with _KERNEL_LOCK:
                 kernel(dots.numpy(), norms, out_array[start:stop], chunks)

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import torch
 
-from vqdeploy.ops import cpu_kernels
-
 UNIT_ROUNDOFF = {
     "float32": 2.0**-24,
     "tf32": 2.0**-11,
@@ -48,6 +46,23 @@ UNIT_ROUNDOFF = {
 # Budget for the one block of scores an encode call holds at a time (DESIGN.md section 5: <= 64 MiB).
 SCORE_BLOCK_BYTES = 16 * 2**20
 MAX_BLOCK_ROWS = 65536
+
+
+# Values of the temporary that `squared_norms` squares at a time (1 MiB of float32).
+NORM_BLOCK_VALUES = 2**18
+
+
+def squared_norms(rows: torch.Tensor) -> torch.Tensor:
+    """||r||^2 of every row, summed in the rows' dtype, a block of rows at a time.
+
+    A codebook of 8192 x 512 float32 is 16 MiB: squaring it whole would double that for every call.
+    """
+    out = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
+    step = max(1, NORM_BLOCK_VALUES // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        torch.sum(block * block, dim=1, out=out[start : start + step])
+    return out
 
 
 def rows_per_block(num_codes: int) -> int:
@@ -95,7 +110,7 @@ def nearest_code_blocked(
     if num_rows == 0:
         return out
     codes = codebook.detach().to(dtype).contiguous()
-    code_norms = (codes * codes).sum(dim=1)
+    code_norms = squared_norms(codes)
     codes_t = codes.t()
     step = min(rows_per_block(num_codes), num_rows)
     scores = torch.empty(step, num_codes, dtype=dtype, device=x.device)
@@ -120,6 +135,8 @@ def _triton_available() -> bool:
 
 @torch.library.custom_op("vqdeploy::nearest_code", mutates_args=())
 def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exact") -> torch.Tensor:
+    from vqdeploy.ops import cpu_kernels  # imports this module
+
     if x.device.type == "cpu" and codebook.shape[0] > 0 and cpu_kernels.available():
         return cpu_kernels.nearest_code_cpu(x, codebook)
     return nearest_code_blocked(x, codebook)

@@ -88,6 +88,7 @@ except ImportError as exc:  # nearest_code.py falls back to the blocked torch pa
     raise ImportError("vqdeploy.ops.triton_kernels needs Triton: pip install triton") from exc
 
 from vqdeploy.errors import DeviceNotAvailableError, InputDtypeError, InputShapeError, UnsupportedOptionError
+from vqdeploy.ops.nearest_code import squared_norms
 
 __all__ = [
     "MODES",
@@ -437,7 +438,7 @@ def nearest_code_into(
         return out
     x = x.detach().contiguous()
     codebook = codebook.detach().contiguous()
-    code_norms = codebook.float().square().sum(dim=1)  # once per call, float32
+    code_norms = squared_norms(codebook.float())  # once per call, float32, no K x D temporary
     _run_mode(x, codebook, code_norms, out, mode, config)
     return out
 
