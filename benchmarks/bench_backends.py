@@ -49,17 +49,21 @@ WARM_ROWS = 64
 REFERENCE_MEMORY_MAX_NK = 2**26  # above this the reference's N x K temporaries take > 1 GiB and long
 REFERENCE_MEMORY_MAX_N = 65536  # and above this one reference call alone takes ~15 s on 2 cores
 WARM_SLICE = 4096  # rows of the untimed warm-up call (ORT methods: one CHUNK_VARIANT chunk)
+# Order of the calls within a round. ONNX Runtime's worker threads keep spinning for a while after
+# a run and slow down whatever runs next on the same cores (measured: a torch-backend encode took
+# 80 ms right after an ORT call, 38 ms alone), so the ORT methods come last in a round, followed by
+# the next round's reference call, which takes seconds and so hardly feels it.
 METHODS: dict[str, str] = {
     "reference": "reference VectorQuantize fwd",
     "eager": "vqdeploy VectorQuantize fwd (eager)",
     "nearest_code": "vqdeploy.ops.nearest_code",
     "blocked": "nearest_code_blocked (torch only)",
     "faiss": "faiss IndexFlatL2.search",
+    "torch": "runtime torch",
     "ort_fused": "runtime ort, fused",
     "ort_fused_c16k": f"runtime ort, fused, chunk {CHUNK_VARIANT}",
     "ort_unfused": "runtime ort, unfused",
     "ort_unfused_c16k": f"runtime ort, unfused, chunk {CHUNK_VARIANT}",
-    "torch": "runtime torch",
 }
 VQDEPLOY_METHODS = [
     "eager",
