@@ -239,3 +239,16 @@ def test_ort_output_shapes_resolve_before_running(exports, name):
         shape = chunk_shape(quantizer.info, 37)
         feed = {meta.name: torch.randint(0, 4, shape) if meta.type == "tensor(int64)" else torch.randn(shape)}
         assert runner._output_shapes(feed) == [tuple(o.shape) for o in runner.infer(feed)]
+
+
+def test_default_chunk_follows_what_the_backend_holds(exports):
+    """ORT holds a chunk's N x K scores; the torch backend's search tiles itself, so its chunk is
+    bounded by the chunk's vectors instead (and a user's chunk_size always wins)."""
+    from vqdeploy.runtime.base import CHUNK_SCORE_BUDGET, CHUNK_VECTOR_BUDGET, MIN_CHUNK
+
+    _, quantize_path, _ = exports["plain"]  # dim 64, 128 codes
+    with runtime.load(quantize_path, backend="ort") as ort, runtime.load(quantize_path, backend="torch") as eager:
+        assert ort.chunk_size == max(MIN_CHUNK, CHUNK_SCORE_BUDGET // 128)
+        assert eager.chunk_size == max(MIN_CHUNK, CHUNK_VECTOR_BUDGET // 64)
+    with runtime.load(quantize_path, backend="torch", chunk_size=99) as chosen:
+        assert chosen.chunk_size == 99
