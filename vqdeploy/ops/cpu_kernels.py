@@ -47,7 +47,6 @@ MIN_COLUMNS_PER_THREAD = 256
 _KERNEL_LOCK = threading.Lock()
 
 
-
 class _Workspace:
     """Float32 tile buffers shared by calls: one idle buffer is kept for the next call.
 
