@@ -252,3 +252,13 @@ def test_default_chunk_follows_what_the_backend_holds(exports):
         assert eager.chunk_size == max(MIN_CHUNK, CHUNK_VECTOR_BUDGET // 64)
     with runtime.load(quantize_path, backend="torch", chunk_size=99) as chosen:
         assert chosen.chunk_size == 99
+
+
+def test_ort_spinning_can_be_turned_off(exports):
+    module, quantize_path, _ = exports["plain"]
+    x = torch.randn(3, 40, 64)
+    with runtime.load(quantize_path, backend="ort", allow_spinning=False) as quiet, runtime.load(quantize_path) as default:
+        options = quiet._runner.session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert torch.equal(quiet.encode(x), default.encode(x))
+        assert torch.equal(quiet.encode(x), module(x)[1])

@@ -104,7 +104,8 @@ def load(
     eager model; TF32 off) or "fast" (tensor cores where the backend has a parity-preserving path).
     chunk_size: tokens per backend call (default: a chunk's N x K scores near 8 MiB on ort, its vectors
     near 4 MiB on torch, whose search tiles itself; trt: the engine's max_tokens). Other options
-    go to the backend (ort: intra_op_num_threads, inter_op_num_threads; trt: min_tokens, opt_tokens,
+    go to the backend (ort: intra_op_num_threads, inter_op_num_threads, allow_spinning=False to stop
+    its idle workers spinning between calls; trt: min_tokens, opt_tokens,
     max_tokens, cache_dir, prefer_aot). Only the torch backend on CUDA has a "fast" search (Triton,
     tensor cores plus a float32 re-check); ONNX Runtime and TensorRT keep TF32 off in both precisions,
     since TF32 there would change tokens.

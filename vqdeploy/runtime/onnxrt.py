@@ -56,6 +56,7 @@ class OnnxRuntimeRunner:
         precision: str = "exact",
         intra_op_num_threads: int | None = None,
         inter_op_num_threads: int | None = None,
+        allow_spinning: bool = True,
     ):
         ort = _import_onnxruntime()
         options = ort.SessionOptions()
@@ -63,6 +64,11 @@ class OnnxRuntimeRunner:
             options.intra_op_num_threads = intra_op_num_threads
         if inter_op_num_threads is not None:
             options.inter_op_num_threads = inter_op_num_threads
+        if not allow_spinning:
+            # ORT's workers spin for a while after each run (ORT's default, lowest latency); that
+            # slows other work on the same cores, e.g. a torch encode right after one took 2x.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.device = device
         self.session = ort.InferenceSession(str(Path(path)), options, providers=providers_for(device, precision))
         inputs = self.session.get_inputs()
