@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -10,16 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+from certify import assert_tokens_certified
 
-from vqdeploy.ops import cpu_kernels, nearest_code, nearest_code_reference, squared_distances64, tie_tolerance
-
-
-def _certified(x, codebook, got, truth) -> bool:
-    differ = got != truth
-    gap = squared_distances64(x[differ], codebook, got[differ]) - squared_distances64(
-        x[differ], codebook, truth[differ]
-    )
-    return bool((gap <= tie_tolerance(x[differ], codebook, truth[differ], got[differ])).all())
+from vqdeploy.ops import cpu_kernels, nearest_code, nearest_code_reference
 
 
 def test_numba_kernel_is_available_and_used_by_the_op():
@@ -38,13 +32,13 @@ def test_agrees_with_float64_up_to_certified_ties(m, d, k):
     truth = nearest_code_reference(x, codebook)
     assert got.dtype == torch.int64 and got.shape == (m,)
     assert int((got != truth).sum()) <= max(1, m // 1000)
-    assert _certified(x, codebook, got, truth)
+    assert_tokens_certified(x, codebook, got)
 
 
 def test_real_data_digits(digits):
     codebook = digits[torch.randperm(len(digits))[:256]] + 0.01 * torch.randn(256, 64)
     got = cpu_kernels.nearest_code_cpu(digits, codebook)
-    assert _certified(digits, codebook, got, nearest_code_reference(digits, codebook))
+    assert_tokens_certified(digits, codebook, got)
 
 
 def test_ties_go_to_the_lowest_index():
@@ -60,9 +54,10 @@ def test_ties_go_to_the_lowest_index():
 def test_tiles_and_thread_chunks_change_nothing(monkeypatch):
     x, codebook = torch.randn(5003, 24), torch.randn(300, 24)
     whole = cpu_kernels.nearest_code_cpu(x, codebook)
-    monkeypatch.setattr(cpu_kernels, "TILE_BYTES", 4 * 300 * 37)  # 37-row tiles, a ragged last one
+    nearest_code_module = importlib.import_module("vqdeploy.ops.nearest_code")  # the module, not the function
+    monkeypatch.setattr(nearest_code_module, "SCORE_BLOCK_BYTES", 4 * 300 * 37)  # 37-row tiles, a ragged last one
     monkeypatch.setattr(cpu_kernels, "MIN_COLUMNS_PER_THREAD", 16)
-    assert cpu_kernels.rows_per_tile(300) == 37
+    assert nearest_code_module.rows_per_block(300) == 37
     assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), whole)
 
 

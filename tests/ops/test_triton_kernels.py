@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from certify import assert_tokens_certified
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 
@@ -32,8 +33,6 @@ from vqdeploy.errors import (  # noqa: E402
 from vqdeploy.ops.nearest_code import (  # noqa: E402
     UNIT_ROUNDOFF,
     nearest_code_reference,
-    squared_distances64,
-    tie_tolerance,
 )
 from vqdeploy.ops.triton_kernels import (  # noqa: E402
     KernelConfig,
@@ -52,18 +51,6 @@ interpreted = pytest.mark.skipif(
 )
 SMALL = KernelConfig(block_m=16, block_k=16, block_d=16, num_warps=1, num_stages=1)
 
-
-def assert_tokens_certified(x: torch.Tensor, codebook: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Every token equals the float64 argmin or is a certified float32 tie (DESIGN.md section 4)."""
-    ref = nearest_code_reference(x, codebook)
-    differ = tokens != ref
-    if differ.any():
-        xd = x[differ]
-        gap = squared_distances64(xd, codebook, tokens[differ]) - squared_distances64(
-            xd, codebook, ref[differ]
-        )
-        tau = tie_tolerance(xd, codebook, ref[differ], tokens[differ], precision="float32")
-        assert bool((gap <= tau).all()), f"{int((gap > tau).sum())} tokens are not certified ties"
 
 
 # -- the interpreted suite, run in a child process ----------------------------------------------

@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from certify import assert_tokens_certified
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,8 +27,6 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (pip inst
 from vqdeploy.ops.nearest_code import (  # noqa: E402
     nearest_code,
     nearest_code_reference,
-    squared_distances64,
-    tie_tolerance,
 )
 from vqdeploy.ops.triton_kernels import (  # noqa: E402
     compile_exact_ptx,
@@ -35,20 +34,6 @@ from vqdeploy.ops.triton_kernels import (  # noqa: E402
     nearest_code_pass,
     nearest_code_triton,
 )
-
-
-def assert_tokens_certified(x: torch.Tensor, codebook: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Every token equals the float64 argmin or is a certified float32 tie; returns the % equal."""
-    ref = nearest_code_reference(x, codebook)
-    differ = tokens != ref
-    if differ.any():
-        xd = x[differ]
-        gap = squared_distances64(xd, codebook, tokens[differ]) - squared_distances64(
-            xd, codebook, ref[differ]
-        )
-        tau = tie_tolerance(xd, codebook, ref[differ], tokens[differ], precision="float32")
-        assert bool((gap <= tau).all()), f"{int((gap > tau).sum())} tokens are not certified ties"
-    return 100.0 * float((~differ).float().mean())
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,8 @@ loop per row, about twice the time of the GEMM itself (benchmarks/RESULTS.md, 26
 How
 ---
 For each tile of R rows, ``torch.mm`` (MKL) writes ``dots = codebook @ x_tile^T`` as a (K, R)
-float32 block of at most TILE_BYTES. The numba kernel then walks the K rows of that block once,
+float32 block of at most SCORE_BLOCK_BYTES (`rows_per_block`, shared with
+`nearest_code_blocked`). The numba kernel then walks the K rows of that block once,
 forms the score ``s_k = ||c_k||^2 - 2 dot_k`` exactly as
 `nearest_code_blocked` does (``fl(n_k - 2 fl(x.c_k))``, so the error bound (1) of
 `vqdeploy.ops.nearest_code` holds) and keeps a running (min, argmin) for every column with a strict
@@ -22,7 +23,7 @@ thread (details in `vqdeploy.ops._running_argmin`). Nothing of size M x K is eve
 numba is a dependency of vqdeploy; where it cannot be imported or compiled, `available()` is
 False and the op uses `nearest_code_blocked` (same contract, slower at small D). The first call in
 a process compiles the kernel (a few seconds) unless numba's on-disk cache already holds it. One tile
-buffer (at most TILE_BYTES) stays allocated between calls, for the next one.
+buffer (at most SCORE_BLOCK_BYTES) stays allocated between calls, for the next one.
 """
 
 from __future__ import annotations
@@ -34,12 +35,8 @@ import warnings
 import numpy as np
 import torch
 
-from vqdeploy.ops.nearest_code import squared_norms
+from vqdeploy.ops.nearest_code import rows_per_block, squared_norms
 
-# Budget of the one (K, R) block of dot products a call holds at a time. Measured on 2 cores
-# (benchmarks/RESULTS.md): 16 MiB was the fastest or within noise of it at every size of DESIGN.md
-# section 5; 4 MiB lost 10-20% where K is large (too few columns per GEMM), 32 MiB up to 10%.
-TILE_BYTES = 16 * 2**20
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
 # numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
@@ -111,11 +108,6 @@ def available() -> bool:
     return _kernel() is not None
 
 
-def rows_per_tile(num_codes: int) -> int:
-    """Rows of x per tile so that the (K, R) float32 block stays within TILE_BYTES."""
-    return max(16, TILE_BYTES // (4 * max(num_codes, 1)))
-
-
 def _thread_count() -> int:
     import numba
 
@@ -133,7 +125,8 @@ def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return out
     codes = codebook.detach().to(torch.float32).contiguous()
     norms = squared_norms(codes).numpy()
-    step = min(rows_per_tile(num_codes), num_rows)
+    x = x.detach()
+    step = min(rows_per_block(num_codes), num_rows)
     buffer = _WORKSPACE.take(num_codes * step)
     block = torch.from_numpy(buffer)
     out_array = out.numpy()
@@ -143,7 +136,7 @@ def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
             stop = min(start + step, num_rows)
             width = stop - start
             dots = block[: num_codes * width].view(num_codes, width)  # contiguous for every width
-            torch.mm(codes, x[start:stop].detach().to(torch.float32).t(), out=dots)
+            torch.mm(codes, x[start:stop].to(torch.float32).t(), out=dots)
             chunks = max(1, min(threads, width // MIN_COLUMNS_PER_THREAD))
             with _KERNEL_LOCK:
                 kernel(dots.numpy(), norms, out_array[start:stop], chunks)

@@ -43,7 +43,11 @@ UNIT_ROUNDOFF = {
     "float16": 2.0**-11,
 }
 
-# Budget for the one block of scores an encode call holds at a time (DESIGN.md section 5: <= 64 MiB).
+# Budget for the one block of scores (or dot products) an encode call holds at a time, for the
+# blocked path and the compiled CPU kernel alike (DESIGN.md section 5: <= 64 MiB). Measured for the
+# kernel on 2 cores (benchmarks/RESULTS.md): 16 MiB was the fastest or within noise of it at every
+# size of DESIGN.md section 5; 4 MiB lost 10-20% where K is large (too few columns per GEMM), 32 MiB
+# up to 10%.
 SCORE_BLOCK_BYTES = 16 * 2**20
 MAX_BLOCK_ROWS = 65536
 
