@@ -31,11 +31,44 @@ def test_readme_python_examples_run(tmp_path: Path, monkeypatch) -> None:
 
 def test_ci_runs_the_readme_test_command() -> None:
     install = "pip install torch==2.13.0"
-    command = f'python -m venv .venv && . .venv/bin/activate && {install} && pip install -e ".[test]" && python -m pytest -q'
+    project = "pip install -c constraints.txt"
+    command = f'python -m venv .venv && . .venv/bin/activate && {install} && {project} -e ".[test]" && python -m pytest -q'
     assert command in README
-    assert f"{install} && pip install -e . && vqdeploy demo" in README
+    assert f"{install} && {project} -e . && vqdeploy demo" in README
     lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     commands = [line for line in lines if line and not line.startswith("#")]
-    steps = ["-m venv .venv", ". .venv/bin/activate", "torch==2.13.0", '-e ".[test]"', "python -m pytest -q"]
+    steps = ["-m venv .venv", ". .venv/bin/activate", "torch==2.13.0", '-c constraints.txt -e ".[test]"', "python -m pytest -q"]
     positions = [next(i for i, line in enumerate(commands) if step in line) for step in steps]
-    assert positions == sorted(positions)  # venv, torch first, then the project, then the tests
+    assert positions == sorted(positions)  # venv, torch first, then the project with the pins, then the tests
+
+
+def _pins() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt pins exact versions, got {line!r}"
+            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    return pins
+
+
+def test_constraints_pin_torch_to_the_local_cpu_build_and_fit_pyproject() -> None:
+    """Every pin lies inside pyproject's range for it, and torch is the CPU build on disk."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    pins = _pins()
+    assert pins["torch"] == "2.13.0"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = list(project["dependencies"]) + list(project["optional-dependencies"]["test"])
+    for text in requirements:
+        requirement = Requirement(text)
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        assert name in pins, f"{name} is required but constraints.txt does not pin it"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {name}=={pins[name]}, outside pyproject's {requirement.specifier}"
+        )

@@ -91,16 +91,60 @@ def test_small_tiles_ragged_everything(codes: int) -> None:
         assert_tokens_certified(x, codebook, nearest_code_into(x, codebook, out, mode=mode, config=SMALL))
 
 
+def _integer_codebook_with_duplicates(num_codes: int, dim: int) -> torch.Tensor:
+    """Distinct integer codes in [-4, 4]^dim, with code 3 planted again at 7 (same 16-code tile)
+    and at 21 (the next tile)."""
+    generator = torch.Generator().manual_seed(1)
+    while True:
+        codebook = torch.randint(-4, 5, (num_codes, dim), generator=generator).float()
+        if torch.unique(codebook, dim=0).shape[0] == num_codes:
+            break
+    codebook[21] = codebook[3]
+    codebook[7] = codebook[3]
+    return codebook
+
+
 @interpreted
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_duplicate_codes_tie_to_lowest_index(mode: str) -> None:
-    codebook = torch.randn(40, 6)
-    codebook[21] = codebook[3]  # in another 16-code tile than code 3
-    codebook[7] = codebook[3]  # in the same tile
-    x = torch.cat([codebook[3:4] + 0.01 * torch.randn(5, 6), codebook[3:4]])
+    """The kernel's tie rule (lowest index within a tile, strict < across tiles, the re-check chain
+    of both modes) on duplicate codes, with arithmetic that is exact in any summation order.
+
+    Integer codes and quarter-integer offsets make every product, partial sum and score an exact
+    float32 (and TF32) value, so duplicate codes get bit-identical scores whatever GEMM computes
+    the interpreter's ``tl.dot``. That is what the interpreter can prove; see the next test for
+    what it cannot.
+    """
+    codebook = _integer_codebook_with_duplicates(40, 6)
+    offsets = torch.randint(-1, 2, (5, 6)).float() * 0.25  # <= 6/16 from code 3; others >= 9/16
+    x = torch.cat([codebook[3:4] + offsets, codebook[3:4]])
+    assert nearest_code_reference(x, codebook).tolist() == [3] * 6
     for config in (SMALL, None):
         out = torch.empty(6, dtype=torch.int64)
         assert nearest_code_into(x, codebook, out, mode=mode, config=config).tolist() == [3] * 6
+
+
+@interpreted
+@pytest.mark.parametrize("mode", ["exact", "fast"])
+def test_duplicate_float_codes_are_certified_ties(mode: str) -> None:
+    """Duplicates of random float codes: under the interpreter only certified ties are provable.
+
+    The interpreter's ``tl.dot`` is numpy's matmul. OpenBLAS's Haswell and Zen SGEMM kernels (what
+    numpy picks on AMD EPYC, or with OPENBLAS_CORETYPE=Haswell) round the same column differently
+    by its position in the product: measured on 128x16 @ 16x64 products with duplicated columns,
+    200 of 200 differed (SkylakeX kernel: 0 of 200). Duplicate codes then get scores one ulp
+    apart, and either may win. The GPU tests check the lowest-index rule on float data with the
+    GPU's arithmetic.
+    """
+    codebook = torch.randn(40, 6)
+    codebook[21] = codebook[3]
+    codebook[7] = codebook[3]
+    x = torch.cat([codebook[3:4] + 0.01 * torch.randn(5, 6), codebook[3:4]])
+    for config in (SMALL, None):
+        out = torch.empty(6, dtype=torch.int64)
+        tokens = nearest_code_into(x, codebook, out, mode=mode, config=config)
+        assert set(tokens.tolist()) <= {3, 7, 21}
+        assert_tokens_certified(x, codebook, tokens)
 
 
 @interpreted
