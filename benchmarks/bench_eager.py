@@ -11,7 +11,7 @@ At the CPU sizes of DESIGN.md section 5 it times, interleaved and under ``torch.
 
 and measures the peak extra memory of one call of each in a fresh process (see `harness`). It
 checks that vqdeploy's indices equal the reference's, and classifies any mismatch as a certified
-float32 tie or not (DESIGN.md section 4, `vqdeploy.ops.nearest_code.tie_tolerance`).
+float32 tie or not (DESIGN.md section 4, `vqdeploy.ops.nearest_code.certify`).
 
 Run: ``python benchmarks/bench_eager.py [--sizes 65536x256x1024 ...] [--repeats 5] [--quick] [--json out.json]``
 """
@@ -37,7 +37,7 @@ import vector_quantize_pytorch
 from harness import markdown_table, paired_speedup, peak_extra_memory, time_interleaved
 
 import vqdeploy
-from vqdeploy.ops.nearest_code import nearest_code, nearest_code_reference, squared_distances64, tie_tolerance
+from vqdeploy.ops.nearest_code import certify, nearest_code
 
 SIZES: list[tuple[int, int, int]] = [
     (65536, 256, 1024),
@@ -114,11 +114,10 @@ def compare_indices(case: Case, ours: torch.Tensor, other: torch.Tensor) -> dict
     rows = (ours != other).nonzero().flatten()
     x_rows = case.x[0][rows]
     a, b = ours[rows], other[rows]
-    gap = (
-        squared_distances64(x_rows, case.codebook, b) - squared_distances64(x_rows, case.codebook, a)
-    ).abs()
-    certified = int((gap <= tie_tolerance(x_rows, case.codebook, a, b)).sum())
-    truth = nearest_code_reference(x_rows, case.codebook) if rows.numel() else rows
+    # A mismatch is a certified tie when both tokens pass the project's one rule (vqdeploy.ops.certify).
+    cert_a, cert_b = certify(x_rows, case.codebook, a), certify(x_rows, case.codebook, b)
+    certified = int((cert_a.certified & cert_b.certified).sum())
+    truth = cert_a.reference
     return {
         "mismatches": int(rows.numel()),
         "certified_ties": certified,

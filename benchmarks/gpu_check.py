@@ -231,7 +231,7 @@ def check_size(
     size: tuple[int, int, int], repeats: int, seed: int = 0
 ) -> tuple[list[Result], dict[str, Any]]:
     """Every method at one size; also whether fast == exact and whether exact's ties are certified."""
-    from vqdeploy.ops.nearest_code import nearest_code_reference, squared_distances64, tie_tolerance
+    from vqdeploy.ops.nearest_code import certify, nearest_code_reference
     from vqdeploy.ops.triton_kernels import nearest_code_triton
 
     n, d, k = size
@@ -257,16 +257,9 @@ def check_size(
     )
     exact = nearest_code_triton(x, codebook, "exact")
     fast = nearest_code_triton(x, codebook, "fast")
-    differ = exact != reference
-    uncertified = 0
-    if differ.any():
-        xd = x[differ]
-        gap = squared_distances64(xd, codebook, exact[differ]) - squared_distances64(
-            xd, codebook, reference[differ]
-        )
-        uncertified = int((gap > tie_tolerance(xd, codebook, reference[differ], exact[differ])).sum())
+    uncertified = int((~certify(x, codebook, exact).certified).sum())
     extra.update(fast_equals_exact=bool(torch.equal(fast, exact)), exact_uncertified_tokens=uncertified)
-    del exact, fast, differ
+    del exact, fast
 
     results.append(
         measure(

@@ -55,6 +55,10 @@ class ExportError(VQDeployError, RuntimeError):
     """The ONNX export itself failed."""
 
 
+class BackendOutputError(VQDeployError, RuntimeError):
+    """A backend returned outputs that do not fit the file's metadata (a graph that was changed)."""
+
+
 class BackendNotAvailableError(VQDeployError, ImportError):
     """A runtime backend whose package is not installed, or whose hardware is absent."""
 

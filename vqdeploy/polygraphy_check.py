@@ -1,8 +1,10 @@
 """Token parity through Polygraphy: an eager-module runner and a parity-aware compare function.
 
 Polygraphy's `Comparator` runs `EagerQuantizerRunner` beside its own ONNX Runtime runner (and its
-TensorRT runner where TensorRT exists) on the same feeds; `ParityCompareFunc` classifies index
-outputs with the same certified-tie rule as `vqdeploy.verify`, so both tools give one verdict.
+TensorRT runner where TensorRT exists) on the same feeds; `ParityCompareFunc` checks index and
+vector outputs with `vqdeploy.verify`'s own functions (tokens against the eager codebooks on the
+eager rows of the candidate's path, vectors against the eager decode of the candidate's tokens),
+so both tools give one verdict.
 """
 
 from __future__ import annotations
@@ -21,8 +23,7 @@ from torch import nn
 
 from vqdeploy.export.metadata import read_metadata
 from vqdeploy.export.onnx import PART_MODULES
-from vqdeploy.nn import ResidualVQ
-from vqdeploy.verify import StageReport, _check_residual, _check_vector_quantize, _stage_names
+from vqdeploy.verify import StageReport, VectorReport, check_tokens, check_vectors, new_stage_reports
 
 
 class EagerQuantizerRunner(BaseRunner):
@@ -43,7 +44,8 @@ class EagerQuantizerRunner(BaseRunner):
     def get_input_metadata_impl(self):
         from polygraphy.common import TensorMetadata
 
-        return TensorMetadata().add(self.input_name, self.example.dtype, self.example.shape)
+        # Every axis dynamic: verify feeds inputs of several lengths (its probes have K rows).
+        return TensorMetadata().add(self.input_name, self.example.dtype, [-1] * self.example.ndim)
 
     def infer_impl(self, feed_dict: dict[str, np.ndarray]) -> OrderedDict:
         start = time.perf_counter()
@@ -58,30 +60,33 @@ class EagerQuantizerRunner(BaseRunner):
 
 
 class ParityCompareFunc:
-    """Compare two runners' outputs: indices by certified-tie parity, vectors within 1e-6."""
+    """Compare a candidate runner with the eager one: tokens and vectors as `vqdeploy.verify` does."""
 
     def __init__(self, module: nn.Module, feeds: list[dict[str, np.ndarray]], input_name: str):
         self.module, self.feeds, self.input_name = module, feeds, input_name
-        self.stages = [StageReport(name) for name in _stage_names(module)]
+        self.stages = new_stage_reports(module)
+        self.vectors = VectorReport()
+        self.problems: list[str] = []
         self._iteration = 0
 
     def __call__(self, reference, candidate) -> OrderedDict:
         # Comparator calls once per iteration, pair after pair, in feed order.
-        x = torch.from_numpy(np.asarray(self.feeds[self._iteration % len(self.feeds)][self.input_name]))
+        feed = torch.from_numpy(np.asarray(self.feeds[self._iteration % len(self.feeds)][self.input_name]))
         self._iteration += 1
         verdict = OrderedDict()
         if "indices" in reference:
-            before = sum(s.violations for s in self.stages)
+            before = (sum(s.violations for s in self.stages), len(self.problems))
             eager = torch.from_numpy(np.asarray(reference["indices"]))
-            other = torch.from_numpy(np.asarray(candidate["indices"]))
-            if isinstance(self.module, ResidualVQ):
-                _check_residual(self.module, x, eager, other, self.stages)
-            else:
-                _check_vector_quantize(self.module, x, eager, other, self.stages)
-            verdict["indices"] = sum(s.violations for s in self.stages) == before
-        if "vectors" in reference and "indices" not in reference:
-            diff = np.abs(np.asarray(reference["vectors"]) - np.asarray(candidate["vectors"])).max()
-            verdict["vectors"] = bool(diff <= 1e-6 * max(1.0, np.abs(reference["vectors"]).max()))
+            served = torch.from_numpy(np.asarray(candidate["indices"]))
+            check_tokens(self.module, feed, eager, served, self.stages, self.problems)
+            verdict["indices"] = (sum(s.violations for s in self.stages), len(self.problems)) == before
+        if "vectors" in reference:
+            # Served vectors against the eager decode of the served tokens (decode: of the feed).
+            served_indices = candidate["indices"] if "indices" in candidate else feed
+            before = self.vectors.violations
+            check_vectors(self.module, torch.from_numpy(np.asarray(candidate["vectors"])),
+                          torch.as_tensor(np.asarray(served_indices)), self.vectors)
+            verdict["vectors"] = self.vectors.violations == before
         return verdict
 
 

@@ -1,12 +1,26 @@
-"""Token parity between the eager model and a backend (DESIGN.md section 4).
+"""Token parity between the eager model and a backend (the parity rule of README "Verify").
 
-Every token a backend returns is classified, stage by stage (residual stages, or heads):
+What is proven, for every input verify runs:
 
-- identical: the backend's index equals the eager index;
-- certified tie: it differs, but on the backend's own path (its own residual for later stages)
-  the gap d(x, c_backend) - d(x, c_nearest) in float64 is within tau(x), the float32 rounding
-  bound derived in `vqdeploy.ops.nearest_code` (module docstring, equation (2));
-- violation: anything else. A report with any violation does not pass.
+- **Tokens.** Each search (a residual stage, or a head) is checked on the rows that the *eager*
+  model's codebooks give for the backend's earlier tokens (`ResidualVQ.search_rows`), so a stage
+  is judged on its own input even after an earlier stage took another code of a tie. Every served
+  token is classified with the project's one tie rule, `vqdeploy.ops.certify`, against the eager
+  model's codebook: *identical* (the eager model's token on those rows), *certified tie* (another
+  code within the float32 rounding bound tau of the float64 nearest), or *violation*.
+- **Vectors.** Every served vector (``quantize`` and ``decode`` exports) is compared with the eager
+  model's decode of the served tokens: bit for bit where no projection follows the codebook, within
+  1e-6 relative (to max(1, |row|)) where one does. Any other difference is a violation.
+- **Layout.** Indices of another shape than the eager model's (a dropped stage, a missing head)
+  are a violation of every token the backend failed to serve, never a crash.
+
+The inputs decide which codes are exercised, so by default verify builds, for every search, probes
+that put that search's rows exactly on every code, exactly between each code and its nearest
+neighbour, and at graded distances from those midpoints (`default_inputs`); ``decode`` exports are
+also asked for every code of every stage. A tampered code, a swapped pair, a dropped or duplicated
+stage, a rounded codebook or MatMul, or a changed projection then serves other tokens or vectors
+somewhere, and the report fails. The table's "codes" column says how many codes each search's
+eager tokens reached.
 """
 
 from __future__ import annotations
@@ -14,17 +28,19 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from vqdeploy.errors import UnsupportedOptionError
+from vqdeploy.errors import BackendOutputError, UnsupportedOptionError, VQDeployError
 from vqdeploy.export.metadata import read_metadata
 from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer
-from vqdeploy.ops.nearest_code import nearest_code, squared_distances64, tie_tolerance
+from vqdeploy.ops.nearest_code import certify, nearest_code
+
+CRITERION_CERTIFIED = "certified ties"  # differing tokens pass when within the float32 bound
+CRITERION_IDENTICAL = "identical"  # vqdeploy's own exact search: every token must be the eager one
 
 
 @dataclass
@@ -36,6 +52,18 @@ class StageReport:
     violations: int = 0
     worst_gap: float = 0.0  # largest float64 distance gap among differing tokens
     worst_gap_over_tau: float = 0.0  # the same gap divided by its tau (> 1 means violation)
+    codes_exercised: int = 0  # distinct codes among the eager tokens of this search
+    codebook_size: int = 0
+    _seen: set[int] = field(default_factory=set, repr=False)
+
+
+@dataclass
+class VectorReport:
+    rows: int = 0  # vectors compared
+    violations: int = 0  # vectors that differ from the eager decode of the served tokens
+    max_abs_diff: float = 0.0
+    max_rel_diff: float = 0.0  # relative to max(1, |row|)
+    tolerance: float = 0.0  # relative; 0 where no projection follows the codebook
 
 
 @dataclass
@@ -45,10 +73,10 @@ class ParityReport:
     precision: str
     part: str
     input_shapes: list[list[int]]
+    criterion: str = CRITERION_CERTIFIED
     stages: list[StageReport] = field(default_factory=list)
-    max_abs_vector_diff: float = 0.0  # decoded vectors: backend vs eager decode of the same indices
-    max_vector_rel_diff: float = 0.0  # the same, relative to max(1, |vector|): what is checked
-    vector_tolerance: float = 1e-6
+    vectors: VectorReport = field(default_factory=VectorReport)
+    problems: list[str] = field(default_factory=list)  # layout violations, named
 
     @property
     def tokens(self) -> int:
@@ -66,19 +94,36 @@ class ParityReport:
     def violations(self) -> int:
         return sum(s.violations for s in self.stages)
 
+    # Kept for callers of the earlier report (vectors now have a section of their own).
+    @property
+    def max_abs_vector_diff(self) -> float:
+        return self.vectors.max_abs_diff
+
+    @property
+    def max_vector_rel_diff(self) -> float:
+        return self.vectors.max_rel_diff
+
+    @property
+    def vector_tolerance(self) -> float:
+        return self.vectors.tolerance
+
     @property
     def vectors_ok(self) -> bool:
-        return self.max_vector_rel_diff <= self.vector_tolerance
+        return self.vectors.violations == 0
 
     @property
     def passed(self) -> bool:
-        return self.violations == 0 and self.vectors_ok
+        return self.violations == 0 and self.vectors_ok and not self.problems
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        for stage in data["stages"]:
+            stage.pop("_seen", None)
         data.update(
             passed=self.passed, tokens=self.tokens, identical=self.identical,
             certified_ties=self.certified_ties, violations=self.violations,
+            max_abs_vector_diff=self.max_abs_vector_diff, max_vector_rel_diff=self.max_vector_rel_diff,
+            vector_tolerance=self.vector_tolerance,
         )
         return data
 
@@ -86,23 +131,60 @@ class ParityReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
-        rows = [("stage", "tokens", "identical", "certified ties", "violations", "worst gap / tau")]
+        rows = [("stage", "tokens", "identical", "certified ties", "violations", "worst gap / tau", "codes")]
         rows += [
-            (s.stage, str(s.tokens), str(s.identical), str(s.certified_ties), str(s.violations), f"{s.worst_gap_over_tau:.3g}")
+            (s.stage, str(s.tokens), str(s.identical), str(s.certified_ties), str(s.violations),
+             f"{s.worst_gap_over_tau:.3g}", f"{s.codes_exercised}/{s.codebook_size}")
             for s in self.stages
         ]
+        v = self.vectors
+        if v.rows:
+            rows.append(("vectors", str(v.rows), str(v.rows - v.violations), "-", str(v.violations),
+                         f"max diff {v.max_abs_diff:.3g}", "-"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"violation: {problem}" for problem in self.problems]
+        for s in self.stages:
+            if s.violations:
+                lines.append(
+                    f"violation: {s.stage}: {s.violations} tokens are not the eager model's nor a certified tie "
+                    f"(worst gap {s.worst_gap:.3g} = {s.worst_gap_over_tau:.3g} tau)"
+                )
+        if v.violations:
+            lines.append(
+                f"violation: vectors: {v.violations} of {v.rows} differ from the eager decode of the served tokens "
+                f"(max |diff| {v.max_abs_diff:.3g}, relative {v.max_rel_diff:.3g}, tolerance {v.tolerance:g})"
+            )
         verdict = "PASS" if self.passed else "FAIL"
         lines.append(
             f"{verdict}: backend={self.backend} device={self.device} precision={self.precision} part={self.part}; "
-            f"{self.tokens} tokens, {self.identical} identical, {self.certified_ties} certified ties, "
-            f"{self.violations} violations; max |vector diff| = {self.max_abs_vector_diff:.3g}, "
-            f"relative {self.max_vector_rel_diff:.3g} "
-            f"(tolerance {self.vector_tolerance:g}); input shapes {self.input_shapes}"
+            f"criterion: {self.criterion}; {self.tokens} tokens, {self.identical} identical, "
+            f"{self.certified_ties} certified ties, {self.violations} violations; "
+            f"{v.rows} vectors, {v.violations} differ; {len(self.input_shapes)} inputs"
         )
         return "\n".join(lines)
+
+
+# -- searches ---------------------------------------------------------------------------------------
+def _stage_names(module: nn.Module) -> list[str]:
+    if isinstance(module, ResidualVQ):
+        return [f"stage {s}" for s in range(module.num_quantizers)]
+    return [f"head {h}" for h in range(module.heads)] if module.heads > 1 else ["codebook"]
+
+
+def _search_codebook(module: nn.Module, search: int) -> torch.Tensor:
+    """The eager (K, d) codebook of one search (a stage, or a head)."""
+    if isinstance(module, ResidualVQ):
+        return module.layers[search].codebook.detach()
+    codebook = module.codebook.detach()
+    return codebook[search] if codebook.ndim == 3 else codebook
+
+
+def new_stage_reports(module: nn.Module) -> list[StageReport]:
+    """One empty `StageReport` per search of the module, named as the report names them."""
+    names = _stage_names(module)
+    return [StageReport(name, codebook_size=module.codebook_size) for name in names]
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -110,16 +192,9 @@ def _codebook_space_to_input(module: nn.Module, rows: torch.Tensor) -> torch.Ten
     """Map codebook-space rows back to the input space (pseudo-inverse of project_in)."""
     project_in = module.project_in
     if not isinstance(project_in, nn.Linear):
-        return rows
+        return rows.float()
     weight, bias = project_in.weight.detach().double(), project_in.bias.detach().double()
     return ((rows.double() - bias) @ torch.linalg.pinv(weight).T).float()
-
-
-def _first_codebook(module: nn.Module) -> torch.Tensor:
-    if isinstance(module, ResidualVQ):
-        return module.layers[0].codebook.detach()
-    codebook = module.codebook.detach()
-    return codebook[0] if codebook.ndim == 3 else codebook
 
 
 def _tokens_to_layout(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -131,14 +206,54 @@ def _tokens_to_layout(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return tokens.T[None]
 
 
+def _probe_targets(codebook: torch.Tensor, num_graded: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Rows for one search: [exact midpoints, graded near-ties, on every code, spread], shuffled.
+
+    Midpoints lie halfway between each code and its nearest other code (an exact tie in exact
+    arithmetic). Graded near-ties move from such a midpoint towards one code by a relative
+    offset delta, log-uniform in [1e-8, 1e-2]: the gap is 4 delta h^2 (h = half the distance of
+    the pair), so distances that err by more than float32 rounding flip some and show as
+    violations. On-code rows sit exactly on each code, so a changed or moved code is served
+    differently (another token, or another vector).
+    """
+    codebook = codebook.detach().float()
+    num_codes = codebook.shape[0]
+    distances = torch.cdist(codebook.double(), codebook.double())
+    distances.fill_diagonal_(float("inf"))
+    neighbours = distances.argmin(dim=1) if num_codes > 1 else torch.zeros(1, dtype=torch.long)
+    midpoints = (codebook + codebook[neighbours]) / 2
+    picks = torch.randint(0, num_codes, (num_graded,), generator=generator)
+    delta = 10 ** (torch.rand(num_graded, 1, generator=generator) * 6 - 8)
+    graded = midpoints[picks] + delta * (codebook[picks] - codebook[neighbours[picks]]) / 2
+    on_code = codebook.clone()
+    # Spread: normal rows at the codebook's mean and twice its per-dimension spread, so codes that a
+    # tampered file moved away from every eager probe are still the nearest somewhere.
+    spread = codebook.mean(0) + 2 * codebook.std(0, unbiased=False) * torch.randn(num_graded, codebook.shape[1], generator=generator)
+    return [t[torch.randperm(t.shape[0], generator=generator)] for t in (midpoints, graded, on_code, spread)]
+
+
+def _residual_probe(module: ResidualVQ, stage: int, targets: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Codebook-space inputs whose eager residual at ``stage`` is ``targets`` (fixed point of
+    r = reconstruction_{<stage}(r) + target, from r = base + target; three rounds suffice in
+    practice, and a row that does not settle is still a valid input)."""
+    rows = base[: targets.shape[0]] + targets
+    for _ in range(3):
+        residual, reconstruction = rows.clone(), torch.zeros_like(rows)
+        for layer in module.layers[:stage]:
+            codes = layer.codebook.detach()[nearest_code(layer._codebook.transform_input(residual).float(), layer.codebook.detach())]
+            reconstruction += codes
+            residual -= codes
+        rows = reconstruction + targets
+    return rows
+
+
 def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) -> list[torch.Tensor]:
-    """A real-data sample (scikit-learn digits mapped to dim), random normal data, exact ties at
-    midpoints between each code and its nearest other code, and graded near-ties around them."""
+    """verify's inputs: a real-data sample (scikit-learn digits mapped to dim), random normal data,
+    then, for every search (each residual stage; all heads at once), its exact midpoints, graded
+    near-ties, on-code and spread probes (`_probe_targets`). The first search's midpoints are ``[2]``."""
     generator = torch.Generator().manual_seed(seed)
     dim = module.dim
-    codebook = _first_codebook(module)
-    heads = 1 if isinstance(module, ResidualVQ) else module.heads
-    per_head = codebook.shape[1]
+    codebook = _search_codebook(module, 0)
     scale = codebook.std().item() or 1.0
 
     from sklearn.datasets import load_digits  # a package-shipped real data set
@@ -146,28 +261,39 @@ def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) ->
     digits = torch.from_numpy(load_digits().data.astype(np.float32))
     digits = digits[torch.randperm(len(digits), generator=generator)[:num_samples]]
     real = digits.repeat(1, -(-dim // digits.shape[1]))[:, :dim]
-    # Matched to the codebook's per-dimension statistics, so the sample lands where codes are.
-    target = _codebook_space_to_input(module, codebook.repeat(1, heads)) if heads * per_head != dim or isinstance(
-        module.project_in, nn.Linear) else codebook
+    # Matched to the input-space image of the first codebook, so the sample lands where codes are.
+    heads = 1 if isinstance(module, ResidualVQ) else module.heads
+    target = _codebook_space_to_input(module, codebook.repeat(1, heads)[:, : heads * codebook.shape[1]])
     real = (real - real.mean(0)) / (real.std(0) + 1e-6) * target.std(0) + target.mean(0)
-
     random = torch.randn(num_samples, dim, generator=generator) * scale
+    inputs = [real, random]
 
-    # Midpoints between every code and its nearest neighbour, tiled over heads, plus tiny noise.
-    distances = torch.cdist(codebook.double(), codebook.double())
-    distances.fill_diagonal_(float("inf"))
-    neighbours = distances.argmin(dim=1)
-    midpoints = (codebook + codebook[neighbours]) / 2
-    picks = torch.randint(0, len(midpoints), (num_samples, heads), generator=generator)
-    rows = midpoints[picks].reshape(num_samples, heads * per_head)
-    exact_ties = _codebook_space_to_input(module, rows)
-    # Graded near-ties: moved from the midpoint towards one code by a relative offset delta, log-uniform
-    # in [1e-8, 1e-2]: the gap is 4 delta h^2 (h = half the code distance), so a backend whose
-    # distances err by more than float32 rounding flips some of them and shows as violations.
-    delta = 10 ** (torch.rand(num_samples, heads, 1, generator=generator) * 6 - 8)
-    towards = (codebook - codebook[neighbours])[picks] / 2
-    graded = _codebook_space_to_input(module, (midpoints[picks] + delta * towards).reshape(num_samples, -1))
-    return [_tokens_to_layout(module, t) for t in (real, random, exact_ties, graded)]
+    if isinstance(module, ResidualVQ):
+        base = real if not isinstance(module.project_in, nn.Linear) else module.project_in(real).detach()
+        for stage in range(module.num_quantizers):
+            for targets in _probe_targets(_search_codebook(module, stage), num_samples, generator):
+                wide = base.repeat(-(-targets.shape[0] // base.shape[0]), 1)
+                inputs.append(_codebook_space_to_input(module, _residual_probe(module, stage, targets, wide)))
+    else:
+        searches = module.heads if module.separate_codebook_per_head else 1
+        per_head = [_probe_targets(_search_codebook(module, h % searches), num_samples, generator) for h in range(module.heads)]
+        for kind in range(4):  # midpoints, graded, on-code, spread: every head probed at once
+            rows = torch.cat([per_head[h][kind] for h in range(module.heads)], dim=1)
+            inputs.append(_codebook_space_to_input(module, rows))
+    return [_tokens_to_layout(module, t) for t in inputs]
+
+
+def decode_probes(module: nn.Module) -> torch.Tensor:
+    """Indices that ask a decode export for every code of every search (in the module's layout)."""
+    k = module.codebook_size
+    if isinstance(module, ResidualVQ):
+        generator = torch.Generator().manual_seed(0)
+        return torch.stack([torch.randperm(k, generator=generator) for _ in range(module.num_quantizers)])[:, None]
+    codes = torch.arange(k)
+    if module.heads > 1:
+        codes = torch.stack([torch.roll(codes, h) for h in range(module.heads)], dim=-1)
+    codes = codes[None]
+    return codes[:, None] if module.accept_image_fmap else codes
 
 
 # -- classification ------------------------------------------------------------------------------------
@@ -175,58 +301,132 @@ def classify_tokens(
     rows: torch.Tensor, codebook: torch.Tensor, eager: torch.Tensor, backend: torch.Tensor, stage: str = "codebook"
 ) -> StageReport:
     """Classify one search's tokens: rows (M, d) in codebook space, codebook (K, d), indices (M,)."""
-    report = StageReport(stage)
-    _classify(report, rows, codebook, eager, backend)
+    report = StageReport(stage, codebook_size=codebook.shape[0])
+    _classify(report, rows, codebook, eager.reshape(-1), backend.reshape(-1))
     return report
 
 
-def _classify(stage: StageReport, rows: torch.Tensor, codebook: torch.Tensor, eager: torch.Tensor, backend: torch.Tensor) -> None:
-    """Fold one stage's tokens into `stage`. rows (M, d) are the backend path's stage inputs."""
-    stage.tokens += len(backend)
-    stage.identical += int((backend == eager).sum())
-    differ = backend != eager
-    if not bool(differ.any()):
+def _classify(
+    stage: StageReport, rows: torch.Tensor, codebook: torch.Tensor, expected: torch.Tensor, served: torch.Tensor,
+    identical_only: bool = False,
+) -> None:
+    """Fold one search's tokens into ``stage``: ``expected`` is the eager model's token on ``rows``.
+    With ``identical_only`` (criterion "identical") a certified tie counts as a violation."""
+    stage.tokens += len(served)
+    stage._seen.update(torch.unique(expected).tolist())
+    stage.codes_exercised = len(stage._seen)
+    same = served == expected
+    stage.identical += int(same.sum())
+    if bool(same.all()):
         return
-    rows, eager_here = rows[differ], nearest_code(rows[differ], codebook)
-    chosen = backend[differ]
-    gap = squared_distances64(rows, codebook, chosen) - squared_distances64(rows, codebook, eager_here)
-    tau = tie_tolerance(rows, codebook, eager_here, chosen)
-    ok = gap <= tau
+    certificate = certify(rows[~same], codebook, served[~same])
+    ok = certificate.certified & (not identical_only)
     stage.certified_ties += int(ok.sum())
     stage.violations += int((~ok).sum())
-    stage.worst_gap = max(stage.worst_gap, float(gap.max()))
-    stage.worst_gap_over_tau = max(stage.worst_gap_over_tau, float((gap / tau).max()))
+    stage.worst_gap = max(stage.worst_gap, float(certificate.gap.max()))
+    stage.worst_gap_over_tau = max(stage.worst_gap_over_tau, certificate.worst_gap_over_tau)
 
 
-def _check_vector_quantize(module: VectorQuantize, x: torch.Tensor, eager: torch.Tensor, backend: torch.Tensor, stages: list[StageReport]) -> None:
-    tokens = module._to_tokens(x)
-    rows = module._codebook.transform_input(module._split_heads(module.project_in(tokens))).float()
-    b, n = tokens.shape[:2]
-    shaped_eager, shaped_backend = eager.reshape(b, n, module.heads), backend.reshape(b, n, module.heads)
-    codebook = module._codebook.embed.detach()
-    for h in range(module.heads):
-        stage = stages[h]
-        if module.separate_codebook_per_head:
-            _classify(stage, rows[h], codebook[h], shaped_eager[..., h].reshape(-1), shaped_backend[..., h].reshape(-1))
-        else:
-            per_head = rows[0].reshape(b * n, module.heads, -1)[:, h]
-            _classify(stage, per_head, codebook[0], shaped_eager[..., h].reshape(-1), shaped_backend[..., h].reshape(-1))
+def _expected(rows: torch.Tensor, codebook: torch.Tensor, eager: torch.Tensor, diverged: torch.Tensor) -> torch.Tensor:
+    """The eager token on ``rows``: the eager model's own where its path is the backend's, else
+    the eager search on the backend's rows."""
+    expected = eager.clone()
+    if bool(diverged.any()):
+        expected[diverged] = nearest_code(rows[diverged], codebook)
+    return expected
 
 
-def _check_residual(module: ResidualVQ, x: torch.Tensor, eager: torch.Tensor, backend: torch.Tensor, stages: list[StageReport]) -> None:
-    residual = module.project_in(x).reshape(-1, module.codebook_dim)
-    for s, layer in enumerate(module.layers):
-        codebook = layer.codebook.detach()
-        chosen = backend[s].reshape(-1)
-        rows = layer._codebook.transform_input(residual).float()
-        _classify(stages[s], rows, codebook, eager[s].reshape(-1), chosen)
-        residual = residual - codebook[chosen.clamp(min=0)]  # the backend's own path
-
-
-def _stage_names(module: nn.Module) -> list[str]:
+def check_tokens(
+    module: nn.Module, x: torch.Tensor, eager: torch.Tensor, served: torch.Tensor,
+    stages: list[StageReport], problems: list[str], identical_only: bool = False,
+) -> None:
+    """Classify every served token of one input into ``stages``; layout faults go to ``problems``."""
+    served = torch.as_tensor(served).cpu()
+    if served.is_floating_point() or served.dtype == torch.bool:
+        problems.append(f"indices of dtype {served.dtype}, expected an integer dtype")
+        for stage in stages:
+            stage.tokens += eager.numel() // len(stages)
+            stage.violations += eager.numel() // len(stages)
+        return
+    served = served.long()
     if isinstance(module, ResidualVQ):
-        return [f"stage {s}" for s in range(module.num_quantizers)]
-    return [f"head {h}" for h in range(module.heads)] if module.heads > 1 else ["codebook"]
+        q = module.num_quantizers
+        if served.ndim != 3 or tuple(served.shape[1:]) != tuple(eager.shape[1:]) or served.shape[0] > q:
+            problems.append(f"indices of shape {tuple(served.shape)}, expected {tuple(eager.shape)} (quantizer, batch, seq)")
+            for stage in stages:
+                stage.tokens += eager[0].numel()
+                stage.violations += eager[0].numel()
+            return
+        if served.shape[0] < q:
+            problems.append(f"stages {served.shape[0]}..{q - 1} missing: indices of shape {tuple(served.shape)}, expected {tuple(eager.shape)}")
+            for stage in stages[served.shape[0]:]:
+                stage.tokens += eager[0].numel()
+                stage.violations += eager[0].numel()
+        padded = torch.cat([served, eager[served.shape[0]:]]) if served.shape[0] < q else served
+        rows = module.search_rows(x, padded)
+        diverged = torch.zeros(eager[0].numel(), dtype=torch.bool)
+        for s in range(served.shape[0]):
+            codebook = _search_codebook(module, s)
+            expected = _expected(rows[s], codebook, eager[s].reshape(-1), diverged)
+            got = served[s].reshape(-1)
+            _classify(stages[s], rows[s], codebook, expected, got, identical_only)
+            diverged |= got != eager[s].reshape(-1)
+        return
+    if tuple(served.shape) != tuple(eager.shape):
+        problems.append(f"indices of shape {tuple(served.shape)}, expected {tuple(eager.shape)}")
+        for stage in stages:
+            stage.tokens += eager.numel() // module.heads
+            stage.violations += eager.numel() // module.heads
+        return
+    rows = module.search_rows(x)  # (H, M, d)
+    per_head_eager = eager.reshape(-1, module.heads)
+    per_head_served = served.reshape(-1, module.heads)
+    for h in range(module.heads):
+        head_rows = rows[h] if module.separate_codebook_per_head else rows[0].reshape(-1, module.heads, rows.shape[-1])[:, h]
+        codebook = _search_codebook(module, h)
+        _classify(stages[h], head_rows, codebook, per_head_eager[:, h], per_head_served[:, h], identical_only)
+
+
+def check_vectors(module: nn.Module, got: torch.Tensor, indices: torch.Tensor, report: VectorReport) -> None:
+    """Compare served vectors with the eager decode of ``indices`` (the served tokens), row by row."""
+    report.tolerance = 1e-6 if module.has_projections else 0.0
+    got = torch.as_tensor(got).cpu()
+    indices = torch.as_tensor(indices).cpu()
+    rvq = isinstance(module, ResidualVQ)
+    try:
+        indices = indices.long()
+        valid = (indices >= 0) & (indices < module.codebook_size)
+        if rvq:
+            valid = valid | (indices == -1)  # a dropped stage decodes to zeros
+        with torch.no_grad():
+            want = module.get_output_from_indices(torch.where(valid, indices, torch.zeros_like(indices)))
+    except (VQDeployError, RuntimeError):  # indices the eager model cannot decode: every row fails
+        rows = max(1, got.numel() // module.dim)
+        report.rows, report.violations = report.rows + rows, report.violations + rows
+        report.max_abs_diff = report.max_rel_diff = float("inf")
+        return
+    channel_first = not rvq and (module.accept_image_fmap or not module.channel_last) and want.ndim > 2
+    if channel_first:
+        want = want.movedim(1, -1)
+        got = got.movedim(1, -1) if got.ndim == want.ndim else got
+    want = want.reshape(-1, module.dim).float()
+    if got.shape[-1:] != (module.dim,) or got.numel() != want.numel():
+        report.rows, report.violations = report.rows + want.shape[0], report.violations + want.shape[0]
+        report.max_abs_diff = report.max_rel_diff = float("inf")
+        return
+    got = got.reshape(-1, module.dim).float()
+    if rvq:
+        row_valid = valid.all(dim=0).reshape(-1)
+    else:
+        row_valid = valid.reshape(-1, module.heads).all(dim=1)
+    diff = (got - want).abs().amax(dim=1) if want.numel() else torch.zeros(0)
+    rel = diff / want.abs().amax(dim=1).clamp(min=1.0) if want.numel() else torch.zeros(0)
+    bad = ~(rel <= report.tolerance) | ~row_valid  # NaN differences are violations too
+    report.rows += want.shape[0]
+    report.violations += int(bad.sum())
+    if diff.numel():
+        report.max_abs_diff = max(report.max_abs_diff, float(diff.nan_to_num(nan=float("inf")).max()))
+        report.max_rel_diff = max(report.max_rel_diff, float(rel.nan_to_num(nan=float("inf")).max()))
 
 
 # -- entry point -------------------------------------------------------------------------------------------
@@ -242,33 +442,42 @@ def verify(
     seed: int = 0,
     **load_options: Any,
 ) -> ParityReport:
-    """Run the eager quantizer and `backend` on the same inputs and classify every token.
+    """Run the eager quantizer and ``backend`` on the same inputs and classify every token and vector.
 
-    `model` is a VectorQuantize / ResidualVQ or the path of a vqdeploy checkpoint. `inputs` are
-    arrays in the module's input layout (numpy or torch); by default a real-data sample, random
-    data and near-tie inputs (`default_inputs`).
+    ``model`` is a VectorQuantize / ResidualVQ or the path of a vqdeploy checkpoint. ``inputs`` are
+    arrays in the module's input layout (numpy or torch), or indices for a decode export; by
+    default `default_inputs` (and `decode_probes` for decode exports).
     """
     from vqdeploy import runtime
 
     module = load_quantizer(model) if isinstance(model, str | os.PathLike) else model
     if not isinstance(module, VectorQuantize | ResidualVQ):
         raise UnsupportedOptionError(f"verify takes a VectorQuantize or ResidualVQ (or its checkpoint), got {type(module).__name__}")
-    was_training = module.training
-    module.eval()
     info = read_metadata(onnx_path)
     if info.kind != type(module).__name__:
         raise UnsupportedOptionError(f"{onnx_path} holds a {info.kind} export, but the model is a {type(module).__name__}")
 
-    if inputs is None:
-        inputs = default_inputs(module, num_samples, seed)
-    elif not isinstance(inputs, list | tuple):
-        inputs = [inputs]
-    inputs = [torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float() for x in inputs]
-
-    report = ParityReport(backend=backend, device=device, precision=precision, part=info.part,
-                          input_shapes=[list(x.shape) for x in inputs])
-    report.stages = [StageReport(name) for name in _stage_names(module)]
+    was_training = module.training
+    module.eval()
     try:
+        if inputs is None:
+            inputs = default_inputs(module, num_samples, seed)
+            if info.part == "decode":
+                with torch.no_grad():
+                    inputs = [module(x)[1] for x in inputs] + [decode_probes(module)]
+        elif not isinstance(inputs, list | tuple):
+            inputs = [inputs]
+        inputs = [torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x) for x in inputs]
+        if info.part != "decode":
+            inputs = [x.float() for x in inputs]
+
+        report = ParityReport(backend=backend, device=device, precision=precision, part=info.part,
+                              input_shapes=[list(x.shape) for x in inputs])
+        # vqdeploy's own CPU search returns the exact argmin, as the eager module does: identity.
+        # Other runtimes (ONNX Runtime's ArgMin, TensorRT, CUDA) are held to certified ties.
+        if backend == "torch" and torch.device(device).type == "cpu":
+            report.criterion = CRITERION_IDENTICAL
+        report.stages = new_stage_reports(module)
         with runtime.load(onnx_path, backend=backend, device=device, precision=precision, **load_options) as quantizer, torch.no_grad():
             report.backend = quantizer.backend
             for x in inputs:
@@ -279,35 +488,35 @@ def verify(
 
 
 def _compare_one(module: nn.Module, quantizer: Any, part: str, x: torch.Tensor, report: ParityReport) -> None:
-    eager_vectors, eager_indices, _ = module(x)
+    try:
+        _compare_outputs(module, quantizer, part, x, report)
+    except BackendOutputError as error:  # a graph whose outputs do not fit the model: nothing it served counts
+        if str(error) not in report.problems:
+            report.problems.append(str(error))
+        if part == "decode":
+            rows = x.numel() // (module.num_quantizers if isinstance(module, ResidualVQ) else module.heads)
+            report.vectors.rows += rows
+            report.vectors.violations += rows
+            return
+        eager = module(x)[1]
+        tokens = eager[0].numel() if isinstance(module, ResidualVQ) else eager.numel() // module.heads
+        for stage in report.stages:
+            stage.tokens += tokens
+            stage.violations += tokens
+
+
+def _compare_outputs(module: nn.Module, quantizer: Any, part: str, x: torch.Tensor, report: ParityReport) -> None:
     if part == "decode":
-        vectors = quantizer.decode(eager_indices.to(quantizer.device)).cpu()
-        _update_vector_diff(report, vectors, eager_vectors)
+        vectors = quantizer.decode(x.to(quantizer.device)).cpu()
+        check_vectors(module, vectors, x, report.vectors)
         return
+    _, eager_indices, _ = module(x)
     if part == "quantize":
         vectors, indices = quantizer.quantize(x.to(quantizer.device))
         vectors, indices = vectors.cpu(), indices.cpu()
     else:
-        indices = quantizer.encode(x.to(quantizer.device)).cpu()
-        vectors = None
-    if isinstance(module, ResidualVQ):
-        _check_residual(module, x, eager_indices, indices, report.stages)
-    else:
-        _check_vector_quantize(module, x, eager_indices, indices, report.stages)
+        indices, vectors = quantizer.encode(x.to(quantizer.device)).cpu(), None
+    check_tokens(module, x, eager_indices, indices, report.stages, report.problems,
+                 identical_only=report.criterion == CRITERION_IDENTICAL)
     if vectors is not None:
-        # Where tokens are identical, vectors are codebook rows and must match; elsewhere compare
-        # the backend's vectors with the eager decode of the backend's own indices.
-        _update_vector_diff(report, vectors, module.get_output_from_indices(indices))
-
-
-def _update_vector_diff(report: ParityReport, got: torch.Tensor, want: torch.Tensor) -> None:
-    diff = (got.float() - want.float()).abs().max().item() if got.numel() else 0.0
-    scale = max(1.0, want.abs().max().item() if want.numel() else 1.0)
-    report.max_abs_vector_diff = max(report.max_abs_vector_diff, diff)
-    report.max_vector_rel_diff = max(report.max_vector_rel_diff, diff / scale)
-
-
-def save_report(report: ParityReport, path: str | os.PathLike) -> Path:
-    from vqdeploy.files import atomic_write
-
-    return atomic_write(path, lambda tmp: tmp.write_text(report.to_json()), overwrite=True)
+        check_vectors(module, vectors, indices, report.vectors)

@@ -4,16 +4,12 @@ Every configuration is built once (k-means initialised on scikit-learn's digits,
 are real), and every (configuration, part, fused) is exported once per session, lazily, and run
 at several shapes: an export costs about a second, a run a few milliseconds.
 
-Half of that second is the exporter rebuilding onnxscript's torchlib op list, which parses the
-source of ~500 functions on every call though the list never changes within a process; the
-session fixture `_memoize_torchlib_ops` caches that pure function (the exporter itself, and so
-what is tested, is unchanged).
+(tests/conftest.py's `_memoize_torchlib_ops` halves the export time for every test.)
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,24 +17,6 @@ from export_cases import CONFIGS, Exported, cpu_session, to_layout
 from torch import nn
 
 from vqdeploy import export_onnx
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _memoize_torchlib_ops() -> Iterator[None]:
-    try:
-        from onnxscript._framework_apis import torch_2_5
-    except ImportError:  # another onnxscript layout: run uncached
-        yield
-        return
-    original = getattr(torch_2_5, "get_torchlib_ops", None)
-    if original is None:
-        yield
-        return
-    torch_2_5.get_torchlib_ops = functools.cache(original)
-    try:
-        yield
-    finally:
-        torch_2_5.get_torchlib_ops = original
 
 
 @pytest.fixture(scope="session")

@@ -69,8 +69,13 @@ def test_kernel_equals_numpy_argmin_of_the_same_float32_scores(codes, columns, c
     dots = rng.integers(-3, 4, size=(codes, columns)).astype(np.float32) / 4
     norms = rng.integers(0, 3, size=codes).astype(np.float32) / 2
     out = np.full(columns, -1, dtype=np.int64)
-    cpu_kernels._kernel()(dots, norms, out, chunks)
-    assert out.tolist() == np.argmin(norms[:, None] - np.float32(2) * dots, axis=0).tolist()
+    margin = np.full(columns, np.nan, dtype=np.float32)
+    cpu_kernels._kernel()(dots, norms, out, margin, chunks)
+    scores = norms[:, None] - np.float32(2) * dots
+    assert out.tolist() == np.argmin(scores, axis=0).tolist()
+    ordered = np.sort(scores, axis=0)
+    want = ordered[1] - ordered[0] if codes > 1 else np.full(columns, np.inf, np.float32)
+    assert margin.tolist() == want.tolist()  # the second-best score, exactly, ties included
 
 
 def test_duplicate_codes_anywhere_tie_to_the_lower_index():
@@ -88,7 +93,7 @@ def test_more_chunks_than_columns_leaves_no_row_unwritten():
     dots = rng.standard_normal((7, 20)).astype(np.float32)
     norms = rng.standard_normal(7).astype(np.float32)
     out = np.full(20, -1, dtype=np.int64)
-    kernel(dots, norms, out, 8)  # chunks are 16 columns wide: two of them cover all 20, six are empty
+    kernel(dots, norms, out, np.empty(20, np.float32), 8)  # chunks are 16 columns wide: two of them cover all 20, six are empty
     assert out.tolist() == np.argmin(norms[:, None] - 2 * dots, axis=0).tolist()
 
 

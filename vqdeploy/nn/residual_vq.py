@@ -138,6 +138,43 @@ class ResidualVQ(nn.Module):
 
         return self.project_out(quantized_out), torch.stack(all_indices), torch.stack(all_losses)
 
+    def search_rows(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows stage s searches when the earlier stages served ``indices`` (q, b, n), float32.
+
+        Returns (q, b * n, codebook_dim). The residual of stage s is project_in(x) minus this
+        module's codes of ``indices[:s]``: with another runtime's indices, the rows that runtime's
+        later stages must have searched if its codebooks are this module's. Without ``indices``,
+        the module's own tokens. Rows after a dropped stage (index -1) are those of the last
+        stage that ran.
+        """
+        check_floating(x, "x")
+        check_rank(x, (3,), "x", "batch, seq, dim")
+        check_axis_size(x, -1, self.dim, "x", "dim")
+        with torch.no_grad():
+            if indices is None:
+                indices = self.eval_tokens(x)
+            check_integer(indices, "indices")
+            if tuple(indices.shape) != (self.num_quantizers, *x.shape[:2]):
+                check_axis_size(indices, 0, self.num_quantizers, "indices", "quantizers")
+            residual = self.project_in(x).reshape(-1, self.codebook_dim)
+            rows = []
+            for stage, layer in enumerate(self.layers):
+                rows.append(layer._codebook.transform_input(residual).float())
+                chosen = indices[stage].reshape(-1).long()
+                valid = (chosen >= 0) & (chosen < self.codebook_size)
+                codes = layer.codebook.detach()[chosen.clamp(0, self.codebook_size - 1)]
+                residual = residual - codes.to(residual.dtype) * valid[:, None]
+            return torch.stack(rows)
+
+    def eval_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The indices (q, b, n) an eval-mode forward gives for ``x``, whatever mode the module is in."""
+        was_training = self.training
+        try:
+            with torch.no_grad():
+                return self.eval()(x)[1]
+        finally:
+            self.train(was_training)
+
     # -- decode -----------------------------------------------------------------------------------
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         """indices (q', b, n) with q' <= num_quantizers -> codes (q, b, n, codebook_dim); -1 decodes to 0."""

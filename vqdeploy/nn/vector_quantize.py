@@ -186,8 +186,7 @@ class VectorQuantize(nn.Module):
             )
         b, n, _ = tokens.shape
         dtype = tokens.dtype
-        projected = self.project_in(tokens)
-        rows = codebook.transform_input(self._split_heads(projected)).float()
+        rows = self._rows(tokens)
 
         if self.training and not bool(codebook.initted):
             codebook.init_with_kmeans_(rows.detach())
@@ -213,6 +212,21 @@ class VectorQuantize(nn.Module):
         indices = self._merge_heads(indices, b, n)
         indices = indices if self.heads > 1 else indices.squeeze(-1)
         return quantized, indices, loss
+
+    def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(b, n, dim) tokens -> (H, M, codebook_dim) float32 rows the codebook search sees."""
+        return self._codebook.transform_input(self._split_heads(self.project_in(tokens))).float()
+
+    def search_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows each codebook search sees for input ``x`` (any accepted layout), in float32.
+
+        Shape (H, M, codebook_dim): H = heads with separate codebooks (else 1); row m of search h
+        belongs to the token of index position m in the flattened (batch, tokens[, heads]) order
+        of the indices forward returns, for head h (separate codebooks) or for every head.
+        """
+        self._check_input(x)
+        with torch.no_grad():
+            return self._rows(self._to_tokens(x))
 
     # -- decode -----------------------------------------------------------------------------------
     def _check_indices(self, indices: torch.Tensor) -> None:

@@ -1,6 +1,8 @@
 """The fused nearest-code op and its implementations."""
 
 from vqdeploy.ops.nearest_code import (
+    Certificate,
+    certify,
     nearest_code,
     nearest_code_blocked,
     nearest_code_reference,
@@ -9,6 +11,8 @@ from vqdeploy.ops.nearest_code import (
 )
 
 __all__ = [
+    "Certificate",
+    "certify",
     "nearest_code",
     "nearest_code_blocked",
     "nearest_code_reference",

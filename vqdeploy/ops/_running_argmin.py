@@ -6,15 +6,18 @@ import numba
 import numpy as np
 
 
-def running_argmin_over_codes(dots, norms, out, num_chunks):
-    """out[r] = argmin_k (norms[k] - 2 dots[k, r]) over the K rows of dots, ties to the lowest k.
+def running_argmin_over_codes(dots, norms, out, margin, num_chunks):
+    """out[r] = argmin_k (norms[k] - 2 dots[k, r]) over the K rows of dots, ties to the lowest k;
+    margin[r] = second-best score - best score (inf for K = 1), for the exact re-check.
 
     dots is (K, R) float32, C-contiguous; the R columns are split into num_chunks chunks (one per
     thread, a multiple of 16 columns wide). The inner loops run over the contiguous columns with no
     dependence between columns, so they vectorise. Codes are taken four at a time: a small
     tournament (strict ``<``, so the lower index wins a tie) picks the best of the four, and only
     its winner is compared with the running best, which cuts the loads and stores of the running
-    (min, argmin) fourfold. Scores are ``fl(norms[k] - 2 dots[k, r])``, as in every implementation.
+    (min, argmin) fourfold. The group's second smallest, min(max(a, b), min(A, B)) for pair minima
+    a, b and pair maxima A, B, and the loser of the winner's duel with the running best fold into a
+    running second-best. Scores are ``fl(norms[k] - 2 dots[k, r])``, as in every implementation.
     """
     num_codes, num_columns = dots.shape
     step = ((num_columns + num_chunks - 1) // num_chunks + 15) // 16 * 16
@@ -26,6 +29,7 @@ def running_argmin_over_codes(dots, norms, out, num_chunks):
         if width <= 0:
             continue
         best = np.empty(width, np.float32)
+        second = np.full(width, np.inf, np.float32)
         best_index = np.zeros(width, np.int32)
         norm = norms[0]
         row = dots[0, first:last]
@@ -44,15 +48,21 @@ def running_argmin_over_codes(dots, norms, out, num_chunks):
                 s3 = n3 - two * row3[r]
                 lower = s1 < s0
                 s01 = s1 if lower else s0
+                l01 = s0 if lower else s1
                 i01 = k1 if lower else k0
                 lower = s3 < s2
                 s23 = s3 if lower else s2
+                l23 = s2 if lower else s3
                 i23 = k3 if lower else k2
                 lower = s23 < s01
                 score = s23 if lower else s01
+                loser = s01 if lower else s23
                 index = i23 if lower else i01
-                lower = score < best[r]
-                best[r] = score if lower else best[r]
+                group_second = min(loser, min(l01, l23))
+                old = best[r]
+                second[r] = min(second[r], min(group_second, max(old, score)))
+                lower = score < old
+                best[r] = score if lower else old
                 best_index[r] = index if lower else best_index[r]
             k += 4
         while k < num_codes:
@@ -61,9 +71,12 @@ def running_argmin_over_codes(dots, norms, out, num_chunks):
             row = dots[k, first:last]
             for r in range(width):
                 score = norm - two * row[r]
-                lower = score < best[r]
-                best[r] = score if lower else best[r]
+                old = best[r]
+                second[r] = min(second[r], max(old, score))
+                lower = score < old
+                best[r] = score if lower else old
                 best_index[r] = code if lower else best_index[r]
             k += 1
         for r in range(width):
             out[first + r] = best_index[r]
+            margin[first + r] = second[r] - best[r]

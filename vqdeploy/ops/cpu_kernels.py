@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 import torch
 
-from vqdeploy.ops.nearest_code import rows_per_block, squared_norms
+from vqdeploy.ops.nearest_code import norm_upper_bound, resolve_near_ties_, rows_per_block, squared_norms
 
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
@@ -74,7 +74,7 @@ class _Workspace:
 
 _WORKSPACE = _Workspace()
 
-_SIGNATURE = "void(float32[:, ::1], float32[::1], int64[::1], int64)"
+_SIGNATURE = "void(float32[:, ::1], float32[::1], int64[::1], float32[::1], int64)"
 
 
 @functools.cache
@@ -115,7 +115,11 @@ def _thread_count() -> int:
 
 
 def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest code for every row of x (CPU tensors, any float dtype)."""
+    """The exact nearest code for every row of x (CPU tensors, any float dtype).
+
+    The compiled float32 search also returns each row's margin t_2 - t_b; rows whose margin does
+    not prove the float32 argmin exact are re-solved (`vqdeploy.ops.nearest_code.resolve_near_ties_`).
+    """
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the numba nearest-code kernel is not available; check available() first")
@@ -130,16 +134,22 @@ def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     buffer = _WORKSPACE.take(num_codes * step)
     block = torch.from_numpy(buffer)
     out_array = out.numpy()
+    margin = np.empty(num_rows, dtype=np.float32)
+    x_norm = torch.empty(num_rows, dtype=torch.float64)
     threads = _thread_count()
     try:
         for start in range(0, num_rows, step):
             stop = min(start + step, num_rows)
             width = stop - start
             dots = block[: num_codes * width].view(num_codes, width)  # contiguous for every width
-            torch.mm(codes, x[start:stop].to(torch.float32).t(), out=dots)
+            tile = x[start:stop].to(torch.float32)
+            torch.mm(codes, tile.t(), out=dots)
+            x_norm[start:stop] = norm_upper_bound(tile)
             chunks = max(1, min(threads, width // MIN_COLUMNS_PER_THREAD))
             with _KERNEL_LOCK:
-                kernel(dots.numpy(), norms, out_array[start:stop], chunks)
+                kernel(dots.numpy(), norms, out_array[start:stop], margin[start:stop], chunks)
     finally:
         _WORKSPACE.give(buffer)
+    resolve_near_ties_(x, codebook, out, torch.from_numpy(margin), x_norm=x_norm,
+                       code_norm=norm_upper_bound(codes))
     return out

@@ -34,6 +34,8 @@ its own u in the same formula.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 UNIT_ROUNDOFF = {
@@ -75,7 +77,8 @@ def rows_per_block(num_codes: int) -> int:
 
 
 def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """The truth of the contract: the same argmin computed in float64 (for tests and verification)."""
+    """The argmin computed in float64: the reference the certified-tie rule measures gaps against
+    (`certify`). The exact argmin itself is `nearest_code_exact`."""
     return nearest_code_blocked(x, codebook, dtype=torch.float64)
 
 
@@ -101,13 +104,150 @@ def tie_tolerance(
     return gamma * ((x_norm + c_norm[index_a]) ** 2 + (x_norm + c_norm[index_b]) ** 2)
 
 
+@dataclass(frozen=True)
+class Certificate:
+    """What `certify` found for each row: the float64 argmin, the gap to it and its tolerance."""
+
+    reference: torch.Tensor  # int64 (M,): argmin in float64 (the truth of the contract)
+    gap: torch.Tensor  # float64 (M,): d(x, c_token) - d(x, c_reference); inf for an index outside [0, K)
+    tau: torch.Tensor  # float64 (M,): tie_tolerance(x; reference, token)
+
+    @property
+    def certified(self) -> torch.Tensor:
+        """Rows whose token is the float64 argmin or a certified float32 tie with it."""
+        return self.gap <= self.tau
+
+    @property
+    def worst_gap_over_tau(self) -> float:
+        """The largest gap / tau over rows whose token is not the reference (0 when none differ)."""
+        ratio = self.gap / self.tau.clamp(min=torch.finfo(torch.float64).tiny)
+        ratio = ratio[self.gap > 0]
+        return float(ratio.max()) if ratio.numel() else 0.0
+
+
+def certify(x: torch.Tensor, codebook: torch.Tensor, tokens: torch.Tensor, precision: str = "float32") -> Certificate:
+    """The one certified-tie rule of the project (equation (2) of the module docstring).
+
+    A token is certified when d(x, c_token) - min_k d(x, c_k) <= tau(x; argmin, token), with the
+    distances in float64. Every tie check (verify, Polygraphy, tests, benchmarks) calls this.
+    Tokens outside [0, K) are never certified.
+    """
+    rows = x.detach().reshape(-1, codebook.shape[-1])
+    tokens = tokens.detach().reshape(-1).to(torch.int64).cpu()
+    rows, codebook = rows.cpu(), codebook.detach().cpu()
+    reference = nearest_code_reference(rows, codebook)
+    in_range = (tokens >= 0) & (tokens < codebook.shape[0])
+    safe = torch.where(in_range, tokens, reference)
+    gap = squared_distances64(rows, codebook, safe) - squared_distances64(rows, codebook, reference)
+    gap = torch.where(in_range, gap, torch.full_like(gap, float("inf")))
+    tau = tie_tolerance(rows, codebook, reference, safe, precision=precision)
+    return Certificate(reference=reference, gap=gap, tau=tau)
+
+
+# -- the exact argmin --------------------------------------------------------------------------------
+# A float32 search that keeps its best score t_b and second-best score t_2 per row returns the exact
+# argmin b whenever t_2 - t_b > E_b + E_max, with E_k = gamma_{D+3} (||x|| + ||c_k||)^2 the bound (1)
+# and E_max the same with the largest code norm: then for every k != b,
+# s_k - s_b >= (t_k - E_k) - (t_b + E_b) >= t_2 - t_b - E_max - E_b > 0. Rows that fail the test
+# (0.02-0.3% of random rows, duplicates, exact midpoints) are re-solved by `exact_nearest`.
+# Covers computing the threshold in floating point and a margin t_2 - t_b rounded to float32 (at most
+# a relative 2^-24 above the exact difference of the two float32 scores).
+RECHECK_SAFETY = 1.0 + 2.0**-20
+
+
+def norm_upper_bound(rows: torch.Tensor) -> torch.Tensor:
+    """float64 upper bounds of ||r|| for float32 rows, from one cheap float32 norm per row."""
+    dim = rows.shape[-1] if rows.ndim else 1
+    norms = torch.linalg.vector_norm(rows.detach().to(torch.float32), dim=-1).double()
+    return norms * (1.0 + (dim + 4) * 2.0**-23)
+
+
+def recheck_rows(
+    dim: int, best: torch.Tensor, margin: torch.Tensor, x_norm: torch.Tensor, code_norm: torch.Tensor
+) -> torch.Tensor:
+    """Rows whose float32 margin t_2 - t_b does not prove ``best`` to be the exact argmin.
+
+    ``x_norm`` (M,) and ``code_norm`` (K,) are upper bounds of the norms (`norm_upper_bound`).
+    Returns row numbers (int64, CPU); NaN margins are always re-checked.
+    """
+    if best.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    u = UNIT_ROUNDOFF["float32"]
+    gamma = (dim + 3) * u / (1 - (dim + 3) * u)
+    x_norm, code_norm = x_norm.double().cpu(), code_norm.double().cpu()
+    threshold = gamma * ((x_norm + code_norm[best.cpu()]) ** 2 + (x_norm + code_norm.max()) ** 2)
+    return torch.nonzero(~(margin.detach().double().cpu() > threshold * RECHECK_SAFETY)).squeeze(1)
+
+
+def _exact_integers(values: torch.Tensor) -> list[list[int]]:
+    """Float32 values as exact integers on the common scale 2^-149 (the least float32 subnormal)."""
+    scaled = values.detach().double().cpu().numpy() * 2.0**149  # exact: a power-of-two scale
+    return [[int(v) for v in row] for row in scaled]
+
+
+def exact_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The exact argmin of ||x - c_k||^2 over the float32 values (ties to the lowest k), per row.
+
+    Distances in float64 first; codes whose float64 distance lies within float64 rounding of the
+    best are compared again in exact integer arithmetic. For the few rows a float32 search cannot
+    prove (`recheck_rows`): cost O(rows K D) in float64.
+    """
+    rows = x.detach().to(torch.float32).double().cpu()
+    codes = codebook.detach().to(torch.float32).double().cpu()
+    out = torch.empty(rows.shape[0], dtype=torch.int64)
+    if rows.shape[0] == 0:
+        return out
+    dim = codes.shape[1]
+    gamma64 = (dim + 3) * 2.0**-53 / (1 - (dim + 3) * 2.0**-53)  # bound (1) in float64
+    code_norm, code_sq = codes.norm(dim=1), (codes * codes).sum(1)
+    step = max(1, SCORE_BLOCK_BYTES // (8 * max(codes.shape[0], 1)))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        dist = (block * block).sum(1)[:, None] + code_sq[None] - 2.0 * block @ codes.T  # (r, K) float64
+        bound = gamma64 * (block.norm(dim=1)[:, None] + code_norm[None]) ** 2
+        best = dist.argmin(dim=1)
+        reach = dist.gather(1, best[:, None]) + bound.gather(1, best[:, None]) + bound
+        within = dist <= reach
+        out[start : start + block.shape[0]] = best
+        for r in torch.nonzero(within.sum(1) > 1).squeeze(1).tolist():  # float64 cannot separate them
+            candidates = torch.nonzero(within[r]).squeeze(1).tolist()
+            (xi,) = _exact_integers(block[r : r + 1])
+            exact = [sum((a - b) ** 2 for a, b in zip(xi, ci, strict=True)) for ci in _exact_integers(codes[candidates])]
+            out[start + r] = candidates[min(range(len(candidates)), key=lambda j: (exact[j], candidates[j]))]
+    return out
+
+
+def resolve_near_ties_(
+    x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, margin: torch.Tensor,
+    x_norm: torch.Tensor | None = None, code_norm: torch.Tensor | None = None,
+) -> int:
+    """Make a float32 search's ``indices`` exact in place, given its margins t_2 - t_b; returns
+    how many rows were re-solved. Norm bounds are computed when not given."""
+    if x_norm is None:
+        x_norm = norm_upper_bound(x)
+    if code_norm is None:
+        code_norm = norm_upper_bound(codebook)
+    rows = recheck_rows(x.shape[-1], indices, margin, x_norm, code_norm)
+    if rows.numel():
+        exact = exact_nearest(x.detach()[rows.to(x.device)], codebook)
+        indices[rows.to(indices.device)] = exact.to(indices.device)
+    return int(rows.numel())
+
+
+def nearest_code_exact(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The truth of the contract, exactly: a float32 search with margins, near ties re-solved."""
+    indices, margin, x_norm = nearest_code_blocked_with_margin(x, codebook)
+    resolve_near_ties_(x, codebook, indices, margin, x_norm=x_norm)
+    return indices
+
+
 def nearest_code_blocked(
     x: torch.Tensor, codebook: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Blocked implementation: one reused block of scores, never the M x K matrix.
 
-    Works on any device: the float64 reference, and the CPU path of the custom op where the
-    compiled kernel of `vqdeploy.ops.cpu_kernels` is not available.
+    Works on any device: the float64 search behind `nearest_code_reference`. (The op's CPU path
+    without the compiled kernel is `nearest_code_blocked_with_margin` plus the exact re-check.)
     """
     num_rows, num_codes = x.shape[0], codebook.shape[0]
     out = torch.empty(num_rows, dtype=torch.int64, device=x.device)
@@ -129,6 +269,32 @@ def nearest_code_blocked(
     return out
 
 
+def nearest_code_blocked_with_margin(
+    x: torch.Tensor, codebook: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 blocked search: (indices, margins t_2 - t_b (inf for K = 1), norm bounds of x)."""
+    num_rows, num_codes = x.shape[0], codebook.shape[0]
+    out = torch.empty(num_rows, dtype=torch.int64, device=x.device)
+    margin = torch.full((num_rows,), float("inf"), dtype=torch.float32, device=x.device)
+    x_norm = torch.empty(num_rows, dtype=torch.float64, device=x.device)
+    if num_rows == 0:
+        return out, margin, x_norm
+    codes = codebook.detach().to(torch.float32).contiguous()
+    code_norms = squared_norms(codes)
+    step = min(rows_per_block(num_codes), num_rows)
+    scores = torch.empty(step, num_codes, dtype=torch.float32, device=x.device)
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        block, xb = scores[: stop - start], x[start:stop].detach().to(torch.float32)
+        torch.addmm(code_norms, xb, codes.t(), beta=1.0, alpha=-2.0, out=block)
+        x_norm[start:stop] = norm_upper_bound(xb)
+        out[start:stop] = block.argmin(dim=1)  # the first minimum: ties to the lowest index
+        if num_codes > 1:
+            values = torch.topk(block, 2, dim=1, largest=False, sorted=True).values
+            margin[start:stop] = values[:, 1] - values[:, 0]
+    return out, margin, x_norm
+
+
 def _triton_available() -> bool:
     try:
         from vqdeploy.ops import triton_kernels  # noqa: F401
@@ -143,7 +309,7 @@ def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exact
 
     if x.device.type == "cpu" and codebook.shape[0] > 0 and cpu_kernels.available():
         return cpu_kernels.nearest_code_cpu(x, codebook)
-    return nearest_code_blocked(x, codebook)
+    return nearest_code_exact(x, codebook)
 
 
 @_nearest_code_op.register_kernel("cuda")
@@ -152,7 +318,7 @@ def _nearest_code_cuda(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exa
         from vqdeploy.ops.triton_kernels import nearest_code_triton
 
         return nearest_code_triton(x, codebook, mode=mode)
-    return nearest_code_blocked(x, codebook)
+    return nearest_code_exact(x, codebook)
 
 
 @_nearest_code_op.register_fake

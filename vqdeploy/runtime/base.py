@@ -25,7 +25,7 @@ from vqdeploy.checks import (
     check_integer,
     check_rank,
 )
-from vqdeploy.errors import UnsupportedOptionError
+from vqdeploy.errors import BackendOutputError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo
 
 # Scores a chunk may hold (float32) where the backend materialises them: 2M values = 8 MiB per
@@ -171,6 +171,15 @@ class Quantizer:
             return torch.from_numpy(array), True
         raise UnsupportedOptionError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
 
+    def _check_output(self, out: torch.Tensor, expected: int, what: str, tokens: int) -> None:
+        if out.numel() != expected:
+            raise BackendOutputError(
+                f"the {self.backend} backend returned {what} of shape {tuple(out.shape)} for {tokens} tokens, "
+                f"where the file's metadata ({self.info.kind}, {self.info.num_quantizers} stage(s), "
+                f"{self.info.heads} head(s), dim {self.info.dim}) means {expected} values: the graph does not "
+                "match its metadata"
+            )
+
     def _returned(self, tensor: torch.Tensor, as_numpy: bool) -> Any:
         return tensor.numpy() if as_numpy else tensor
 
@@ -222,6 +231,10 @@ class Quantizer:
                 chunk = tokens.view[:, t0:t1]
             outputs = self._runner.infer({name: self._feed_vectors(chunk.to(float_dtype))})
             indices_out = outputs[-1]
+            per_token = info.num_quantizers if self._residual else math.prod(heads)
+            self._check_output(indices_out, count * per_token, "indices", count)
+            if vectors is not None:
+                self._check_output(outputs[0], count * info.dim, "vectors", count)
             if self._residual:
                 index_rows[:, 0, t0:t1] = indices_out.reshape(info.num_quantizers, -1)
             else:
@@ -277,6 +290,7 @@ class Quantizer:
             else:
                 chunk = view[g0:g1, t0:t1].reshape(chunk_shape(info, count))
             out = self._runner.infer({name: chunk.to(torch.int64).contiguous()})[0]
+            self._check_output(out, count * info.dim, "vectors", count)
             rows = out.reshape(info.dim, count).t() if self._channel_first else out.reshape(count, info.dim)
             if channel_first_out:
                 vectors[g0:g1, :, t0:t1] = rows.reshape(g1 - g0, t1 - t0, info.dim).permute(0, 2, 1)

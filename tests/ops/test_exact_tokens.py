@@ -1,0 +1,144 @@
+"""The exact-argmin contract: every row gets the exact nearest code of the float32 values, ties to
+the lowest index, whatever the batch it comes in.
+
+The truth here is computed independently, with Python fractions on the float32 values.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+
+import pytest
+import torch
+
+from vqdeploy.ops import cpu_kernels
+from vqdeploy.ops.nearest_code import (
+    exact_nearest,
+    nearest_code,
+    nearest_code_blocked_with_margin,
+    nearest_code_exact,
+    norm_upper_bound,
+    recheck_rows,
+)
+
+
+def exact_by_fractions(x: torch.Tensor, codebook: torch.Tensor) -> list[int]:
+    codes = [[Fraction(float(v)) for v in row] for row in codebook.float()]
+    out = []
+    for row in x.float():
+        values = [Fraction(float(v)) for v in row]
+        distances = [sum((a - b) ** 2 for a, b in zip(values, code, strict=True)) for code in codes]
+        out.append(min(range(len(codes)), key=lambda k: (distances[k], k)))
+    return out
+
+
+def near_ties(codebook: torch.Tensor, rows: int, scale: float = 1e-7) -> torch.Tensor:
+    """Midpoints of random code pairs, nudged by ~scale relative: ties float32 cannot separate."""
+    pairs = torch.randint(0, codebook.shape[0], (rows, 2))
+    mid = (codebook[pairs[:, 0]] + codebook[pairs[:, 1]]) / 2
+    return mid + scale * mid.abs().mean() * torch.randn_like(mid)
+
+
+PATHS = {
+    "op": lambda x, c: nearest_code(x, c),
+    "blocked": lambda x, c: nearest_code_exact(x, c),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_near_ties_equal_the_exact_argmin(path):
+    codebook = torch.randn(40, 16)
+    x = torch.cat([near_ties(codebook, 300), near_ties(codebook, 100, scale=0.0), torch.randn(50, 16)])
+    assert PATHS[path](x, codebook).tolist() == exact_by_fractions(x, codebook)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_duplicates_and_exact_midpoints_go_to_the_lowest_index(path):
+    codebook = torch.randn(24, 8)
+    codebook[17] = codebook[5]
+    codebook[9] = codebook[2]
+    x = torch.cat([codebook[[5, 17, 2, 9]], (codebook[[0, 3]] + codebook[[1, 4]]) / 2])
+    got = PATHS[path](x, codebook).tolist()
+    assert got[:4] == [5, 5, 2, 2]
+    assert got == exact_by_fractions(x, codebook)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("scale", [1e-18, 1e18])
+def test_tiny_and_huge_norms(path, scale):
+    codebook = torch.randn(30, 12) * scale
+    x = torch.cat([near_ties(codebook, 60), torch.randn(20, 12) * scale])
+    assert PATHS[path](x, codebook).tolist() == exact_by_fractions(x, codebook)
+
+
+def test_batch_invariance_of_the_op():
+    """Each row's token is the same alone, in batches of every size, at any position, shuffled."""
+    torch.manual_seed(3)
+    codebook = torch.randn(256, 64)
+    x = torch.cat([near_ties(codebook, 600), torch.randn(400, 64)])
+    whole = nearest_code(x, codebook)
+    assert whole[:40].tolist() == exact_by_fractions(x[:40], codebook)
+    one_by_one = torch.cat([nearest_code(x[i : i + 1], codebook) for i in range(0, len(x), 7)])
+    assert torch.equal(one_by_one, whole[::7])
+    for size in (7, 333):
+        batched = torch.cat([nearest_code(x[s : s + size], codebook) for s in range(0, len(x), size)])
+        assert torch.equal(batched, whole), size
+    order = torch.randperm(len(x))
+    assert torch.equal(nearest_code(x[order], codebook), whole[order])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_are_exact_on_their_widened_values(dtype):
+    codebook = torch.randn(32, 8).to(dtype)
+    x = near_ties(codebook.float(), 200).to(dtype)
+    assert nearest_code(x, codebook).tolist() == exact_by_fractions(x.float(), codebook.float())
+
+
+def test_exact_nearest_resolves_what_float64_cannot():
+    """Distances 1 + 2^-60 and 1 + 2^-62: float64 rounds both to 1, exact integers do not."""
+    codebook = torch.tensor([[0.0, 2.0**-30], [0.0, 2.0**-31]])  # float32 values, exactly
+    x = torch.tensor([[1.0, 0.0]])
+    assert nearest_code_exact(x, codebook).tolist() == exact_nearest(x, codebook).tolist() == [1]
+    assert exact_by_fractions(x, codebook) == [1]
+    assert nearest_code(x, codebook).tolist() == [1]
+
+
+def test_margins_flag_near_ties_and_nothing_far():
+    codebook = torch.randn(64, 32)
+    far, close = codebook[:20] + 1e-3 * torch.randn(20, 32), near_ties(codebook, 20)
+    x = torch.cat([far, close])
+    indices, margin, x_norm = nearest_code_blocked_with_margin(x, codebook)
+    flagged = recheck_rows(32, indices, margin, x_norm, norm_upper_bound(codebook)).tolist()
+    assert not any(r < 20 for r in flagged)  # on a code: the margin proves the token
+    assert all(r in flagged for r in range(20, 40) if float(margin[r]) < 1e-4)
+
+
+@pytest.mark.skipif(not cpu_kernels.available(), reason="the numba kernel did not compile")
+def test_compiled_kernel_and_fallback_agree_on_near_ties():
+    codebook = torch.randn(300, 37)
+    x = torch.cat([near_ties(codebook, 2000), torch.randn(500, 37)])
+    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), nearest_code_exact(x, codebook))
+
+
+def test_op_without_numba_is_exact(tmp_path):
+    """The op in a process where numba cannot be imported: the torch fallback, still exact."""
+    script = tmp_path / "no_numba.py"
+    script.write_text(
+        "import sys\n"
+        "sys.modules['numba'] = None\n"
+        "import torch\n"
+        "from vqdeploy.ops import cpu_kernels, nearest_code\n"
+        "from vqdeploy.ops.nearest_code import nearest_code_exact\n"
+        "assert not cpu_kernels.available()\n"
+        "torch.manual_seed(0)\n"
+        "c = torch.randn(50, 9); c[7] = c[3]\n"
+        "pairs = torch.randint(0, 50, (400, 2))\n"
+        "x = torch.cat([(c[pairs[:, 0]] + c[pairs[:, 1]]) / 2, c[[3, 7]]])\n"
+        "got = nearest_code(x, c)\n"
+        "assert torch.equal(got, nearest_code_exact(x, c)) and got[-2:].tolist() == [3, 3]\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
