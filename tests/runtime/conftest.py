@@ -48,17 +48,21 @@ def tensorrt_wheel(request: pytest.FixtureRequest) -> Callable[[str], Wheel]:
     cache = Path(os.environ.get("VQDEPLOY_TRT_WHEELS") or request.config.cache.mkdir("tensorrt-bindings-wheels"))
     cache.mkdir(parents=True, exist_ok=True)
     opened: dict[str, Wheel] = {}
+    failures: list[str] = []  # after one failed download (offline), skip the rest at once
 
     def get(requirement: str) -> Wheel:
         if requirement in opened:
             return opened[requirement]
+        if failures:
+            pytest.skip(failures[0])
         name, version = requirement.split("==")
         pattern = f"{name.replace('-', '_')}-{version}-*.whl"
         found = sorted(cache.glob(pattern))
         detail = ""
         if not found:
             command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                       "--disable-pip-version-check", "-q", requirement, "-d", str(cache)]
+                       "--disable-pip-version-check", "--retries", "1", "--timeout", "20", "-q",
+                       requirement, "-d", str(cache)]
             try:
                 proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
                 detail = (proc.stderr or proc.stdout).strip()[-300:]
@@ -66,7 +70,8 @@ def tensorrt_wheel(request: pytest.FixtureRequest) -> Callable[[str], Wheel]:
                 detail = str(exc)
             found = sorted(cache.glob(pattern))
         if not found:
-            pytest.skip(f"could not pip download {requirement}, the real TensorRT sources this test reads: {detail}")
+            failures.append(f"could not pip download {requirement}, the real TensorRT sources this test reads: {detail}")
+            pytest.skip(failures[0])
         opened[requirement] = Wheel(found[0])
         return opened[requirement]
 
