@@ -80,6 +80,7 @@ def torch_dtype(trt_dtype: Any) -> torch.dtype:
 
 
 def default_cache_dir() -> Path:
+    """$VQDEPLOY_CACHE/engines, else ~/.cache/vqdeploy/engines."""
     root = os.environ.get("VQDEPLOY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vqdeploy")
     return Path(root) / "engines"
 
@@ -226,7 +227,11 @@ class EngineCache:
         max_tokens: int = DEFAULT_MAX_TOKENS,
         prefer_aot: bool = False,
     ) -> CachedEngine:
-        """The cached engine for this export, profile and GPU, built first where it is missing."""
+        """The cached engine for this export, profile and GPU, built first where it is missing.
+
+        prefer_aot asks for the AOT kernel; where this TensorRT has none the engine gets the JIT
+        one, and `CachedEngine.plugin` (part of the key) says which it holds.
+        """
         trt = import_tensorrt()
         profile = profile_shapes(info, min_tokens, opt_tokens, max_tokens)
         gpu = gpu_identity(device)
@@ -293,6 +298,7 @@ class TensorRTRunner:
         self._output_dtypes = [torch_dtype(self.engine.get_tensor_dtype(name)) for name in self.output_names]
 
     def infer(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """Run the engine on one feed (graph layout); outputs in the engine's own dtypes."""
         context = self.engine.create_execution_context()  # one per call: callers may use several threads
         value = feed[self.input_name].to(self.device).contiguous()
         context.set_input_shape(self.input_name, tuple(value.shape))
@@ -309,4 +315,5 @@ class TensorRTRunner:
         return outputs
 
     def close(self) -> None:
+        """Release the engine (the file stays in the cache)."""
         self.engine = None
