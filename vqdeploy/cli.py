@@ -239,18 +239,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 BUILD_EPILOG = """\
 examples:
   vqdeploy build vq.onnx                                  # exact precision (TF32 off), cached engine
-  vqdeploy build vq.onnx --precision fast --max-tokens 1048576
+  vqdeploy build vq.onnx --max-tokens 1048576
   vqdeploy build vq.onnx --cache-dir engines/             # where the .engine file goes
 
 Needs TensorRT 10 or later (pip install tensorrt) and a CUDA GPU. The engine is cached by the
-hash of the ONNX file, the TensorRT version, the GPU and the profile; `vqdeploy verify ...
+hash of the ONNX file, the TensorRT version, the GPU, the plugin (none/jit/aot), the profile and
+the vqdeploy/Triton versions; both precisions use the same engine; `vqdeploy verify ...
 --backend trt` and vqdeploy.runtime.load(..., backend="trt") reuse it.
 """
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from vqdeploy import read_metadata
-    from vqdeploy.runtime.tensorrt import DEFAULT_MAX_TOKENS, TensorRTRunner, import_tensorrt, profile_shapes
+    from vqdeploy.runtime.tensorrt import DEFAULT_MAX_TOKENS, EngineCache, import_tensorrt, profile_shapes
 
     path = _existing_file(args.model, "ONNX file")
     info = read_metadata(path)
@@ -262,13 +263,11 @@ def cmd_build(args: argparse.Namespace) -> int:
     import_tensorrt()  # BackendNotAvailableError naming what to install, before anything else
     with _progress(total=1, desc="building TensorRT engine", quiet=args.quiet, unit="engine") as bar:
         start = time.perf_counter()
-        runner = TensorRTRunner(path, info, device=args.device, precision=args.precision,
-                                min_tokens=args.min_tokens, opt_tokens=args.opt_tokens, max_tokens=max_tokens,
-                                cache_dir=args.cache_dir)
+        engine = EngineCache(args.cache_dir).get_or_build(path, info, device=args.device, min_tokens=args.min_tokens,
+                                                          opt_tokens=args.opt_tokens, max_tokens=max_tokens)
         bar.update()
-    print(f"engine {runner.engine_path} ({args.precision}, profile min/opt/max {list(profile)}) "
-          f"ready in {time.perf_counter() - start:.1f} s")
-    runner.close()
+    print(f"engine {engine.path} (plugin {engine.plugin}, profile min/opt/max {list(profile)}; serves both precisions) "
+          f"{'built' if engine.built else 'found in the cache'} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -735,7 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = add("build", "Build (and cache) a TensorRT engine for an export.", BUILD_EPILOG, cmd_build)
     sub.add_argument("model", type=Path, metavar="MODEL.onnx")
     sub.add_argument("--precision", choices=PRECISIONS, default="exact",
-                     help="exact: TF32 off, tokens at parity (default); fast: tensor cores with a re-check")
+                     help="accepted for symmetry with verify: TensorRT builds one exact engine (TF32 off) for both")
     sub.add_argument("--device", default="cuda", help="CUDA device (default cuda)")
     sub.add_argument("--min-tokens", type=int, default=1, metavar="N", help="smallest chunk of the profile")
     sub.add_argument("--opt-tokens", type=int, default=None, metavar="N", help="chunk TensorRT tunes for (default max)")

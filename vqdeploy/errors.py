@@ -69,3 +69,15 @@ class DeviceNotAvailableError(VQDeployError, RuntimeError):
 
 class ParityError(VQDeployError, AssertionError):
     """Backend tokens are not at parity with the eager model (DESIGN.md section 4)."""
+
+
+class EngineBuildError(VQDeployError, RuntimeError):
+    """TensorRT could not parse an export or build an engine from it."""
+
+
+class EngineRunError(VQDeployError, RuntimeError):
+    """A TensorRT engine could not be loaded or run (deserialisation, bindings, execution)."""
+
+
+class PluginRegistrationError(VQDeployError, RuntimeError):
+    """The TensorRT plugin exists here but TensorRT refused its definition."""

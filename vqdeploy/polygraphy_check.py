@@ -1,10 +1,10 @@
 """Token parity through Polygraphy: an eager-module runner and a parity-aware compare function.
 
 Polygraphy's `Comparator` runs `EagerQuantizerRunner` beside its own ONNX Runtime runner (and its
-TensorRT runner where TensorRT exists) on the same feeds; `ParityCompareFunc` checks index and
-vector outputs with `vqdeploy.verify`'s own functions (tokens against the eager codebooks on the
-eager rows of the candidate's path, vectors against the eager decode of the candidate's tokens),
-so both tools give one verdict.
+TensorRT runner, over an engine vqdeploy builds, where TensorRT exists) on the same feeds;
+`ParityCompareFunc` checks index and vector outputs with `vqdeploy.verify`'s own functions
+(tokens against the eager codebooks on the eager rows of the candidate's path, vectors against
+the eager decode of the candidate's tokens), so both tools give one verdict.
 """
 
 from __future__ import annotations
@@ -90,22 +90,20 @@ class ParityCompareFunc:
         return verdict
 
 
-def _tensorrt_runner(onnx_path: str | os.PathLike, shape: tuple[int, ...], input_name: str):
-    """Polygraphy's TensorRT runner, with the NearestCode plugin registered and TF32 off."""
-    from polygraphy.backend.trt import (
-        CreateConfig,
-        EngineFromNetwork,
-        NetworkFromOnnxPath,
-        Profile,
-        TrtRunner,
-    )
+def _tensorrt_runner(onnx_path: str | os.PathLike, shape: tuple[int, ...], input_name: str, prefer_aot: bool = False):
+    """Polygraphy's TensorRT runner over an engine vqdeploy builds (plugin registered, TF32 off).
 
-    from vqdeploy.runtime.trt_plugin import register_nearest_code_plugin
+    Polygraphy's own network loader cannot be used: from TensorRT 10.9 on both plugin
+    implementations are registered, and TensorRT then needs the PREFER_JIT/AOT_PYTHON_PLUGINS
+    network flag (or an ``aot`` attribute on the node), which that loader cannot set. The engine
+    is built lazily, when the runner activates.
+    """
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-    register_nearest_code_plugin()
-    profile = Profile().add(input_name, min=shape, opt=shape, max=shape)
-    config = CreateConfig(tf32=False, profiles=[profile])
-    return TrtRunner(EngineFromNetwork(NetworkFromOnnxPath(str(onnx_path), strongly_typed=True), config=config))
+    from vqdeploy.runtime.tensorrt import build_engine
+
+    profile = (shape, shape, shape)
+    return TrtRunner(EngineFromBytes(lambda: build_engine(onnx_path, input_name, profile, prefer_aot=prefer_aot)[0]))
 
 
 def compare_with_polygraphy(
@@ -119,9 +117,9 @@ def compare_with_polygraphy(
     shape when TensorRT runs (its profile is built from the first).
     """
     if include_tensorrt is None:
-        import importlib.util
+        from vqdeploy.runtime.trt_plugin import tensorrt_unavailable_reason
 
-        include_tensorrt = importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available()
+        include_tensorrt = torch.cuda.is_available() and tensorrt_unavailable_reason() is None
     info = read_metadata(onnx_path)
     module.eval()
     name = info.inputs[0]

@@ -35,6 +35,7 @@ from vqdeploy.nn import ResidualVQ, VectorQuantize
 
 IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
 DEFAULT_OPSET = 18
+INDEX_DTYPES = ("int64", "int32")
 
 
 class _Encode(nn.Module):
@@ -176,6 +177,7 @@ def export_onnx(
     fused: bool = True,
     opset: int | None = None,
     overwrite: bool = False,
+    index_dtype: str = "int64",
 ) -> Path:
     """Export a quantizer, or a model that contains quantizers, to an ONNX file at `path`.
 
@@ -184,7 +186,9 @@ def export_onnx(
     is exported whole (its forward) and needs `example_input`. Batch and sequence axes (image:
     batch, height, width) are dynamic. With ``fused=True`` every nearest-code search is one
     ``vqdeploy::NearestCode`` node backed by a model-local function; with ``fused=False`` the same
-    computation is inlined in standard ops. Returns the path written.
+    computation is inlined in standard ops. ``index_dtype="int32"`` (encode and quantize of a bare
+    quantizer) makes the indices output int32: one Cast at the end of the graph, for runtimes
+    such as TensorRT where an INT64 output costs casts of its own. Returns the path written.
 
     >>> import tempfile, pathlib, vqdeploy
     >>> vq = vqdeploy.VectorQuantize(dim=8, codebook_size=16)
@@ -198,6 +202,8 @@ def export_onnx(
     if part not in PARTS:
         raise UnsupportedOptionError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     opset = DEFAULT_OPSET if opset is None else opset
+    if index_dtype not in INDEX_DTYPES:
+        raise UnsupportedOptionError(f"index_dtype must be one of {', '.join(INDEX_DTYPES)}, got {index_dtype!r}")
     if opset < functions.MIN_OPSET:
         raise UnsupportedOptionError(f"opset must be >= {functions.MIN_OPSET}, got {opset}")
 
@@ -207,6 +213,10 @@ def export_onnx(
         raise UnsupportedOptionError(f"{type(model).__name__} contains no vqdeploy VectorQuantize or ResidualVQ")
     _check_ready(quantizers)
 
+    if index_dtype != "int64" and not (is_quantizer and part in ("encode", "quantize")):
+        raise UnsupportedOptionError(
+            f"index_dtype={index_dtype!r} applies to the indices output of a bare quantizer's encode or quantize part"
+        )
     if is_quantizer:
         wrapper = PART_MODULES[part](model)
         example = _example_input(model, part) if example_input is None else example_input
@@ -251,6 +261,8 @@ def export_onnx(
             module.training = training
 
     proto = finish_model(proto, fused=fused)
+    if index_dtype == "int32":
+        cast_output(proto, "indices", onnx.TensorProto.INT32)
     if is_quantizer:
         proto = name_dynamic_dims(proto, _dynamic_axis_names(model, part, examples[0]))
     info = build_info(
@@ -268,6 +280,20 @@ def export_onnx(
     except onnx.checker.ValidationError as error:
         raise ExportError(f"the exported graph fails onnx.checker: {error}") from error
     return atomic_write(path, lambda tmp: onnx.save(proto, str(tmp)), overwrite=overwrite)
+
+
+def cast_output(proto: onnx.ModelProto, name: str, to: int) -> None:
+    """Make graph output `name` of type `to`: its producer now writes `name`_wide, cast at the end."""
+    wide = f"{name}_wide"
+    for node in proto.graph.node:
+        node.input[:] = [wide if value == name else value for value in node.input]
+        node.output[:] = [wide if value == name else value for value in node.output]
+    for value in proto.graph.value_info:
+        if value.name == name:
+            value.name = wide
+    proto.graph.node.append(onnx.helper.make_node("Cast", [wide], [name], to=to, name=f"cast_{name}"))
+    output = next(o for o in proto.graph.output if o.name == name)
+    output.type.tensor_type.elem_type = to
 
 
 def finish_model(proto: onnx.ModelProto, fused: bool) -> onnx.ModelProto:

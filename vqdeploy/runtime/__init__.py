@@ -53,8 +53,20 @@ BACKENDS: dict[str, tuple[Callable[..., Runner], str, str]] = {
 }
 
 
+def _tensorrt_importable() -> bool:
+    from vqdeploy.runtime.trt_plugin import tensorrt_unavailable_reason
+
+    return tensorrt_unavailable_reason() is None
+
+
+# Backends detected by importing: a TensorRT install can be present yet unable to load.
+_PROBES: dict[str, Callable[[], bool]] = {"trt": _tensorrt_importable}
+
+
 def is_available(backend: str) -> bool:
     """Whether the package a backend needs is importable (hardware is checked when loading)."""
+    if backend in _PROBES:
+        return _PROBES[backend]()
     return importlib.util.find_spec(BACKENDS[backend][1]) is not None
 
 
