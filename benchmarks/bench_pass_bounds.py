@@ -1,12 +1,13 @@
 """Rows that leave each pass of the Triton kernel's ``fast`` mode, emulated on CPU, per bound.
 
-The GPU sizes of DESIGN.md section 5, (1M, 256, 1024) and (1M, 64, 4096), with N subsampled
+The GPU target sizes, (1M, 256, 1024) and (1M, 64, 4096), with N subsampled
 (``--rows``, default 65536). For every data set and bound, `vqdeploy.ops.pass_emulation` runs
 each pass (``tf32``, ``tf32x3``, ``ieee`` with its own flag, the exact re-check's trigger) over
 every row; a row's flag does not depend on the other rows, so the share of rows that enter each
 pass of any chain follows from the flag sets. Prints, per chain, the % of rows entering each
 pass after the first, whether the chain's tokens equal the float64 argmin on every row, and the
-estimated GPU time from the H100 full-pass times of DESIGN.md section 5, assuming a pass over a
+estimated GPU time from the H100 full-pass times of the baseline kernel (tf32 2.85 ms, tf32x3
+7.9 ms, ieee 26.6 ms at (1M, 256, 1024); 4.0, 9.0, 28.3 ms at (1M, 64, 4096)), assuming a pass over a
 share f of the rows costs f times a full pass (the exact re-check's own cost is left out).
 
 Bounds: ``legacy`` (the kernel's former test: Cauchy-Schwarz with the largest code norm C),
@@ -36,8 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vqdeploy.ops.nearest_code import nearest_code_reference, squared_norms  # noqa: E402
 from vqdeploy.ops.pass_emulation import emulate_pass  # noqa: E402
 
-# H100 full-pass times (ms) of the baseline kernel at N = 1,048,576 (DESIGN.md section 5).
-PASS_MS = {(256, 1024): {"tf32": 2.85, "tf32x3": 7.9, "ieee": 26.6}, (64, 4096): {"tf32": 4.0, "tf32x3": 9.0, "ieee": 28.3}}
+# H100 full-pass times (ms) of the baseline fused kernel at N = 1,048,576 (measured 2026-11-26).
+PASS_MS = {
+    (256, 1024): {"tf32": 2.85, "tf32x3": 7.9, "ieee": 26.6},
+    (64, 4096): {"tf32": 4.0, "tf32x3": 9.0, "ieee": 28.3},
+}
 CHAINS = {
     "fast: tf32 > tf32x3 > ieee": ("tf32", "tf32x3", "ieee"),
     "fast: tf32 > ieee": ("tf32", "ieee"),
@@ -85,7 +89,9 @@ def make_data(name: str, rows: int, dim: int, codes: int, seed: int) -> tuple[to
     raise ValueError(name)
 
 
-def chain_stats(flags: dict[str, torch.Tensor], tokens: dict[str, torch.Tensor], ref: torch.Tensor, chain: tuple[str, ...]):
+def chain_stats(
+    flags: dict[str, torch.Tensor], tokens: dict[str, torch.Tensor], ref: torch.Tensor, chain: tuple[str, ...]
+):
     """(% entering each pass after the first, % reaching the exact re-check, wrong tokens)."""
     n = ref.numel()
     entering = torch.ones(n, dtype=torch.bool)
@@ -113,8 +119,12 @@ def main() -> None:
     if args.quick:
         args.rows, args.tie_rows = 8192, 2048
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"# CPU: {cpu_model()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(f"# rows: {args.rows} (near-ties {args.tie_rows}), seed {args.seed}; times: H100 full passes at N=1M")
+    print(
+        f"# CPU: {cpu_model()}, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+    )
+    print(
+        f"# rows: {args.rows} (near-ties {args.tie_rows}), seed {args.seed}; times: H100 full passes at N=1M"
+    )
     header = "| D x K | data | bound | chain | tf32x3 % | ieee % | exact % | wrong | est. ms |"
     print(header)
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
@@ -135,8 +145,10 @@ def main() -> None:
                     times = PASS_MS.get((dim, codes))
                     est = sum(shares[d] / 100 * times[d] for d in chain) if times else float("nan")
                     cells = [f"{shares[d]:.3f}" if d in shares else "-" for d in ("tf32x3", "ieee", "exact")]
-                    print(f"| {dim}x{codes} | {data} | {bound} | {name} | {' | '.join(cells)} | {wrong} | {est:.2f} |",
-                          flush=True)
+                    print(
+                        f"| {dim}x{codes} | {data} | {bound} | {name} | {' | '.join(cells)} | {wrong} | {est:.2f} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -31,12 +31,16 @@ def _near_ties(codebook: torch.Tensor, rows: int, generator: torch.Generator) ->
     return (a + b) / 2 + nudge * (a - b) / 2
 
 
-def _planted_norms(generator: torch.Generator, codes: int = 96, dim: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+def _planted_norms(
+    generator: torch.Generator, codes: int = 96, dim: int = 48
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes with norms over six decades (some duplicated up to a tiny shift), rows near ties
     between them, rows far larger and far smaller than the codes."""
     scales = 10 ** (torch.rand(codes, 1, generator=generator) * 6 - 3)
     codebook = torch.randn(codes, dim, generator=generator) * scales
-    codebook[codes // 2 :] = codebook[: codes // 2] * (1 + 1e-4 * torch.randn(codes // 2, 1, generator=generator))
+    codebook[codes // 2 :] = codebook[: codes // 2] * (
+        1 + 1e-4 * torch.randn(codes // 2, 1, generator=generator)
+    )
     x = torch.cat(
         [
             _near_ties(codebook, 600, generator),
@@ -110,7 +114,9 @@ def test_unflagged_rows_are_the_exact_argmin(bound: str, case: int) -> None:
     for dot in ("tf32", "tf32x3", "ieee"):
         res = emulate_pass(x, codebook, dot, bound=bound, track=True)
         kept = ~res.flagged
-        assert torch.equal(res.tokens[kept], ref[kept]), f"{dot}: {int((res.tokens[kept] != ref[kept]).sum())} wrong"
+        assert torch.equal(res.tokens[kept], ref[kept]), (
+            f"{dot}: {int((res.tokens[kept] != ref[kept]).sum())} wrong"
+        )
         if dot == "tf32" and case < 3:
             # The near-ties do reach the flag: TF32 alone gets some of them wrong, all flagged.
             assert bool(res.flagged.any()) and bool((res.tokens != ref).any())

@@ -417,3 +417,27 @@ def test_strip_unused_trailing_params() -> None:
     assert "k_param_2" not in stripped and "k_param_3" not in stripped and "[k_param_1]" in stripped
     with pytest.raises(ValueError, match="not found"):
         _strip_unused_trailing_params(ptx, "other")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="needs the compiled (not interpreted) kernel")
+@pytest.mark.parametrize("dot", ["tf32", "tf32x3"])
+def test_tracking_kernel_compiles_for_h100(dot: str) -> None:
+    """The flagging passes (per-code bound, step 4) lower to tensor-core PTX for sm_90 without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from vqdeploy.ops.triton_kernels import _nearest_code_kernel
+
+    signature = {name: "*fp32" for name in ("x_ptr", "c_ptr", "cnorm_ptr", "bound_ptr")}
+    signature.update({"rows_ptr": "*i64", "M": "i32", "K": "i32", "D": "i32", "out_ptr": "*i64"})
+    cfg = select_config(256, 1024, dot)
+    constexprs = {
+        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_D": cfg.block_d, "DOT": dot,
+        "ROUND_TF32": dot == "tf32", "TRACK_SECOND": True, "NORMS_IN_KERNEL": False, "ROWS_INDEXED": True,
+    }
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = triton.compiler.ASTSource(fn=_nearest_code_kernel, signature=signature, constexprs=constexprs)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    assert "mma" in ptx and "tf32" in ptx
