@@ -10,8 +10,9 @@ what the GPU computes, on CPU:
 * ``tf32``: both operands rounded to TF32 with the kernel's bit trick (round to nearest, ties
   away, 10 mantissa bits), products of TF32 values (exact in float32), float32 accumulation
   (torch's CPU matmul; its summation order is not the tensor core's, which the bound covers);
-* ``tf32x3``: Triton's split, hi = tf32(a), lo = tf32(a - hi), and
-  hi.hi + hi.lo + lo.hi accumulated in float32;
+* ``tf32x3``: Triton's split, hi = tf32(a) and lo = a - hi, and lo.hi + hi.lo + hi.hi
+  accumulated in float32 (the tensor core reads lo as TF32, possibly truncating; emulated by
+  rounding it, a difference of ~2^-22 of lo that the bound, which assumes truncation, covers);
 * ``ieee``: a float32 matmul;
 
 then the score t_k = fl(||c_k||^2 - 2 fl(x.c_k)) with the same float32 code norms the kernel
@@ -20,7 +21,8 @@ loads, and the flag of the kernel, in float32, in the kernel's order of operatio
 keeps its best b when ``min_{k != b} (t_k - e_k) > t_b + e_b``. The tile-by-tile tracking of the
 kernel yields the same minimum as the global one computed here (every term is the same float32
 value whichever tile holds it), so on the same float32 products the flags are identical; the
-interpreted kernel is checked against this in ``tests/ops/test_pass_emulation.py``.
+interpreted kernel is checked against this in ``tests/ops/test_triton_kernels.py``
+(``test_interpreted_flags_equal_emulation``, on data whose dots are exact in any order).
 
 ``bound="legacy"`` evaluates the kernel's former test, ``second - best <= A ||x|| C + B C^2``
 (C the largest code norm), and ``bound="per-code"`` the new test without residual norms
