@@ -72,8 +72,9 @@ The bounds assume no overflow or underflow.
    from `margin_threshold_coefficients`: step 3's coefficients, plus 2u (||c_k||^2 + 2 ||x|| ||c_k||
    + |n_k - ||c_k||^2|) for the float32 roundings of t_k - e_k and t_b + e_b (each <= u (|t| + e)),
    all times `safety` = 1 + 2 gamma_{D+8}(2^-24) + 2^-20, which covers ||x||, ||r(x)|| (exact
-   differences x - tf32(x), squared and summed in float32) and e_k evaluated in float32 (a relative
-   gamma_{D+4} at most). FMA contraction only removes roundings. A NaN anywhere flags the row.
+   differences x - tf32(x), squared and summed in float32, IEEE square root) and e_k evaluated
+   in float32 (a relative gamma_{D+4} at most). FMA contraction only removes roundings. A NaN
+   anywhere flags the row.
    Tracking: per row the kernel keeps the best score t_b, its index, t_b - e_b and t_b + e_b, and
    other_lo = min of t_k - e_k over the codes seen other than the current best; when a tile brings
    a new best, the old best's t - e joins other_lo. This is the same float32 minimum as over all
@@ -340,8 +341,9 @@ def _nearest_code_kernel(
                 # x - tf32(x) is exact in float32: the TF32 rounding residual r(x).
                 rt = xt - ((xt.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
                 r_sq += tl.sum(rt * rt, axis=1)
-    x_norm = tl.sqrt(x_sq)
-    r_norm = tl.sqrt(r_sq)
+    # sqrt_rn: IEEE square root (tl.sqrt may be the approximate one); the bound counts one rounding.
+    x_norm = tl.sqrt_rn(x_sq)
+    r_norm = tl.sqrt_rn(r_sq)
 
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + offs_k
