@@ -18,7 +18,10 @@ digits + N(0, 0.1^2)), ``near-ties`` (verify's construction: midpoints between e
 nearest neighbour, half exact, half moved towards one code by a relative 10^-8..10^-2).
 
 Usage: ``python benchmarks/bench_pass_bounds.py [--rows 65536] [--sizes 256x1024,64x4096]``
-(~10 min on 2 cores at the defaults; ``--quick`` for 8192 rows).
+(~10 min on 2 cores at the defaults; ``--quick`` for 8192 rows). ``--gpu`` (needs CUDA and
+Triton) adds, per size and data set, the share of rows the real kernel's ``tf32`` and ``tf32x3``
+passes flag next to the emulated share, and the % of rows on which the two flags agree (not
+100% by construction: the tensor cores sum in another order than the CPU).
 """
 
 from __future__ import annotations
@@ -107,6 +110,25 @@ def chain_stats(
     return shares, int((out != ref).sum())
 
 
+def gpu_flags(x: torch.Tensor, codebook: torch.Tensor, size: str, data: str) -> list[str]:
+    """The kernel's own flags on CUDA next to the emulated ones, per low-precision pass."""
+    from vqdeploy.ops.triton_kernels import nearest_code_pass
+
+    xg, cg = x.cuda(), codebook.cuda()
+    norms = squared_norms(cg)
+    lines = []
+    for dot in ("tf32", "tf32x3"):
+        out = torch.empty(x.shape[0], dtype=torch.int64, device="cuda")
+        nearest_code_pass(xg, cg, norms, out, dot)
+        gpu = (out < 0).cpu()
+        emulated = emulate_pass(x, codebook, dot, code_norms=norms.cpu()).flagged
+        lines.append(
+            f"| {size} | {data} | {dot} | {100 * float(gpu.float().mean()):.3f} | "
+            f"{100 * float(emulated.float().mean()):.3f} | {100 * float((gpu == emulated).float().mean()):.3f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=65536)
@@ -115,6 +137,7 @@ def main() -> None:
     parser.add_argument("--data", default="random,digits,near-ties")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="8192 rows, 2048 near-tie rows")
+    parser.add_argument("--gpu", action="store_true", help="compare with the kernel's flags on CUDA")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.tie_rows = 8192, 2048
@@ -128,6 +151,7 @@ def main() -> None:
     header = "| D x K | data | bound | chain | tf32x3 % | ieee % | exact % | wrong | est. ms |"
     print(header)
     print("|---|---|---|---|---:|---:|---:|---:|---:|")
+    gpu_rows: list[str] = []
     for size in args.sizes.split(","):
         dim, codes = (int(v) for v in size.split("x"))
         for data in args.data.split(","):
@@ -135,6 +159,8 @@ def main() -> None:
             x, codebook = make_data(data, rows, dim, codes, args.seed)
             ref = nearest_code_reference(x, codebook)
             norms = squared_norms(codebook)
+            if args.gpu:
+                gpu_rows.extend(gpu_flags(x, codebook, f"{dim}x{codes}", data))
             for bound in BOUNDS:
                 flags, tokens = {}, {}
                 for dot in ("tf32", "tf32x3", "ieee"):
@@ -149,6 +175,10 @@ def main() -> None:
                         f"| {dim}x{codes} | {data} | {bound} | {name} | {' | '.join(cells)} | {wrong} | {est:.2f} |",
                         flush=True,
                     )
+    if gpu_rows:
+        print("\n| D x K | data | pass | GPU flagged % | emulated flagged % | flags agree % |")
+        print("|---|---|---|---:|---:|---:|")
+        print("\n".join(gpu_rows))
 
 
 if __name__ == "__main__":
