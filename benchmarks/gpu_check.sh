@@ -1,6 +1,7 @@
 #!/bin/bash
 # GPU check of the fused nearest-code kernel (run in the repository root, on a machine with CUDA):
-# the GPU tests, then the timing/memory/parity table of benchmarks/gpu_check.py. Logs and
+# the GPU tests, the timing/memory/parity table of benchmarks/gpu_check.py, then the flag shares
+# of the fast mode's passes next to their CPU emulation (bench_pass_bounds.py --gpu). Logs and
 # gpu_check.json go to $OUT when set. Exit status: 0 all good, 1 a test or parity check failed,
 # 2 no CUDA device. Under 5 minutes on an H100. If onnxruntime-gpu was installed into /tmp/site
 # (shared/device/README.md), it is picked up from PYTHONPATH.
@@ -23,6 +24,9 @@ tests_rc=${PIPESTATUS[0]}
 
 timeout 150 "$py" benchmarks/gpu_check.py "$@" 2>&1 | tee "$log/gpu_check.log"
 bench_rc=${PIPESTATUS[0]}
+
+# Informational: the fast mode's flag shares on this GPU next to the CPU emulation's.
+timeout 120 "$py" benchmarks/bench_pass_bounds.py --quick --gpu --data random,digits 2>&1 | tee "$log/pass_bounds.log"
 
 echo "gpu tests: exit $tests_rc; gpu_check.py: exit $bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

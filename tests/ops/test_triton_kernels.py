@@ -34,12 +34,15 @@ from vqdeploy.ops.nearest_code import (  # noqa: E402
     UNIT_ROUNDOFF,
     nearest_code_reference,
 )
+from vqdeploy.ops.pass_emulation import emulate_pass  # noqa: E402
 from vqdeploy.ops.triton_kernels import (  # noqa: E402
     KernelConfig,
+    code_bound_terms,
     margin_threshold_coefficients,
     nearest_code_into,
     nearest_code_pass,
     nearest_code_triton,
+    round_tf32,
     score_error_coefficients,
     select_config,
 )
@@ -195,6 +198,76 @@ def test_low_precision_pass_flags_near_ties_only() -> None:
     assert (out >= 0).all()
 
 
+def _flag_test_data(generator: torch.Generator, residual_bits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and codes whose float32 dots are exact in any summation order, with margins spanning
+    the thresholds.
+
+    Grid values n/256 with 224 <= |n| <= 416 + 16 (TF32-exact, 9-bit numerators; products are
+    multiples of 2^-16 and sums stay below 2^8, so exact): numpy's matmul in the interpreter and
+    torch's here agree bit for bit. ``residual_bits`` adds q 2^-15, |q| <= 7, below half a TF32 ulp:
+    the kernel's rounding removes it exactly (the dot stays exact) and leaves the residual norms
+    that the tf32 bound uses; without it (tf32x3, computed in plain float32 by the interpreter) the
+    values are the grid values.
+    """
+
+    def signs(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randint(0, 2, shape, generator=generator) * 2 - 1
+
+    def residual(shape: tuple[int, int]) -> torch.Tensor:
+        if not residual_bits:
+            return torch.zeros(shape)
+        return torch.randint(-7, 8, shape, generator=generator).float() * 2.0**-15
+
+    # 25 codes and 25 twins 2h/256 apart in coordinate 0 (h = 1..16) and 32/256 in two more.
+    # Rows: random grid points, codes, the twins' midpoints (exact ties, broken by the residual
+    # bits) and midpoints moved j/256 towards a code in coordinate 0: margin 4 h j / 256^2,
+    # from 6e-5 to 1.6e-2, across both passes' thresholds.
+    p = 16 * torch.randint(16, 25, (25, 20), generator=generator) * signs((25, 20))
+    twin = p.clone()
+    twin[:, 0] += 2 * torch.randint(1, 17, (25,), generator=generator) * signs((25,))
+    twin[:, 1:3] += 32 * signs((25, 2))
+    grid = torch.cat([p, twin])
+    pairs = torch.randint(0, 25, (120,), generator=generator)
+    mid = (p[pairs] + twin[pairs]) // 2
+    moved = mid.clone()
+    steps = torch.randint(1, 17, (120,), generator=generator)
+    moved[:, 0] += torch.sign(p[pairs, 0] - twin[pairs, 0]) * steps
+    rows = torch.cat(
+        [
+            16 * torch.randint(16, 25, (60, 20), generator=generator) * signs((60, 20)),
+            grid[torch.randint(0, 50, (20,), generator=generator)],
+            mid[:40],
+            moved,
+        ]
+    )
+    codebook = grid.float() / 256 + residual((50, 20))
+    x = rows.float() / 256 + residual((rows.shape[0], 20))
+    return x, codebook
+
+
+@interpreted
+@pytest.mark.parametrize("dot", ["tf32", "tf32x3"])
+@pytest.mark.parametrize("config", [SMALL, None], ids=["small-tiles", "default"])
+def test_interpreted_flags_equal_emulation(dot: str, config: KernelConfig | None) -> None:
+    """The kernel's tile-by-tile flag (step 4) is the emulation's global one, row for row."""
+    generator = torch.Generator().manual_seed(7)
+    x, codebook = _flag_test_data(generator, residual_bits=dot == "tf32")
+    assert torch.equal(round_tf32(x), torch.round(x * 256) / 256)  # the residual bits round away
+    norms = codebook.square().sum(1)
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    nearest_code_pass(x, codebook, norms, out, dot, config=config)
+    flagged = out < 0
+    tokens = torch.where(flagged, -1 - out, out)
+    emulated = emulate_pass(x, codebook, dot, code_norms=norms, interpreted=True)
+    assert torch.equal(flagged, emulated.flagged), int((flagged != emulated.flagged).sum())
+    assert torch.equal(tokens, emulated.tokens)
+    assert 0 < int(flagged.sum()) < x.shape[0]  # both outcomes occur
+    # The data probes the threshold itself: another bound would flag other rows.
+    assert not torch.equal(flagged, emulate_pass(x, codebook, dot, bound="legacy", interpreted=True).flagged)
+    ref = nearest_code_reference(x, codebook)
+    assert torch.equal(tokens[~flagged], ref[~flagged])
+
+
 @interpreted
 def test_indexed_rows_pass_writes_only_those_rows() -> None:
     x, codebook = torch.randn(50, 9), torch.randn(20, 9)
@@ -236,27 +309,50 @@ def test_ieee_bound_is_the_contract_bound() -> None:
     """The ieee pass's score bound is within the gamma_{D+3} bound that tie_tolerance certifies."""
     u = UNIT_ROUNDOFF["float32"]
     for dim in (1, 3, 64, 256, 4096):
-        delta, beta = score_error_coefficients("ieee", dim)
+        coef = score_error_coefficients("ieee", dim)
         gamma = (dim + 3) * u / (1 - (dim + 3) * u)
-        # 2 delta ||x|| ||c|| + beta ||c||^2 <= gamma (||x|| + ||c||)^2 for all norms.
-        assert delta <= gamma and beta <= gamma
+        norm_error = dim * u / (1 - dim * u)  # a float32 sum of D squares
+        # cross ||x|| ||c|| + (square + norm gamma_D) ||c||^2 <= gamma (||x|| + ||c||)^2 for all norms.
+        assert coef.cross <= 2 * gamma and coef.square + coef.norm * norm_error <= gamma
+        assert coef.code_residual == 0 and coef.row_residual == 0
 
 
 def test_margin_threshold_orders_the_passes() -> None:
     for dim in (3, 37, 256, 1024):
-        a_tf32, b_tf32 = margin_threshold_coefficients("tf32", dim)
-        a_x3, _ = margin_threshold_coefficients("tf32x3", dim)
-        a_ieee, _ = margin_threshold_coefficients("ieee", dim)
-        assert a_tf32 > a_x3 > a_ieee > 0 and b_tf32 > 0
-        # tf32 rounds inputs at 2^-11: its cross term is at least 4 * 2 * 2^-11 (both candidates).
-        assert a_tf32 >= 8 * 2.0**-11
+        tf32 = margin_threshold_coefficients("tf32", dim)
+        x3 = margin_threshold_coefficients("tf32x3", dim)
+        ieee = margin_threshold_coefficients("ieee", dim)
+        assert x3.cross > ieee.cross > 0 and x3.square == ieee.square > 0 and x3.norm >= 1
+        # tf32: the input rounding goes to the residual terms (2 ||r(x)|| ||c|| + 2 ||x|| ||r(c)||).
+        assert tf32.row_residual >= 2 and tf32.code_residual >= 2 and tf32.cross > ieee.cross
+        assert x3.row_residual == x3.code_residual == 0
     with pytest.raises(UnsupportedOptionError):
         margin_threshold_coefficients("bf16", 8)
 
 
 def test_threshold_is_infinite_where_no_bound_exists() -> None:
-    a, _ = margin_threshold_coefficients("tf32x3", 2**22)  # 3D * 2^-23 >= 1
-    assert a == float("inf")
+    coef = margin_threshold_coefficients("tf32x3", 2**22)  # 3D * 2^-23 >= 1
+    assert coef.cross == float("inf") and not coef.is_finite()
+    assert margin_threshold_coefficients("tf32x3", 256).is_finite()
+
+
+def test_code_bound_terms_round_up() -> None:
+    codebook = torch.randn(300, 40) * torch.logspace(-3, 3, 300)[:, None]
+    norms = codebook.square().sum(1)
+    cd = codebook.double()
+    sq = cd.square().sum(1)
+    for dot in ("tf32", "tf32x3"):
+        coef = margin_threshold_coefficients(dot, 40)
+        terms = code_bound_terms(codebook, dot, code_norms=norms)
+        assert terms.dtype == torch.float32 and terms.shape == (3, 300)
+        res = (cd - round_tf32(codebook).double()).norm(dim=1) if dot == "tf32" else torch.zeros(300).double()
+        g = coef.cross * cd.norm(dim=1) + coef.code_residual * res
+        q = coef.square * sq + coef.norm * (norms.double() - sq).abs()
+        assert (terms[0].double() >= g).all() and (terms[1].double() >= coef.row_residual * cd.norm(dim=1)).all()
+        assert (terms[2].double() >= q).all()
+        assert (terms[0].double() <= g * (1 + 2.0**-22)).all()
+        # Without the loaded norms, the worst-case norm error gamma_D ||c||^2 takes its place.
+        assert (code_bound_terms(codebook, dot)[2] >= terms[2]).all()
 
 
 @pytest.mark.parametrize(("dim", "codes"), [(3, 1), (37, 40), (256, 1024), (64, 4096)])
@@ -321,3 +417,27 @@ def test_strip_unused_trailing_params() -> None:
     assert "k_param_2" not in stripped and "k_param_3" not in stripped and "[k_param_1]" in stripped
     with pytest.raises(ValueError, match="not found"):
         _strip_unused_trailing_params(ptx, "other")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="needs the compiled (not interpreted) kernel")
+@pytest.mark.parametrize("dot", ["tf32", "tf32x3"])
+def test_tracking_kernel_compiles_for_h100(dot: str) -> None:
+    """The flagging passes (per-code bound, step 4) lower to tensor-core PTX for sm_90 without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from vqdeploy.ops.triton_kernels import _nearest_code_kernel
+
+    signature = {name: "*fp32" for name in ("x_ptr", "c_ptr", "cnorm_ptr", "bound_ptr")}
+    signature.update({"rows_ptr": "*i64", "M": "i32", "K": "i32", "D": "i32", "out_ptr": "*i64"})
+    cfg = select_config(256, 1024, dot)
+    constexprs = {
+        "BLOCK_M": cfg.block_m, "BLOCK_K": cfg.block_k, "BLOCK_D": cfg.block_d, "DOT": dot,
+        "ROUND_TF32": dot == "tf32", "TRACK_SECOND": True, "NORMS_IN_KERNEL": False, "ROWS_INDEXED": True,
+    }
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = triton.compiler.ASTSource(fn=_nearest_code_kernel, signature=signature, constexprs=constexprs)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True}
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    assert "mma" in ptx and "tf32" in ptx

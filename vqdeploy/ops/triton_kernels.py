@@ -5,7 +5,7 @@
 tile of BLOCK_M rows loops over tiles of BLOCK_K codes, accumulates x.c over slices of BLOCK_D
 with `tl.dot`, forms the score s_k = ||c_k||^2 - 2 x.c_k in float32 (code norms computed once per
 call, in float32) and keeps a running (min, argmin) per row in registers. Memory: the inputs, the
-int64 output, K code norms, and the index list of rows that need a re-check.
+int64 output, K code norms, 3 x K bound terms, and the index list of rows that need a re-check.
 
 Passes and modes
 ----------------
@@ -13,56 +13,83 @@ The kernel runs with one of three dot precisions:
 
 * ``ieee``: float32 FMA (CUDA cores). Its scores obey the bound of `vqdeploy.ops.nearest_code`
   (eq. (1), u = 2^-24), so its argmin differs from the float64 argmin only by certified ties.
-  Call that argmin the *ieee argmin*; both modes return exactly the ieee argmin for every row.
+  Call that argmin the *ieee argmin*. Both modes return the exact argmin on every row that a
+  low-precision pass decides, and the ieee argmin on the rows left to ``ieee`` (step 5).
 * ``tf32x3``: three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), close to float32 accuracy
   and ~3x faster than ``ieee`` on an H100 (DESIGN.md section 5).
 * ``tf32``: one TF32 tensor-core pass, ~10x faster than ``ieee``, with 2^-11 input rounding.
 
-A low-precision pass also keeps, per row, the second-best score and flags every row whose margin
-(second - best) is within the error bound below; flagged rows (returned as ``-1 - index`` by the
-kernel, so no extra buffer is needed) are gathered by index and recomputed by the next pass.
+A low-precision pass also flags every row whose best-vs-second margin is within its rigorous error
+bound (step 4 below); flagged rows (returned as ``-1 - index`` by the kernel, so no extra buffer
+is needed) are gathered by index and recomputed by the next pass.
 
 * ``exact``: a ``tf32x3`` pass, then ``ieee`` on its flagged rows.
-* ``fast``: a ``tf32`` pass, then ``exact`` (``tf32x3``, then ``ieee``) on its flagged rows.
+* ``fast``: a ``tf32`` pass, then ``tf32x3`` on its flagged rows, then ``ieee`` on those it flags.
 
-Error bound of a pass and the margin threshold (the fast-mode bound)
----------------------------------------------------------------------
-Notation of `vqdeploy.ops.nearest_code`: gamma_n(u) = n u / (1 - n u); s_k the exact score; a pass
-computes t_k; ||.|| is the 2-norm; C = max_k ||c_k||.
+`vqdeploy.ops.pass_emulation` emulates the passes on CPU (TF32 rounding, float32 accumulation,
+the kernel's flag in float32) and ``benchmarks/bench_pass_bounds.py`` counts the rows that leave
+each pass. At (256, 1024) on random rows about 3.8% leave the ``tf32`` pass and 0.7% the
+``tf32x3`` one (benchmarks/RESULTS.md); sending the ``tf32`` pass's rows straight to ``ieee``
+would cost more (0.038 x 26.6 ms vs 0.038 x 7.9 + 0.007 x 26.6 ms per million rows on an H100).
+
+Error bound of a pass and the re-check test
+-------------------------------------------
+Notation of `vqdeploy.ops.nearest_code`: gamma_n(u) = n u / (1 - n u); s_k = ||c_k||^2 - 2 x.c_k
+the exact score, t_k the score a pass computes; ||.|| the 2-norm; u = 2^-24, v = 2^-11 (TF32
+rounding), w = 2^-23 (tensor-core accumulation, allowing truncation); tf32(v) the TF32 rounding of
+a vector and r(v) = v - tf32(v) its residual; n_k the float32 code norm the kernel loads.
+The bounds assume no overflow or underflow.
 
 1. Input rounding. The tf32 pass rounds both operands to TF32 (10 explicit mantissa bits) with
    round-to-nearest *in the kernel* (the tensor core itself may truncate; pre-rounding makes its
-   conversion exact), so tf32(v) = v (1 + e), |e| <= v_in = 2^-11. The product of two TF32
-   numbers (11-bit significands) is exact in float32, hence
-   |x_i c_i - tf32(x_i) tf32(c_i)| <= ((1 + v_in)^2 - 1) |x_i c_i| = (2 v_in + v_in^2) |x_i c_i|.
-2. Accumulation of n products in float32 adds at most gamma_n(w) * sum |products|. We take
-   w = 2^-23 for tensor-core passes (covers accumulation that truncates instead of rounding) and
-   w = 2^-24 for the FMA ``ieee`` pass. Together:
-       |fl(x.c) - x.c| <= delta * sum_i |x_i c_i| <= delta ||x|| ||c||   (Cauchy-Schwarz),
-       tf32:   delta = (1 + v_in)^2 (1 + gamma_D(2^-23)) - 1
-       ieee:   delta = gamma_D(2^-24)
-       tf32x3: delta = rho + gamma_{3D}(2^-23) g,  rho = 12 v^2 + 16 v^3,  g = (1+2v)^2 + 4v (1+2v),
-   where for tf32x3 (v = 2^-11, each split assumed truncated: |a - a_hi| <= 2v|a|, the part
-   lo*lo and the residual a - a_hi - a_lo are dropped) rho bounds the relative error of one
-   product and g bounds the sum of the three partial products' magnitudes.
-3. The score t_k = fl(n_k - 2 fl(x.c_k)) with n_k = ||c_k||^2 summed in float32 (error
-   gamma_D(2^-24) ||c_k||^2) and one final rounding (2^-24) gives
-       |t_k - s_k| <= 2 delta' ||x|| ||c_k|| + beta ||c_k||^2,
-       delta' = (1 + delta)(1 + 2^-24) - 1,  beta = (1 + gamma_D(2^-24))(1 + 2^-24) - 1.
-4. Let b be the pass's argmin and m = t_(2) - t_b its margin. If for every k != b
-       m > E_b + E_k + F_b + F_k                                                          (3)
-   with E the bound of step 3 for the pass and F the one for ``ieee``, then
-   s_k - s_b >= m - E_k - E_b > F_b + F_k, so b is the strict ieee argmin (and the strict exact
-   argmin). Bounding ||c_k|| <= C, (3) holds when
-       m > threshold(x) = A ||x|| C + B C^2,
-       A = 4 (delta'_pass + delta'_ieee) * safety,  B = 4 beta * safety.
-   `safety` = 1 + 2 gamma_{D+8}(2^-24) + 2^-20 covers evaluating ||x||, C, the threshold and the
-   margin in float32 inside the kernel. For D = 256 and tf32: A ~ 4.1e-3, i.e. a row is re-checked
-   when its margin is below ~0.4% of ||x|| C.
-5. Rows not flagged return b, which is the ieee argmin; flagged rows are recomputed by a pass
-   that again returns the ieee argmin (the last one, ``ieee``, by definition). Hence ``fast`` and
-   ``exact`` return the same tokens, row by row, and every token that differs from the float64
-   argmin is a certified tie per ``tie_tolerance(..., precision="float32")``.
+   conversion exact), so |tf32(a) - a| <= v |a| elementwise; the product of two TF32 numbers
+   (11-bit significands) is exact in float32. With x~ = tf32(x), c~ = tf32(c), exactly
+       x.c - x~.c~ = r(x).c + x~.r(c),  so  |x.c - x~.c~| <= ||r(x)|| ||c|| + (1 + v) ||x|| ||r(c)||
+   by Cauchy-Schwarz on the residuals. ||r(x)|| is typically ~0.4 v ||x||, not v ||x||: this is
+   where the bound gains most over bounding every product by (2v + v^2) |x_i c_i|.
+2. Accumulation of n products in float32 adds at most gamma_n(w) * sum |products| (w = 2^-24 for
+   the FMA ``ieee`` pass) and sum_i |a_i b_i| <= ||a|| ||b||. Hence |fl(x.c_k) - x.c_k| <= Delta_k,
+       tf32:   Delta_k = ||r(x)|| ||c_k|| + (1 + v) ||x|| ||r(c_k)|| + gamma_D(w) (1 + v)^2 ||x|| ||c_k||
+       ieee:   Delta_k = gamma_D(2^-24) ||x|| ||c_k||
+       tf32x3: Delta_k = (rho + gamma_{3D}(w) g) ||x|| ||c_k||,
+                         rho = 12 v^2 + 16 v^3,  g = (1+2v)^2 + 4v (1+2v),
+   where for tf32x3 (each split assumed truncated: |a - a_hi| <= 2v|a|, the part lo*lo and the
+   residual a - a_hi - a_lo are dropped) rho bounds the relative error of one product and g the
+   sum of the three partial products' magnitudes.
+3. The score t_k = fl(n_k - 2 fl(x.c_k)) rounds once (2^-24), so
+       |t_k - s_k| <= (1 + u) |n_k - ||c_k||^2| + u ||c_k||^2 + 2 (1 + u) Delta_k + 2u ||x|| ||c_k||.
+   n_k is summed in float32 (error <= gamma_D(u) ||c_k||^2), but its actual error is known: the host
+   computes ||c_k||^2 in float64 (squares of float32 values are exact there) and uses
+   |n_k - ||c_k||^2| + D 2^-52 ||c_k||^2, typically ~sqrt(D) times smaller than the worst case.
+   `score_error_coefficients` returns these coefficients (`ErrorCoefficients`).
+4. The test. Let e_k >= |t_k - s_k| for every code and b the pass's argmin. If
+       min_{k != b} (t_k - e_k) > t_b + e_b                                                  (3)
+   then for every k != b, s_k >= t_k - e_k > t_b + e_b >= s_b: b is the strict exact argmin.
+   The kernel evaluates e_k = ||x|| g_k + ||r(x)|| h_k + q_k per row and code, with per-code terms
+   (`code_bound_terms`, computed on the host in float64 and rounded up to float32)
+       g_k = cross ||c_k|| + code_residual ||r(c_k)||,  h_k = row_residual ||c_k||,
+       q_k = square ||c_k||^2 + norm |n_k - ||c_k||^2|,
+   from `margin_threshold_coefficients`: step 3's coefficients, plus 2u (||c_k||^2 + 2 ||x|| ||c_k||
+   + |n_k - ||c_k||^2|) for the float32 roundings of t_k - e_k and t_b + e_b (each <= u (|t| + e)),
+   all times `safety` = 1 + 2 gamma_{D+8}(2^-24) + 2^-20, which covers ||x||, ||r(x)|| (exact
+   differences x - tf32(x), squared and summed in float32, IEEE square root) and e_k evaluated
+   in float32 (a relative gamma_{D+4} at most). FMA contraction only removes roundings. A NaN
+   anywhere flags the row.
+   Tracking: per row the kernel keeps the best score t_b, its index, t_b - e_b and t_b + e_b, and
+   other_lo = min of t_k - e_k over the codes seen other than the current best; when a tile brings
+   a new best, the old best's t - e joins other_lo. This is the same float32 minimum as over all
+   codes at once (each t_k - e_k is computed once, in the same way, whichever tile holds it), so
+   the emulation computes it globally and matches the interpreted kernel row for row. Per score,
+   this costs three FMAs and one reduction more than tracking the second-best score.
+   The former test (flag when second - best <= A ||x|| C + B C^2 with C = max_k ||c_k||, A and B
+   covering this pass's and the ``ieee`` pass's errors) flagged 10.6% of random rows at (256, 1024)
+   where this one flags 3.8%; `vqdeploy.ops.pass_emulation` keeps it as ``bound="legacy"``.
+5. Tokens. A row that a pass does not flag gets the exact argmin; flagged rows go on, and the
+   ``ieee`` pass decides the rest. The exact re-check that follows it (the exact-tokens issue)
+   makes every mode return the exact argmin, so ``fast`` and ``exact`` agree row by row. Without
+   that re-check the ``ieee`` pass returns its own argmin, which differs from the exact one only
+   by a tie certified by ``tie_tolerance(..., precision="float32")``; the two modes can then
+   differ only on such rows (a row the ``tf32`` pass certified and the ``tf32x3`` pass did not).
 
 Other entry points: `nearest_code_into` (write into a given int64 buffer), `launch_on_stream`
 (for the TensorRT plugin: run on a given CUDA stream), `compile_exact_ptx` (PTX of the
@@ -93,13 +120,16 @@ from vqdeploy.ops.nearest_code import squared_norms
 __all__ = [
     "MODES",
     "AotKernel",
+    "ErrorCoefficients",
     "KernelConfig",
+    "code_bound_terms",
     "compile_exact_ptx",
     "launch_on_stream",
     "margin_threshold_coefficients",
     "nearest_code_into",
     "nearest_code_pass",
     "nearest_code_triton",
+    "round_tf32",
     "score_error_coefficients",
     "select_config",
 ]
@@ -127,36 +157,128 @@ def _gamma(n: float, u: float) -> float:
     return math.inf if nu >= 1.0 else nu / (1.0 - nu)
 
 
-def score_error_coefficients(dot: str, dim: int) -> tuple[float, float]:
-    """(delta', beta) of step 3: |t_k - s_k| <= 2 delta' ||x|| ||c_k|| + beta ||c_k||^2 for a pass."""
+@dataclass(frozen=True)
+class ErrorCoefficients:
+    """Coefficients of a bound linear in products of norms (module docstring, steps 3 and 4):
+
+    ``cross ||x|| ||c_k|| + code_residual ||x|| ||r(c_k)|| + row_residual ||r(x)|| ||c_k||
+    + square ||c_k||^2 + norm |n_k - ||c_k||^2|``, with r(v) = v - tf32(v) the TF32 rounding
+    residual of a vector and n_k the float32 code norm the kernel loads.
+    """
+
+    cross: float
+    code_residual: float
+    row_residual: float
+    square: float
+    norm: float
+
+    def __add__(self, other: ErrorCoefficients) -> ErrorCoefficients:
+        return ErrorCoefficients(*(a + b for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self) -> tuple[float, float, float, float, float]:
+        """(cross, code_residual, row_residual, square, norm)."""
+        return (self.cross, self.code_residual, self.row_residual, self.square, self.norm)
+
+    def scaled(self, factor: float) -> ErrorCoefficients:
+        """Every coefficient times ``factor``."""
+        return ErrorCoefficients(*(a * factor for a in self.astuple()))
+
+    def is_finite(self) -> bool:
+        """False where the bound does not exist (n u >= 1 in some gamma_n)."""
+        return all(math.isfinite(c) for c in self.astuple())
+
+
+def _dot_error(dot: str, dim: int) -> tuple[float, float, float]:
+    """Step 2: (cross, code_residual, row_residual) with |fl(x.c) - x.c| <= their norm products."""
+    v = V_TF32
     if dot == "ieee":
-        delta = _gamma(dim, U_FP32)
-    elif dot == "tf32":
-        delta = (1.0 + V_TF32) ** 2 * (1.0 + _gamma(dim, U_ACC_TC)) - 1.0
-    elif dot == "tf32x3":
-        v = V_TF32
+        return _gamma(dim, U_FP32), 0.0, 0.0
+    if dot == "tf32":
+        # x.c - x~.c~ = r(x).c + x~.r(c) exactly; ||x~|| <= (1 + v)||x||, ||c~|| <= (1 + v)||c||.
+        return _gamma(dim, U_ACC_TC) * (1.0 + v) ** 2, 1.0 + v, 1.0
+    if dot == "tf32x3":
         rho = 12 * v**2 + 16 * v**3
         growth = (1 + 2 * v) ** 2 + 4 * v * (1 + 2 * v)
-        delta = rho + _gamma(3 * dim, U_ACC_TC) * growth
-    else:
-        raise UnsupportedOptionError(f"dot precision must be one of {DOTS}, got {dot!r}")
-    delta_final = (1.0 + delta) * (1.0 + U_FP32) - 1.0
-    beta = (1.0 + _gamma(dim, U_FP32)) * (1.0 + U_FP32) - 1.0
-    return delta_final, beta
+        return rho + _gamma(3 * dim, U_ACC_TC) * growth, 0.0, 0.0
+    raise UnsupportedOptionError(f"dot precision must be one of {DOTS}, got {dot!r}")
 
 
-def margin_threshold_coefficients(dot: str, dim: int) -> tuple[float, float]:
-    """(A, B) of step 4: a row of a ``dot`` pass is re-checked when margin <= A ||x|| C + B C^2.
+def score_error_coefficients(dot: str, dim: int) -> ErrorCoefficients:
+    """Step 3: |t_k - s_k| <= the `ErrorCoefficients` bound for one pass's score t_k.
 
-    Infinite coefficients mean the bound does not exist (huge D): every row must be re-checked.
+    The loaded norm's own error |n_k - ||c_k||^2| is at most gamma_D(2^-24) ||c_k||^2 (it is summed
+    in float32); `code_bound_terms` uses its exact value instead.
     """
-    delta_pass, beta = score_error_coefficients(dot, dim)
-    delta_ref, _ = score_error_coefficients("ieee", dim)
-    safety = 1.0 + 2.0 * _gamma(dim + 8, U_FP32) + 2.0**-20
-    a = 4.0 * (delta_pass + delta_ref) * safety
-    b = 4.0 * beta * safety
-    # Rounded up by a relative 2^-20 so that the float32 kernel argument never falls below the bound.
-    return a * (1.0 + 2.0**-20), b * (1.0 + 2.0**-20)
+    cross, code_res, row_res = _dot_error(dot, dim)
+    u = U_FP32
+    return ErrorCoefficients(
+        cross=2.0 * (1.0 + u) * cross + 2.0 * u,
+        code_residual=2.0 * (1.0 + u) * code_res,
+        row_residual=2.0 * (1.0 + u) * row_res,
+        square=u,
+        norm=1.0 + u,
+    )
+
+
+def margin_threshold_coefficients(dot: str, dim: int) -> ErrorCoefficients:
+    """Step 4: the per-code slack e_k of a ``dot`` pass, as `ErrorCoefficients`.
+
+    A row keeps its best code b when min_{k != b} (t_k - e_k) > t_b + e_b, evaluated in float32:
+    then b is the strict exact argmin. e_k covers the pass's score error and the float32
+    evaluation of the test (safety factor included). Infinite coefficients mean the bound does not
+    exist (huge D): every row must be re-checked.
+    """
+    u = U_FP32
+    evaluation = ErrorCoefficients(cross=4.0 * u, code_residual=0.0, row_residual=0.0, square=2.0 * u, norm=2.0 * u)
+    safety = 1.0 + 2.0 * _gamma(dim + 8, u) + 2.0**-20
+    return (score_error_coefficients(dot, dim) + evaluation).scaled(safety)
+
+
+def round_tf32(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> nearest TF32 value (ties away from zero), the kernel's bit trick, as float32."""
+    bits = values.float().contiguous().view(torch.int32)
+    return ((bits + 0x1000) & -8192).view(torch.float32)
+
+
+def code_bound_terms(
+    codebook: torch.Tensor, dot: str, code_norms: torch.Tensor | None = None, residual: bool = True
+) -> torch.Tensor:
+    """Per-code float32 terms [3, K] of the slack e_k = ||x|| g_k + ||r(x)|| h_k + q_k (step 4).
+
+    g_k = cross ||c_k|| + code_residual ||r(c_k)||, h_k = row_residual ||c_k||,
+    q_k = square ||c_k||^2 + norm |n_k - ||c_k||^2|, computed in float64 from the float32 codes and
+    rounded up to float32. ``code_norms`` are the n_k the kernel loads (float32); without them
+    the norm error is bounded by gamma_D(2^-24) ||c_k||^2. ``residual=False`` bounds the TF32
+    residual terms by ||r(v)|| <= 2^-11 ||v|| (no ||r(x)|| needed; for comparison in
+    `vqdeploy.ops.pass_emulation`).
+    """
+    dim = codebook.shape[1]
+    coef = margin_threshold_coefficients(dot, dim)
+    codes = codebook.detach()
+    norms = torch.empty(codes.shape[0], dtype=torch.float64, device=codes.device)
+    res = torch.zeros_like(norms)
+    step = max(1, 2**18 // max(dim, 1))  # 1 MiB of float32 codes at a time
+    for start in range(0, codes.shape[0], step):
+        block = codes[start : start + step].float()
+        norms[start : start + step] = torch.linalg.vector_norm(block, dim=1, dtype=torch.float64)
+        if dot == "tf32":
+            res[start : start + step] = torch.linalg.vector_norm(block - round_tf32(block), dim=1, dtype=torch.float64)
+    sq = norms.square()
+    if code_norms is None:
+        norm_err = _gamma(dim, U_FP32) * sq
+    else:
+        # Squares of float32 values are exact in float64; the float64 sum errs by <= D 2^-53 of it.
+        norm_err = (code_norms.detach().to(sq.device, torch.float64) - sq).abs() + dim * 2.0**-52 * sq
+    if residual:
+        g = coef.cross * norms + coef.code_residual * res
+        h = coef.row_residual * norms
+    else:
+        g = (coef.cross + (coef.code_residual + coef.row_residual) * V_TF32) * norms
+        h = torch.zeros_like(norms)
+    q = coef.square * sq + coef.norm * norm_err
+    terms = torch.nan_to_num(torch.stack([g, h, q]).mul_(1.0 + 2.0**-30), nan=math.inf)
+    up = terms.float()
+    return torch.where(up.double() < terms, torch.nextafter(up, torch.full_like(up, math.inf)), up).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,12 +292,11 @@ def _nearest_code_kernel(
     c_ptr,
     cnorm_ptr,
     rows_ptr,
+    bound_ptr,
     M,
     K,
     D,
     out_ptr,
-    thr_a,
-    thr_b,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -188,7 +309,8 @@ def _nearest_code_kernel(
     """Rows [pid*BLOCK_M, +BLOCK_M) (or rows_ptr[...] of them): index of the nearest code.
 
     Non-constexpr arguments are ordered (inputs, scalars, output) so that the AOT variant
-    (cnorm_ptr, rows_ptr, thr_a, thr_b made constexpr) matches TensorRT's launch convention.
+    (cnorm_ptr, rows_ptr, bound_ptr made constexpr) matches TensorRT's launch convention.
+    With TRACK_SECOND, bound_ptr holds the [3, K] float32 terms of `code_bound_terms`.
     """
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -203,15 +325,25 @@ def _nearest_code_kernel(
 
     best = tl.full([BLOCK_M], float("inf"), tl.float32)
     best_idx = tl.zeros([BLOCK_M], tl.int32)
-    second = tl.full([BLOCK_M], float("inf"), tl.float32)
+    # Step 4: lower bounds t_k - e_k of the codes other than the best, and t_b -/+ e_b of the best.
+    other_lo = tl.full([BLOCK_M], float("inf"), tl.float32)
+    best_lo = tl.full([BLOCK_M], float("inf"), tl.float32)
+    best_hi = tl.full([BLOCK_M], float("inf"), tl.float32)
     x_sq = tl.zeros([BLOCK_M], tl.float32)
-    c_max_sq = tl.max(tl.zeros([BLOCK_K], tl.float32), axis=0)
+    r_sq = tl.zeros([BLOCK_M], tl.float32)
     if TRACK_SECOND:
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + offs_d
             xt = tl.load(x_rows[:, None] + dd[None, :], mask=m_mask[:, None] & (dd < D)[None, :], other=0.0)
             xt = xt.to(tl.float32)
             x_sq += tl.sum(xt * xt, axis=1)
+            if ROUND_TF32:
+                # x - tf32(x) is exact in float32: the TF32 rounding residual r(x).
+                rt = xt - ((xt.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+                r_sq += tl.sum(rt * rt, axis=1)
+    # sqrt_rn: IEEE square root (tl.sqrt may be the approximate one); the bound counts one rounding.
+    x_norm = tl.sqrt_rn(x_sq)
+    r_norm = tl.sqrt_rn(r_sq)
 
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + offs_k
@@ -240,19 +372,33 @@ def _nearest_code_kernel(
         tile_best = tl.min(scores, axis=1)
         # Lowest code index reaching the tile minimum: ties go to the lowest k.
         tile_idx = tl.min(tl.where(scores == tile_best[:, None], codes[None, :], K), axis=1)
-        if TRACK_SECOND:
-            tile_second = tl.min(tl.where(codes[None, :] == tile_idx[:, None], float("inf"), scores), axis=1)
-            second = tl.minimum(tl.minimum(second, tile_second), tl.maximum(best, tile_best))
-            c_max_sq = tl.maximum(c_max_sq, tl.max(tl.where(k_mask, c_norm, 0.0), axis=0))
         # Strict <: an equal score in a later tile has a higher index and loses the tie.
         better = tile_best < best
+        if TRACK_SECOND:
+            g = tl.load(bound_ptr + codes, mask=k_mask, other=0.0)
+            q = tl.load(bound_ptr + 2 * K + codes, mask=k_mask, other=0.0)
+            err = x_norm[:, None] * g[None, :]
+            if ROUND_TF32:
+                h = tl.load(bound_ptr + K + codes, mask=k_mask, other=0.0)
+                err = err + r_norm[:, None] * h[None, :]
+            err = err + q[None, :]
+            lo = scores - err  # masked codes: inf - 0
+            is_best = codes[None, :] == tile_idx[:, None]
+            tile_err = tl.sum(tl.where(is_best, err, 0.0), axis=1)  # one nonzero term: exact
+            tile_other = tl.min(tl.where(is_best, float("inf"), lo), axis=1)
+            tile_lo = tile_best - tile_err  # the lo of the tile's best, bit for bit
+            keep_other = tl.minimum(other_lo, tl.minimum(tile_other, tile_lo))
+            new_other = tl.minimum(tl.minimum(other_lo, best_lo), tile_other)
+            other_lo = tl.where(better, new_other, keep_other)
+            best_lo = tl.where(better, tile_lo, best_lo)
+            best_hi = tl.where(better, tile_best + tile_err, best_hi)
         best_idx = tl.where(better, tile_idx, best_idx)
         best = tl.where(better, tile_best, best)
 
     result = best_idx.to(tl.int64)
     if TRACK_SECOND:
-        threshold = thr_a * tl.sqrt(x_sq) * tl.sqrt(c_max_sq) + thr_b * c_max_sq
-        recheck = (second - best) <= threshold
+        # Not (other_lo > best_hi): a NaN anywhere re-checks the row.
+        recheck = ~(other_lo > best_hi)
         result = tl.where(recheck, -1 - result, result)
     tl.store(out_ptr + rows, result, mask=m_mask)
 
@@ -342,11 +488,13 @@ def nearest_code_pass(
     dot: str,
     rows: torch.Tensor | None = None,
     config: KernelConfig | None = None,
+    bound_terms: torch.Tensor | None = None,
 ) -> None:
     """One launch: writes ``out[rows]`` (all rows if None) for contiguous x and codebook.
 
     ``dot="ieee"`` writes indices; ``"tf32"`` and ``"tf32x3"`` write ``-1 - index`` for the rows
     whose margin is within the bound of the module docstring (step 4), to be re-checked.
+    ``bound_terms`` is ``code_bound_terms(codebook, dot, code_norms)`` (computed here if None).
     """
     if dot not in DOTS:
         raise UnsupportedOptionError(f"dot precision must be one of {DOTS}, got {dot!r}")
@@ -360,19 +508,19 @@ def nearest_code_pass(
     dim, num_codes = x.shape[1], codebook.shape[0]
     cfg = config or select_config(dim, num_codes, dot)
     track = dot != "ieee"
-    thr_a, thr_b = margin_threshold_coefficients(dot, dim) if track else (0.0, 0.0)
+    if track and bound_terms is None:
+        bound_terms = code_bound_terms(codebook, dot, code_norms=code_norms)
     grid = (triton.cdiv(num_rows, cfg.block_m),)
     _kernel_for(x.device)[grid](
         x,
         codebook,
         code_norms,
         rows,
+        bound_terms,
         num_rows,
         num_codes,
         dim,
         out,
-        thr_a,
-        thr_b,
         BLOCK_M=cfg.block_m,
         BLOCK_K=cfg.block_k,
         BLOCK_D=cfg.block_d,
@@ -405,7 +553,7 @@ def _run_mode(
     dim = x.shape[1]
     chain = ("tf32", "tf32x3", "ieee") if mode == "fast" else ("tf32x3", "ieee")
     # Skip a low-precision pass whose bound does not exist (D too large): it would flag every row.
-    chain = tuple(d for d in chain if d == "ieee" or math.isfinite(margin_threshold_coefficients(d, dim)[0]))
+    chain = tuple(d for d in chain if d == "ieee" or margin_threshold_coefficients(d, dim).is_finite())
     rows: torch.Tensor | None = None
     for dot in chain:
         nearest_code_pass(x, codebook, code_norms, out, dot, rows=rows, config=config)
@@ -536,12 +684,11 @@ def compile_exact_ptx(
         "c_ptr": "*" + _TRITON_DTYPES[codebook_dtype],
         "cnorm_ptr": "constexpr",
         "rows_ptr": "constexpr",
+        "bound_ptr": "constexpr",
         "M": "i32",
         "K": "i32",
         "D": "i32",
         "out_ptr": "*i64",
-        "thr_a": "constexpr",
-        "thr_b": "constexpr",
         "BLOCK_M": "constexpr",
         "BLOCK_K": "constexpr",
         "BLOCK_D": "constexpr",
@@ -554,8 +701,7 @@ def compile_exact_ptx(
     constexprs = {
         "cnorm_ptr": None,
         "rows_ptr": None,
-        "thr_a": 0.0,
-        "thr_b": 0.0,
+        "bound_ptr": None,
         "BLOCK_M": config.block_m,
         "BLOCK_K": config.block_k,
         "BLOCK_D": config.block_d,
