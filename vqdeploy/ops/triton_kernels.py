@@ -26,6 +26,11 @@ is needed) are gathered by index and recomputed by the next pass.
 * ``exact``: a ``tf32x3`` pass, then ``ieee`` on its flagged rows.
 * ``fast``: a ``tf32`` pass, then ``tf32x3`` on its flagged rows, then ``ieee`` on those it flags.
 
+In both modes the ``ieee`` pass flags too, with its own bound, and the rows it flags (near ties,
+duplicates, exact midpoints: 0.02-0.14% of random rows, emulated) are re-solved on the host by
+`vqdeploy.ops.nearest_code.exact_nearest`. Every pass certifies the exact argmin of the rows it
+does not flag, so both modes return the exact argmin, row by row, and the same tokens.
+
 `vqdeploy.ops.pass_emulation` emulates the passes on CPU (TF32 rounding, float32 accumulation,
 the kernel's flag in float32) and ``benchmarks/bench_pass_bounds.py`` counts the rows that leave
 each pass. At (256, 1024) on random rows about 3.8% leave the ``tf32`` pass and 0.7% the
@@ -115,7 +120,7 @@ except ImportError as exc:  # nearest_code.py falls back to the blocked torch pa
     raise ImportError("vqdeploy.ops.triton_kernels needs Triton: pip install triton") from exc
 
 from vqdeploy.errors import DeviceNotAvailableError, InputDtypeError, InputShapeError, UnsupportedOptionError
-from vqdeploy.ops.nearest_code import squared_norms
+from vqdeploy.ops.nearest_code import exact_nearest, squared_norms
 
 __all__ = [
     "MODES",
@@ -489,11 +494,13 @@ def nearest_code_pass(
     rows: torch.Tensor | None = None,
     config: KernelConfig | None = None,
     bound_terms: torch.Tensor | None = None,
+    flag: bool | None = None,
 ) -> None:
     """One launch: writes ``out[rows]`` (all rows if None) for contiguous x and codebook.
 
-    ``dot="ieee"`` writes indices; ``"tf32"`` and ``"tf32x3"`` write ``-1 - index`` for the rows
-    whose margin is within the bound of the module docstring (step 4), to be re-checked.
+    A flagging pass writes ``-1 - index`` for the rows whose margin is within the bound of the
+    module docstring (step 4), to be re-checked; the others write indices. ``"tf32"`` and
+    ``"tf32x3"`` always flag; ``"ieee"`` flags when ``flag=True`` (the exact mode's last pass).
     ``bound_terms`` is ``code_bound_terms(codebook, dot, code_norms)`` (computed here if None).
     """
     if dot not in DOTS:
@@ -507,7 +514,7 @@ def nearest_code_pass(
         return
     dim, num_codes = x.shape[1], codebook.shape[0]
     cfg = config or select_config(dim, num_codes, dot)
-    track = dot != "ieee"
+    track = dot != "ieee" if flag is None else bool(flag) or dot != "ieee"
     if track and bound_terms is None:
         bound_terms = code_bound_terms(codebook, dot, code_norms=code_norms)
     grid = (triton.cdiv(num_rows, cfg.block_m),)
@@ -556,12 +563,13 @@ def _run_mode(
     chain = tuple(d for d in chain if d == "ieee" or margin_threshold_coefficients(d, dim).is_finite())
     rows: torch.Tensor | None = None
     for dot in chain:
-        nearest_code_pass(x, codebook, code_norms, out, dot, rows=rows, config=config)
-        if dot == "ieee":
-            return
+        # The ieee pass flags too: its flagged rows (near ties, duplicates) get the exact re-check.
+        nearest_code_pass(x, codebook, code_norms, out, dot, rows=rows, config=config, flag=True)
         rows = _flagged(out, rows)
         if rows.numel() == 0:
             return
+    exact = exact_nearest(x[rows].cpu(), codebook.cpu())
+    out[rows] = exact.to(out.device)
 
 
 def nearest_code_into(
