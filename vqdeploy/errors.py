@@ -65,3 +65,7 @@ class DeviceNotAvailableError(VQDeployError, RuntimeError):
 
 class ParityError(VQDeployError, AssertionError):
     """Backend tokens are not at parity with the eager model (DESIGN.md section 4)."""
+
+
+class ProcessGroupNotInitializedError(VQDeployError, RuntimeError):
+    """sync_codebook=True in a training forward, but no torch.distributed process group is initialised."""
