@@ -278,3 +278,50 @@ def test_no_collective_in_eval_no_grad_or_inference_mode(ranks, name):
     assert record["collectives_in_eval"] == 0
     assert record["unchanged_without_grad"]
     assert record["collectives_in_training"] > 0  # the counter sees what a training forward issues
+
+
+# -- one process, no process group -------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(sync_codebook="yes"), dict(sync_codebook=1), dict(sync_kmeans=None)])
+def test_sync_options_are_checked(kwargs):
+    from vqdeploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sync_"):
+        VectorQuantize(dim=8, codebook_size=16, **kwargs)
+    with pytest.raises(ConfigError, match="sync_"):
+        ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, **kwargs)
+
+
+def test_sync_codebook_true_needs_a_process_group_to_train_but_not_to_run():
+    from vqdeploy.errors import ProcessGroupNotInitializedError
+
+    assert not dist.is_initialized()
+    vq = VectorQuantize(dim=8, codebook_size=16, sync_codebook=True)
+    x = torch.randn(2, 5, 8)
+    vq.eval()(x)  # eval never looks at torch.distributed
+    with pytest.raises(ProcessGroupNotInitializedError, match="init_process_group"):
+        vq.train()(x)
+    rvq = ResidualVQ(dim=8, num_quantizers=2, codebook_size=16, sync_codebook=True, quantize_dropout=True)
+    with pytest.raises(ProcessGroupNotInitializedError):
+        rvq.train()(x)
+
+
+def test_automatic_sync_is_off_without_a_process_group_and_training_is_unchanged():
+    torch.manual_seed(0)
+    auto = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True, threshold_ema_dead_code=2)
+    torch.manual_seed(0)
+    off = VectorQuantize(dim=8, codebook_size=16, kmeans_init=True, threshold_ema_dead_code=2, sync_codebook=False)
+    for step in range(3):
+        x = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(step))
+        torch.manual_seed(step)
+        a = auto.train()(x)[1]
+        torch.manual_seed(step)
+        assert torch.equal(a, off.train()(x)[1])
+    for (name, mine), (_, theirs) in zip(auto.named_buffers(), off.named_buffers(), strict=True):
+        assert torch.equal(mine, theirs), name
+
+
+def test_loading_a_state_dict_broadcasts_rank0_state_again():
+    vq = VectorQuantize(dim=8, codebook_size=16)
+    vq._codebook.states_broadcast = True  # as after a first synced step
+    vq.load_state_dict(VectorQuantize(dim=8, codebook_size=16).state_dict())
+    assert not vq._codebook.states_broadcast

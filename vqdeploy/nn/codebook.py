@@ -66,6 +66,7 @@ class EMACodebook(nn.Module):
         self.sync_codebook, self.sync_kmeans = sync_codebook, sync_kmeans
         self.syncing = False  # this training forward's decision, taken by `begin_training_step`
         self.states_broadcast = False
+        self.rank_rows: torch.Tensor | None = None  # rows of each rank in this step's statistics
         self.register_load_state_dict_post_hook(_reset_sync_state)
         self.dim, self.codebook_size, self.num_codebooks = dim, codebook_size, num_codebooks
         self.decay, self.eps = decay, eps
@@ -164,12 +165,18 @@ class EMACodebook(nn.Module):
     @torch.no_grad()
     def track_usage_(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
         """Fold one batch's code counts and code sums into the moving averages (summed over ranks when syncing)."""
-        stats = torch.zeros(self.num_codebooks, self.codebook_size, self.dim + 1, dtype=flat.dtype, device=flat.device)
+        stats_numel = self.num_codebooks * self.codebook_size * (self.dim + 1)
+        world = torch.distributed.get_world_size() if self.syncing else 0
+        message = torch.zeros(stats_numel + world, dtype=flat.dtype, device=flat.device)
+        stats = message[:stats_numel].view(self.num_codebooks, self.codebook_size, self.dim + 1)
         for h in range(self.num_codebooks):
             stats[h, :, : self.dim].index_add_(0, indices[h], flat[h])
             stats[h, :, self.dim] = torch.bincount(indices[h], minlength=self.codebook_size).to(flat.dtype)
         if self.syncing:
-            distributed.all_reduce_sum_(stats)  # one collective for every head: [sums | counts]
+            # one collective for every head: [sums | counts | rows of each rank (for dead codes)]
+            message[stats_numel + torch.distributed.get_rank()] = flat.shape[1]
+            distributed.all_reduce_sum_(message)
+            self.rank_rows = distributed.exact_row_counts(message[stats_numel:], flat.shape[1])
         for h in range(self.num_codebooks):
             self.cluster_size[h].lerp_(stats[h, :, self.dim].to(self.cluster_size.dtype), 1.0 - self.decay)
             self.embed_avg[h].lerp_(stats[h, :, : self.dim].to(self.embed_avg.dtype), 1.0 - self.decay)
@@ -213,7 +220,9 @@ class EMACodebook(nn.Module):
         deads = [(self.cluster_size[h] < self.threshold_ema_dead_code).nonzero().flatten() for h in range(self.num_codebooks)]
         if all(dead.numel() == 0 for dead in deads):  # cluster sizes are equal on every rank: so is this
             return
-        counts = distributed.rank_row_counts(flat.shape[1] // segments, flat.device)
+        counts, self.rank_rows = self.rank_rows, None  # sent with the statistics of this step
+        if counts is None:
+            counts = distributed.rank_row_counts(flat.shape[1] // segments, flat.device)
         total = int(counts.sum()) * segments
         if total == 0:
             return

@@ -13,8 +13,9 @@ its heads, ResidualVQ, a shared codebook) syncs the same way. What travels, per 
   iteration all-reduces ``[sums | counts]``, K x (D + 1): k-means on the global batch, with
   traffic independent of the batch size. ``sync_kmeans=False``: k-means on rank 0's shard alone,
   its result broadcast (K x D, bounded; cheaper, not the global batch).
-- Dead codes: rows of the global batch picked the same way (one all-reduce of per-rank row counts,
-  one broadcast of the picks, one all-reduce of the picked rows), so every rank writes the same rows.
+- Dead codes: rows of the global batch picked the same way (the rows of each rank travel with the
+  EMA statistics; one broadcast of the picks, one all-reduce of the picked rows), so every rank
+  writes the same rows.
 - The first synced training forward of a module (and the first after `load_state_dict`) broadcasts
   rank 0's codebook state once, so ranks that were initialised with different seeds agree.
 - ResidualVQ's quantize-dropout stop stage: drawn by rank 0, broadcast.
@@ -108,6 +109,17 @@ def rank_row_counts(local_rows: int, device: torch.device) -> torch.Tensor:
     counts = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=device)
     counts[dist.get_rank()] = local_rows
     return all_reduce_sum_(counts)
+
+
+def exact_row_counts(sent: torch.Tensor, local_rows: int) -> torch.Tensor:
+    """(W,) int64 row counts that travelled as floats with other statistics (exact below 2^24 in float32).
+
+    Above that (every rank sees the same values, so every rank takes the same branch) one more
+    all-reduce counts them in int64.
+    """
+    if float(sent.max()) < 2 / torch.finfo(sent.dtype).eps:  # every integer below is exact
+        return sent.round().long()
+    return rank_row_counts(local_rows, sent.device)
 
 
 def global_rows(local: torch.Tensor, picks: torch.Tensor, counts: torch.Tensor, segments: int = 1) -> torch.Tensor:
