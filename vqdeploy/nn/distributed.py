@@ -28,6 +28,7 @@ already equal on every rank, so all ranks call the same collectives in the same 
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import torch
@@ -138,3 +139,13 @@ def global_rows(local: torch.Tensor, picks: torch.Tensor, counts: torch.Tensor, 
     out = torch.zeros(picks.numel(), local.shape[-1], dtype=local.dtype, device=local.device)
     out[owned] = local[(segment * mine + within - offset)[owned]]
     return all_reduce_sum_(out)  # each row comes from one rank; the others add zeros
+
+
+def randrange(start: int, stop: int, sync_codebook: bool | None, device: torch.device) -> int:
+    """`random.randrange(start, stop)`, drawn by rank 0 for every rank when codebooks sync now.
+
+    For per-forward choices that change which collectives run (quantize dropout's stop stage).
+    """
+    if syncs_now(sync_codebook):
+        return int(drawn_by_rank0(lambda: torch.tensor([random.randrange(start, stop)]), 1, device))
+    return random.randrange(start, stop)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
@@ -23,13 +22,6 @@ from vqdeploy.nn.vector_quantize import VectorQuantize
 
 # VectorQuantize options that make no sense per stage of a residual quantizer.
 _PER_STAGE_ONLY = ("heads", "separate_codebook_per_head", "accept_image_fmap", "channel_last", "codebook_dim", "dim")
-
-
-def random_stage(start: int, stop: int, sync_codebook: bool | None, device: torch.device) -> int:
-    """random.randrange(start, stop), drawn by rank 0 for every rank when the codebooks sync now."""
-    if distributed.syncs_now(sync_codebook):
-        return int(distributed.drawn_by_rank0(lambda: torch.tensor([random.randrange(start, stop)]), 1, device))
-    return random.randrange(start, stop)
 
 
 class ResidualVQ(nn.Module):
@@ -115,7 +107,7 @@ class ResidualVQ(nn.Module):
         last = self.num_quantizers - 1
         if not (self.training and self.quantize_dropout):
             return last
-        stop = random_stage(self.quantize_dropout_cutoff_index, self.num_quantizers, self.sync_codebook, device)
+        stop = distributed.randrange(self.quantize_dropout_cutoff_index, self.num_quantizers, self.sync_codebook, device)
         if self.quantize_dropout_multiple_of != 1:
             multiple = self.quantize_dropout_multiple_of
             stop = min(last, -(-(stop + 1) // multiple) * multiple - 1)
