@@ -55,6 +55,9 @@ CONFIGS = {
                    threshold_ema_dead_code=1.5, use_cosine_sim=True), expect_dead_codes=True,
     ),
     "vq_heads_shared": Config("vq", dict(codebook_size=32, heads=2, codebook_dim=8), all_reduces_per_step=1),
+    "vq_heads_separate_plain": Config(  # one all-reduce carries the statistics of every head
+        "vq", dict(codebook_size=16, heads=4, codebook_dim=4, separate_codebook_per_head=True), all_reduces_per_step=1
+    ),
     "vq_kmeans_rank0": Config(
         "vq", dict(codebook_size=32, kmeans_init=True, sync_kmeans=False), compare_to_one_process=False
     ),
