@@ -239,18 +239,15 @@ class EMACodebook(nn.Module):
             return torch.cat(choices)
 
         chosen = distributed.drawn_by_rank0(choose, 2 * sum(sizes), flat.device)
-        codes, picks, start = [], [], 0
-        for size in sizes:
-            codes.append(chosen[start : start + size])
-            picks.append(chosen[start + size : start + 2 * size])
+        dead_codes, picks, start = [], [], 0
+        for h, size in enumerate(sizes):
+            dead_codes.append(chosen[start : start + size])
+            picks.append(chosen[start + size : start + 2 * size] + h * total)  # head h: segments h*S .. h*S + S - 1
             start += 2 * size
-        local = torch.cat([self.transform_input(flat[h]) for h in range(self.num_codebooks)])  # (H * M, D)
-        head_offsets = [h * total for h in range(self.num_codebooks)]  # head h is segments h*S .. h*S + S - 1
-        rows = distributed.global_rows(
-            local, torch.cat([p + o for p, o in zip(picks, head_offsets, strict=True)]), counts, segments * self.num_codebooks
-        ).to(self.embed.dtype)
+        local = self.transform_input(flat).reshape(-1, self.dim)  # (H * M, D), heads end to end
+        rows = distributed.global_rows(local, torch.cat(picks), counts).to(self.embed.dtype)
         start = 0
-        for h, (dead, size) in enumerate(zip(codes, sizes, strict=True)):
+        for h, (dead, size) in enumerate(zip(dead_codes, sizes, strict=True)):
             if size == 0:
                 continue
             samples = rows[start : start + size]

@@ -123,13 +123,14 @@ def exact_row_counts(sent: torch.Tensor, local_rows: int) -> torch.Tensor:
     return rank_row_counts(local_rows, sent.device)
 
 
-def global_rows(local: torch.Tensor, picks: torch.Tensor, counts: torch.Tensor, segments: int = 1) -> torch.Tensor:
+def global_rows(local: torch.Tensor, picks: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Rows number `picks` of the global batch, on every rank (one all-reduce of len(picks) x D).
 
-    `local` (segments * m_r, D) is this rank's part of a global batch laid out segment by segment,
-    each segment being the ranks' rows in rank order: the layout of `torch.cat(shards)` for one
-    segment, and of a ResidualVQ's stage inputs concatenated stage after stage for several.
-    `counts` (W,) holds m_r, the rows per segment of each rank.
+    The global batch is laid out segment by segment, each segment being the ranks' rows in rank
+    order: the layout of `torch.cat(shards)` for one segment; of a ResidualVQ's stage inputs
+    concatenated stage after stage, or of several heads end to end, for more. `local` (S * m_r, D)
+    is this rank's part, its S segments end to end; `counts` (W,) holds m_r, the rows per segment
+    of each rank.
     """
     rank = dist.get_rank()
     per_segment = int(counts.sum())
