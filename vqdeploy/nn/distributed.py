@@ -3,14 +3,15 @@
 The codebook (`EMACodebook`) calls these helpers, so every container of codebooks (VectorQuantize,
 its heads, ResidualVQ, a shared codebook) syncs the same way. What travels, per training forward:
 
-- EMA statistics: one all-reduce (SUM) of ``[code sums | code counts]``, shape (H, K, D + 1), per
-  codebook update. Sums, not means: the EMA then sees the counts of the whole batch, exactly what
+- EMA statistics: one all-reduce (SUM) of ``[code sums | code counts]``, shape (H, K, D + 1), and
+  the W row counts of the ranks, per codebook update. Sums, not means: the EMA then sees the counts of the whole batch, exactly what
   one process on ``torch.cat(shards)`` sees, and ``threshold_ema_dead_code`` stays a count of the
   global batch.
-- k-means init (``sync_kmeans=True``): the initial means are rows of the global batch (rank 0
-  draws global row numbers with the generator one process would use, one broadcast of K numbers,
-  then one all-reduce of the K x D rows, each added by the rank that holds it), and every Lloyd
-  iteration all-reduces ``[sums | counts]``, K x (D + 1): k-means on the global batch, with
+- k-means init (``sync_kmeans=True``): the initial means are rows of the global batch (one
+  all-reduce of the ranks' row counts; rank 0 draws global row numbers with the generator one
+  process would use, one broadcast of K numbers, then one all-reduce of the K x D rows, each added
+  by the rank that holds it), and every Lloyd iteration all-reduces ``[sums | counts]``, K x (D + 1)
+  in float64: k-means on the global batch, with
   traffic independent of the batch size. ``sync_kmeans=False``: k-means on rank 0's shard alone,
   its result broadcast (K x D, bounded; cheaper, not the global batch).
 - Dead codes: rows of the global batch picked the same way (the rows of each rank travel with the
