@@ -81,3 +81,7 @@ class EngineRunError(VQDeployError, RuntimeError):
 
 class PluginRegistrationError(VQDeployError, RuntimeError):
     """The TensorRT plugin exists here but TensorRT refused its definition."""
+
+
+class ProcessGroupNotInitializedError(VQDeployError, RuntimeError):
+    """sync_codebook=True in a training forward, but no torch.distributed process group is initialised."""

@@ -97,3 +97,29 @@ def test_training_script_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "digits_vqvae.safetensors").is_file()
     assert isinstance(load_example(tmp_path / "digits_vqvae.safetensors"), DigitsVQVAE)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_training_script_runs_under_torchrun(tmp_path: Path) -> None:
+    """The README's torchrun command: 2 gloo ranks, DDP, the codebook equal on both at the end."""
+    script = REPO / "models" / "train_digits_vqvae_ddp.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    proc = subprocess.run(
+        [*torchrun, str(script), "--steps", "3", "--out", str(tmp_path / "ddp.safetensors")],
+        capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 ranks, 3 steps" in proc.stdout and "codebooks bitwise equal on every rank: True" in proc.stdout
+    assert isinstance(load_example(tmp_path / "ddp.safetensors"), DigitsVQVAE)
+    alone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                           stdin=subprocess.DEVNULL)
+    assert alone.returncode == 2 and "torchrun" in alone.stderr

@@ -2,14 +2,19 @@
 
 Buffers keep the names of vector-quantize-pytorch (`embed`, `embed_avg`, `cluster_size`,
 `initted`, all shaped with a leading codebook axis H) so that its state dicts load unchanged.
+Under torch.distributed the codebook syncs itself (`sync_codebook`; what travels is described in
+`vqdeploy.nn.distributed`), so whatever module holds it trains as one process on the whole batch.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqdeploy.nn import distributed
 from vqdeploy.ops.nearest_code import nearest_code
 
 
@@ -23,13 +28,20 @@ def laplace_smoothing(counts: torch.Tensor, num_categories: int, eps: float) -> 
     return (counts + eps) / (counts.sum(dim=-1, keepdim=True) + num_categories * eps)
 
 
+def sample_row_numbers(total: int, num: int, device: torch.device) -> torch.Tensor:
+    """`num` row numbers out of `total`, without replacement when there are enough rows."""
+    if total >= num:
+        return torch.randperm(total, device=device)[:num]
+    return torch.randint(0, total, (num,), device=device)
+
+
 def sample_rows(samples: torch.Tensor, num: int) -> torch.Tensor:
     """`num` rows of `samples`, without replacement when there are enough of them."""
-    if samples.shape[0] >= num:
-        picks = torch.randperm(samples.shape[0], device=samples.device)[:num]
-    else:
-        picks = torch.randint(0, samples.shape[0], (num,), device=samples.device)
-    return samples[picks]
+    return samples[sample_row_numbers(samples.shape[0], num, samples.device)]
+
+
+def _reset_sync_state(module: EMACodebook, incompatible_keys: object) -> None:
+    module.states_broadcast = False  # a state dict loaded on some ranks only: rank 0's wins again
 
 
 class EMACodebook(nn.Module):
@@ -46,8 +58,16 @@ class EMACodebook(nn.Module):
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 0,
         use_cosine_sim: bool = False,
+        sync_codebook: bool | None = None,
+        sync_kmeans: bool = True,
     ):
         super().__init__()
+        distributed.check_sync_options(sync_codebook, sync_kmeans)
+        self.sync_codebook, self.sync_kmeans = sync_codebook, sync_kmeans
+        self.syncing = False  # this training forward's decision, taken by `begin_training_step`
+        self.states_broadcast = False
+        self.rank_rows: torch.Tensor | None = None  # rows of each rank in this step's statistics
+        self.register_load_state_dict_post_hook(_reset_sync_state)
         self.dim, self.codebook_size, self.num_codebooks = dim, codebook_size, num_codebooks
         self.decay, self.eps = decay, eps
         self.kmeans_iters = kmeans_iters
@@ -86,25 +106,80 @@ class EMACodebook(nn.Module):
         return torch.stack([embed[h].index_select(0, indices[h]) for h in range(self.num_codebooks)])
 
     # -- training -------------------------------------------------------------------------------
+    def begin_training_step(self) -> bool:
+        """Whether this training forward updates the codebook; containers call it before the updates.
+
+        Decides, at every forward, whether the updates sync (`distributed.sync_active`). A synced
+        codebook does not learn under no_grad or inference mode (no collective may run there);
+        one that does not sync always learns, as it always did. The first synced step broadcasts
+        rank 0's state.
+        """
+        self.syncing = distributed.sync_active(self.sync_codebook)
+        if not self.syncing:
+            return True
+        if not distributed.collectives_allowed():
+            self.syncing = False
+            return False
+        if not self.states_broadcast:
+            with torch.no_grad():
+                distributed.broadcast_from_rank0_(list(self.buffers()))
+            self.states_broadcast = True
+        return True
+
     @torch.no_grad()
     def init_with_kmeans_(self, flat: torch.Tensor) -> None:
-        """k-means on the first training batch; flat (H, M, D)."""
+        """k-means on the first training batch (the global one when syncing); flat (H, M, D)."""
+        if self.syncing and not self.sync_kmeans:  # rank 0's shard alone, its codebook broadcast
+            if torch.distributed.get_rank() == 0:
+                self._kmeans_(flat)
+            distributed.broadcast_from_rank0_([self.embed_avg, self.cluster_size, self.embed])
+        elif self.syncing:
+            counts = distributed.rank_row_counts(flat.shape[1], flat.device)
+            total = int(counts.sum())
+
+            def initial_means(samples: torch.Tensor) -> torch.Tensor:
+                picks = distributed.drawn_by_rank0(
+                    lambda: sample_row_numbers(total, self.codebook_size, flat.device), self.codebook_size, flat.device
+                )
+                return distributed.global_rows(samples, picks, counts)
+
+            self._kmeans_(flat, initial_means, distributed.all_reduce_sum_)
+        else:
+            self._kmeans_(flat)
+        self.initted.fill_(True)
+
+    def _kmeans_(
+        self,
+        flat: torch.Tensor,
+        initial_means: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
         for h in range(self.num_codebooks):
-            means, counts = kmeans(flat[h], self.codebook_size, self.kmeans_iters, self.use_cosine_sim)
+            means, counts = kmeans(
+                flat[h], self.codebook_size, self.kmeans_iters, self.use_cosine_sim, initial_means, reduce
+            )
             self.embed_avg[h].copy_(means * counts[:, None])
             self.cluster_size[h].copy_(counts)
         self.refresh_embed_()
-        self.initted.fill_(True)
 
     @torch.no_grad()
     def track_usage_(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        """Fold one batch's code counts and code sums into the moving averages."""
+        """Fold one batch's code counts and code sums into the moving averages (summed over ranks when syncing)."""
+        stats_numel = self.num_codebooks * self.codebook_size * (self.dim + 1)
+        world = torch.distributed.get_world_size() if self.syncing else 0
+        message = torch.zeros(stats_numel + world, dtype=flat.dtype, device=flat.device)
+        stats = message[:stats_numel].view(self.num_codebooks, self.codebook_size, self.dim + 1)
         for h in range(self.num_codebooks):
-            counts = torch.bincount(indices[h], minlength=self.codebook_size).to(flat.dtype)
-            sums = torch.zeros(self.codebook_size, self.dim, dtype=flat.dtype, device=flat.device)
-            sums.index_add_(0, indices[h], flat[h])
-            self.cluster_size[h].lerp_(counts.to(self.cluster_size.dtype), 1.0 - self.decay)
-            self.embed_avg[h].lerp_(sums.to(self.embed_avg.dtype), 1.0 - self.decay)
+            stats[h, :, : self.dim].index_add_(0, indices[h], flat[h])
+            stats[h, :, self.dim] = torch.bincount(indices[h], minlength=self.codebook_size).to(flat.dtype)
+        if self.syncing:
+            # one collective for every head: [sums | counts | rows of each rank (for dead codes)]
+            message[stats_numel + torch.distributed.get_rank()] = flat.shape[1]
+            distributed.all_reduce_sum_(message)
+            self.rank_rows = distributed.exact_row_counts(message[stats_numel:], flat.shape[1])
+        for h in range(self.num_codebooks):
+            self.cluster_size[h].lerp_(stats[h, :, self.dim].to(self.cluster_size.dtype), 1.0 - self.decay)
+            self.embed_avg[h].lerp_(stats[h, :, : self.dim].to(self.embed_avg.dtype), 1.0 - self.decay)
 
     @torch.no_grad()
     def refresh_embed_(self) -> None:
@@ -115,9 +190,16 @@ class EMACodebook(nn.Module):
         self.embed.copy_(l2norm(embed) if self.use_cosine_sim else embed)
 
     @torch.no_grad()
-    def expire_dead_codes_(self, flat: torch.Tensor) -> None:
-        """Replace codes whose EMA cluster size fell under the threshold by vectors of the batch."""
+    def expire_dead_codes_(self, flat: torch.Tensor, segments: int = 1) -> None:
+        """Replace codes whose EMA cluster size fell under the threshold by vectors of the batch.
+
+        flat (H, M, D); `segments` > 1 when M is several global batches laid end to end (the
+        stage inputs of a ResidualVQ with a shared codebook): see `distributed.global_rows`.
+        """
         if self.threshold_ema_dead_code <= 0:
+            return
+        if self.syncing:
+            self._expire_dead_codes_synced_(flat, segments)
             return
         for h in range(self.num_codebooks):
             dead = (self.cluster_size[h] < self.threshold_ema_dead_code).nonzero().flatten()
@@ -130,19 +212,92 @@ class EMACodebook(nn.Module):
             self.cluster_size[h, dead] = self.threshold_ema_dead_code
             self.embed_avg[h, dead] = samples * self.threshold_ema_dead_code
 
+    def _expire_dead_codes_synced_(self, flat: torch.Tensor, segments: int) -> None:
+        """The same replacement with rows of the global batch, identical on every rank.
+
+        Rank 0 makes the random choices in the order one process on the whole batch makes them.
+        """
+        deads = [(self.cluster_size[h] < self.threshold_ema_dead_code).nonzero().flatten() for h in range(self.num_codebooks)]
+        if all(dead.numel() == 0 for dead in deads):  # cluster sizes are equal on every rank: so is this
+            return
+        counts, self.rank_rows = self.rank_rows, None  # sent with the statistics of this step
+        if counts is None:
+            counts = distributed.rank_row_counts(flat.shape[1] // segments, flat.device)
+        total = int(counts.sum()) * segments
+        if total == 0:
+            return
+        sizes = [min(dead.numel(), total) for dead in deads]
+
+        def choose() -> torch.Tensor:
+            choices = []
+            for dead in deads:
+                if dead.numel() == 0:
+                    continue
+                if dead.numel() > total:
+                    dead = dead[torch.randperm(dead.numel(), device=dead.device)[:total]]
+                choices += [dead, sample_row_numbers(total, dead.numel(), flat.device)]
+            return torch.cat(choices)
+
+        chosen = distributed.drawn_by_rank0(choose, 2 * sum(sizes), flat.device)
+        dead_codes, picks, start = [], [], 0
+        for h, size in enumerate(sizes):
+            dead_codes.append(chosen[start : start + size])
+            picks.append(chosen[start + size : start + 2 * size] + h * total)  # head h: segments h*S .. h*S + S - 1
+            start += 2 * size
+        local = self.transform_input(flat).reshape(-1, self.dim)  # (H * M, D), heads end to end
+        rows = distributed.global_rows(local, torch.cat(picks), counts).to(self.embed.dtype)
+        start = 0
+        for h, (dead, size) in enumerate(zip(dead_codes, sizes, strict=True)):
+            if size == 0:
+                continue
+            samples = rows[start : start + size]
+            start += size
+            self.embed[h, dead] = samples
+            self.cluster_size[h, dead] = self.threshold_ema_dead_code
+            self.embed_avg[h, dead] = samples * self.threshold_ema_dead_code
+
+
+# Rows widened to float64 at a time by `cluster_statistics` (4 MiB of float64 temporaries at D = 64).
+STATISTICS_BLOCK_VALUES = 2**19
+
+
+def cluster_statistics(samples: torch.Tensor, buckets: torch.Tensor, num_clusters: int) -> torch.Tensor:
+    """(K, D + 1) float64: the sum of the rows of each cluster, then its count."""
+    stats = torch.zeros(num_clusters, samples.shape[1] + 1, dtype=torch.float64, device=samples.device)
+    step = max(1, STATISTICS_BLOCK_VALUES // max(samples.shape[1], 1))
+    for start in range(0, samples.shape[0], step):
+        stats[:, :-1].index_add_(0, buckets[start : start + step], samples[start : start + step].double())
+    stats[:, -1] = torch.bincount(buckets, minlength=num_clusters).double()
+    return stats
+
 
 @torch.no_grad()
 def kmeans(
-    samples: torch.Tensor, num_clusters: int, num_iters: int, use_cosine_sim: bool
+    samples: torch.Tensor,
+    num_clusters: int,
+    num_iters: int,
+    use_cosine_sim: bool,
+    initial_means: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means on samples (M, D); returns means (K, D) and final cluster counts (K,)."""
-    means = sample_rows(samples, num_clusters)
+    """Lloyd's k-means on samples (M, D); returns means (K, D) and final cluster counts (K,).
+
+    Distributed, `initial_means` picks K rows of the global batch and `reduce` sums the
+    (K, D + 1) statistics ``[sums | counts]`` over the ranks: k-means on the global batch. The
+    statistics are float64, so the means rounded to float32 do not depend on the order of the sums
+    (how the batch is split over ranks): Lloyd's iterations amplify a flipped last bit into other
+    clusters.
+    """
+    means = sample_rows(samples, num_clusters) if initial_means is None else initial_means(samples)
     counts = torch.zeros(num_clusters, dtype=samples.dtype, device=samples.device)
     for _ in range(num_iters):
         buckets = nearest_code(samples, means)
-        counts = torch.bincount(buckets, minlength=num_clusters).to(samples.dtype)
-        sums = torch.zeros_like(means).index_add_(0, buckets, samples)
-        new_means = sums / counts.clamp(min=1)[:, None]
+        stats = cluster_statistics(samples, buckets, num_clusters)
+        if reduce is not None:
+            reduce(stats)
+        sums, counts = stats[:, :-1], stats[:, -1]
+        new_means = (sums / counts.clamp(min=1)[:, None]).to(samples.dtype)
+        counts = counts.to(samples.dtype)
         if use_cosine_sim:
             new_means = l2norm(new_means)
         means = torch.where((counts == 0)[:, None], means, new_means)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from vqdeploy.checks import (
     eager_checks_enabled,
 )
 from vqdeploy.errors import ConfigError, UnsupportedOptionError
+from vqdeploy.nn import distributed
 from vqdeploy.nn.vector_quantize import VectorQuantize
 
 # VectorQuantize options that make no sense per stage of a residual quantizer.
@@ -36,6 +36,8 @@ class ResidualVQ(nn.Module):
     Indices and losses are quantizer-first, as the seed README documents. Inputs are
     (batch, seq, dim). With `quantize_dropout=True`, training forwards stop after a random stage
     (at least `quantize_dropout_cutoff_index`) and mark later stages with index -1.
+    `sync_codebook` / `sync_kmeans` go to every stage (see `VectorQuantize`); when the stages
+    sync, rank 0 draws the dropout stop stage for every rank.
     """
 
     def __init__(
@@ -48,6 +50,8 @@ class ResidualVQ(nn.Module):
         quantize_dropout_cutoff_index: int = 0,
         quantize_dropout_multiple_of: int = 1,
         codebook_dim: int | None = None,
+        sync_codebook: bool | None = None,
+        sync_kmeans: bool = True,
         **vq_kwargs: Any,
     ):
         super().__init__()
@@ -78,8 +82,13 @@ class ResidualVQ(nn.Module):
         self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
         self.layers = nn.ModuleList(
-            VectorQuantize(dim=codebook_dim, codebook_size=codebook_size, **vq_kwargs) for _ in range(num_quantizers)
+            VectorQuantize(
+                dim=codebook_dim, codebook_size=codebook_size, sync_codebook=sync_codebook, sync_kmeans=sync_kmeans,
+                **vq_kwargs,
+            )
+            for _ in range(num_quantizers)
         )
+        self.sync_codebook = sync_codebook
         if shared_codebook:
             for layer in self.layers[1:]:
                 layer._codebook = self.layers[0]._codebook
@@ -93,12 +102,12 @@ class ResidualVQ(nn.Module):
     def input_layout(self) -> str:
         return "b n d"
 
-    def _dropout_last_stage(self) -> int:
+    def _dropout_last_stage(self, device: torch.device) -> int:
         """The last stage a training forward runs (quantize dropout), or the last stage."""
         last = self.num_quantizers - 1
         if not (self.training and self.quantize_dropout):
             return last
-        stop = random.randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
+        stop = distributed.randrange(self.quantize_dropout_cutoff_index, self.num_quantizers, self.sync_codebook, device)
         if self.quantize_dropout_multiple_of != 1:
             multiple = self.quantize_dropout_multiple_of
             stop = min(last, -(-(stop + 1) // multiple) * multiple - 1)
@@ -114,7 +123,7 @@ class ResidualVQ(nn.Module):
 
         residual = self.project_in(x)
         quantized_out = torch.zeros_like(residual)
-        last_stage = self._dropout_last_stage()
+        last_stage = self._dropout_last_stage(x.device)
         all_indices, all_losses, stage_inputs = [], [], []
         for stage, layer in enumerate(self.layers):
             if stage > last_stage:
@@ -130,11 +139,12 @@ class ResidualVQ(nn.Module):
             all_indices.append(indices)
             all_losses.append(loss)
 
-        if self.training and self.shared_codebook:  # one EMA refresh for the shared codebook, after every stage
-            codebook = self.layers[0]._codebook
+        codebook = self.layers[0]._codebook
+        if self.training and self.shared_codebook and codebook.begin_training_step():
+            # one EMA refresh for the shared codebook, after every stage
             codebook.refresh_embed_()
             rows = torch.cat([codebook.transform_input(t).reshape(1, -1, self.codebook_dim) for t in stage_inputs], dim=1)
-            codebook.expire_dead_codes_(rows.float())
+            codebook.expire_dead_codes_(rows.float(), segments=len(stage_inputs))
 
         return self.project_out(quantized_out), torch.stack(all_indices), torch.stack(all_losses)
 

@@ -33,6 +33,11 @@ class VectorQuantize(nn.Module):
     Inputs are (batch, seq, dim), or (batch, dim) for one token, or (batch, dim, seq) with
     ``channel_last=False``, or (batch, dim, height, width) with ``accept_image_fmap=True``.
     Indices come back as (batch, seq) (with a trailing heads axis when ``heads > 1``).
+
+    Under torch.distributed, ``sync_codebook`` (None: on whenever a process group of more than one
+    rank is initialised, checked at every training forward) makes W ranks train the codebook as one
+    process on the whole batch; ``sync_kmeans=False`` initialises it by k-means on rank 0's shard
+    alone. See `vqdeploy.nn.distributed`.
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class VectorQuantize(nn.Module):
         accept_image_fmap: bool = False,
         channel_last: bool = True,
         commitment_weight: float | None = None,
+        sync_codebook: bool | None = None,
+        sync_kmeans: bool = True,
     ):
         super().__init__()
         if commitment is not None and commitment_weight is not None and commitment != commitment_weight:
@@ -95,6 +102,8 @@ class VectorQuantize(nn.Module):
             kmeans_iters=kmeans_iters,
             threshold_ema_dead_code=threshold_ema_dead_code,
             use_cosine_sim=use_cosine_sim,
+            sync_codebook=sync_codebook,
+            sync_kmeans=sync_kmeans,
         )
 
     # -- public properties ------------------------------------------------------------------
@@ -188,7 +197,8 @@ class VectorQuantize(nn.Module):
         dtype = tokens.dtype
         rows = self._rows(tokens)
 
-        if self.training and not bool(codebook.initted):
+        learns = self.training and codebook.begin_training_step()
+        if learns and not bool(codebook.initted):
             codebook.init_with_kmeans_(rows.detach())
 
         indices = codebook.nearest(rows)
@@ -198,11 +208,12 @@ class VectorQuantize(nn.Module):
         if self.training:
             if self.commitment > 0:
                 loss = (F.mse_loss(codes.detach(), rows) * self.commitment).reshape(1)
-            track = rows.detach()
-            codebook.track_usage_(track, indices)
-            if refresh_embed:
-                codebook.refresh_embed_()
-                codebook.expire_dead_codes_(track)
+            if learns:
+                track = rows.detach()
+                codebook.track_usage_(track, indices)
+                if refresh_embed:
+                    codebook.refresh_embed_()
+                    codebook.expire_dead_codes_(track)
             requires_grad = tokens.requires_grad if input_requires_grad is None else input_requires_grad
             if requires_grad:
                 codes = rows + (codes - rows).detach()  # straight-through gradient
