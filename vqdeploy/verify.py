@@ -24,6 +24,7 @@ from torch import nn
 from vqdeploy.errors import UnsupportedOptionError
 from vqdeploy.export.metadata import read_metadata
 from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer
+from vqdeploy.nn.conventions import residual_indices_to_seed
 from vqdeploy.ops.nearest_code import nearest_code, squared_distances64, tie_tolerance
 
 
@@ -107,8 +108,11 @@ class ParityReport:
 
 # -- inputs -----------------------------------------------------------------------------------------
 def _codebook_space_to_input(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """Map codebook-space rows back to the input space (pseudo-inverse of project_in)."""
+    """Map codebook-space rows back to the input space (pseudo-inverse of project_in's Linear; a
+    LayerNorm after it is not inverted: the rows only set the statistics of the sample inputs)."""
     project_in = module.project_in
+    if isinstance(project_in, nn.Sequential) and isinstance(project_in[0], nn.Linear):
+        project_in = project_in[0]
     if not isinstance(project_in, nn.Linear):
         return rows
     weight, bias = project_in.weight.detach().double(), project_in.bias.detach().double()
@@ -148,7 +152,7 @@ def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) ->
     real = digits.repeat(1, -(-dim // digits.shape[1]))[:, :dim]
     # Matched to the codebook's per-dimension statistics, so the sample lands where codes are.
     target = _codebook_space_to_input(module, codebook.repeat(1, heads)) if heads * per_head != dim or isinstance(
-        module.project_in, nn.Linear) else codebook
+        module.project_in, nn.Linear | nn.Sequential) else codebook
     real = (real - real.mean(0)) / (real.std(0) + 1e-6) * target.std(0) + target.mean(0)
 
     random = torch.randn(num_samples, dim, generator=generator) * scale
@@ -214,6 +218,8 @@ def _check_vector_quantize(module: VectorQuantize, x: torch.Tensor, eager: torch
 
 
 def _check_residual(module: ResidualVQ, x: torch.Tensor, eager: torch.Tensor, backend: torch.Tensor, stages: list[StageReport]) -> None:
+    eager = residual_indices_to_seed(module.conventions, eager)  # both in the module's layout -> (q, b, n)
+    backend = residual_indices_to_seed(module.conventions, backend)
     residual = module.project_in(x).reshape(-1, module.codebook_dim)
     for s, layer in enumerate(module.layers):
         codebook = layer.codebook.detach()
