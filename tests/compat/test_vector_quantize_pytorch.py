@@ -208,3 +208,12 @@ def test_user_model_with_a_converted_quantizer_exports_whole(tmp_path, digits):
         want_vectors, want_last = model(x)
     np.testing.assert_array_equal(outputs[1], want_last.numpy())
     np.testing.assert_allclose(outputs[0], want_vectors.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_readme_migration_table_is_the_option_table():
+    from pathlib import Path
+
+    from vqdeploy.nn.conventions import migration_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert migration_table() in readme

@@ -216,3 +216,23 @@ def residual_indices_from_seed(conventions: str, indices: torch.Tensor) -> torch
 def native_accepts(cls: type, name: str) -> bool:
     """Whether `cls.__init__` takes an argument `name` (the distributed options land on another branch)."""
     return name in inspect.signature(cls.__init__).parameters
+
+
+_STATUS_TEXT = {
+    NATIVE: "native",
+    EVAL_ONLY: "converts (eval); training refused",
+    INERT: "accepted (inert)",
+    DISTRIBUTED: "accepted at its default",
+    REFUSED: "refused",
+}
+
+
+def migration_table() -> str:
+    """The README's migration table (markdown), rendered from the option tables."""
+    lines = ["| 1.32 argument | default | vqdeploy | why / note |", "|---|---|---|---|"]
+    for where, table in (("VectorQuantize(...)", VQ_OPTIONS), ("ResidualVQ(...)", RVQ_OPTIONS),
+                         ("VectorQuantize forward", VQ_FORWARD), ("ResidualVQ forward", RVQ_FORWARD)):
+        for option in table.values():
+            default = "required" if option.default is inspect.Parameter.empty else f"`{option.default!r}`"
+            lines.append(f"| {where}: `{option.name}` | {default} | {_STATUS_TEXT[option.status]} | {option.why} |")
+    return "\n".join(lines)
