@@ -130,10 +130,10 @@ class ResidualVQ(nn.Module):
         is; `rand_quantize_dropout_fixed_seed` fixes the quantize-dropout draw. The other arguments
         are 1.32's and are refused (UnsupportedOptionError) unless at their default.
         """
-        conv.check_forward_options("ResidualVQ", conv.RVQ_FORWARD, dict(
-            mask=mask, indices=indices, sample_codebook_temp=sample_codebook_temp,
-            beam_size=None if beam_size == 1 else beam_size,
-        ))
+        if not (mask is None and indices is None and beam_size in (None, 1)):
+            conv.check_forward_options("ResidualVQ", conv.RVQ_FORWARD, dict(
+                mask=mask, indices=indices, beam_size=None if beam_size == 1 else beam_size,
+            ))  # sample_codebook_temp is inert: it acts only with stochastic sampling, which is refused
         check_floating(x, "x")
         check_rank(x, (3,), "x", "batch, seq, dim")
         check_axis_size(x, -1, self.dim, "x", "dim")

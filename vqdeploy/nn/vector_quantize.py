@@ -206,11 +206,13 @@ class VectorQuantize(nn.Module):
         `freeze_codebook` and `ema_update` override the constructor's for this call; the other
         arguments are 1.32's and are refused (UnsupportedOptionError) unless at their default.
         """
-        conv.check_forward_options("VectorQuantize", conv.VQ_FORWARD, dict(
-            indices=indices, mask=mask, lens=lens, topk=topk, sample_codebook_temp=sample_codebook_temp,
-            return_loss_breakdown=return_loss_breakdown, codebook_transform_fn=codebook_transform_fn,
-            ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update,
-        ))
+        if not (indices is None and mask is None and lens is None and topk is None and codebook_transform_fn is None
+                and ema_update_weight is None and not return_loss_breakdown and not accum_ema_update):
+            conv.check_forward_options("VectorQuantize", conv.VQ_FORWARD, dict(
+                indices=indices, mask=mask, lens=lens, topk=topk, return_loss_breakdown=return_loss_breakdown,
+                codebook_transform_fn=codebook_transform_fn, ema_update_weight=ema_update_weight,
+                accum_ema_update=accum_ema_update,
+            ))  # sample_codebook_temp is inert: it acts only with stochastic sampling, which is refused
         self._check_input(x)
         tokens = self._to_tokens(x)
         quantized, indices, loss = self.quantize_tokens(
