@@ -30,6 +30,11 @@ def _refuse(kind: str, option: str, value: Any, why: str) -> None:
     raise UnsupportedOptionError(f"cannot convert this {kind}: {option}={value!r} is not supported by vqdeploy ({why})")
 
 
+def _short(value: Any) -> str:
+    """repr for numbers and flags; the type name for objects (an optimizer, a module)."""
+    return repr(value) if isinstance(value, bool | int | float | str | tuple) else type(value).__name__
+
+
 def _sampling(codebook: nn.Module) -> tuple[bool, bool]:
     """(stochastic_sample_codes, straight_through) of a 1.32 codebook (a partial of gumbel_sample)."""
     sample = _attr(codebook, "gumbel_sample")
@@ -102,10 +107,10 @@ def _native_vq_config(
 
     for name, value in options.items():
         option = conv.VQ_OPTIONS[name]
-        if option.status == conv.REFUSED and not option.is_default(value) and value:
+        if option.status == conv.REFUSED and not option.is_default(value):
             _refuse(kind, name, value, option.why)
     eval_only = [
-        f"{name}={options[name]!r}" for name, inactive in _EVAL_ONLY_INACTIVE.items()
+        f"{name}={_short(options[name])}" for name, inactive in _EVAL_ONLY_INACTIVE.items()
         if name not in ignore and options[name] != inactive and options[name] is not None
     ]
     config = {name: options[name] for name in (
