@@ -35,7 +35,9 @@ class ResidualVQ(nn.Module):
     >>> tuple(quantized.shape), tuple(indices.shape), tuple(commit_loss.shape)
     ((1, 1024, 256), (8, 1, 1024), (8, 1))
 
-    Indices and losses are quantizer-first, as the seed README documents. Inputs are
+    Indices and losses are quantizer-first, as the seed README documents; with
+    ``conventions="vector_quantize_pytorch"`` they are 1.32's: indices (b, n, q), losses (q,).
+    Other keyword arguments go to every stage's VectorQuantize. Inputs are
     (batch, seq, dim). With `quantize_dropout=True`, training forwards stop after a random stage
     (at least `quantize_dropout_cutoff_index`) and mark later stages with index -1.
     """

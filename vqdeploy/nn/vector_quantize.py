@@ -38,6 +38,15 @@ class VectorQuantize(nn.Module):
     Inputs are (batch, seq, dim), or (batch, dim) for one token, or (batch, dim, seq) with
     ``channel_last=False``, or (batch, dim, height, width) with ``accept_image_fmap=True``.
     Indices come back as (batch, seq) (with a trailing heads axis when ``heads > 1``).
+
+    Options of vector-quantize-pytorch 1.32 that vqdeploy implements: ``rotation_trick`` (the
+    rotation-trick gradient instead of straight-through; off here, on in 1.32 and in
+    `vqdeploy.compat.vector_quantize_pytorch`), ``freeze_codebook`` (training leaves the EMA state
+    alone), ``ema_update=False`` (the codebook stays fixed; dead codes are still replaced),
+    ``layernorm_after_project_in``. ``conventions`` is ``"seed"`` (loss (1,)) or
+    ``"vector_quantize_pytorch"`` (loss ()). ``eval_only_options`` is set by the converter: options
+    of the module it came from that vqdeploy serves but does not train (a training forward refuses
+    them by name).
     """
 
     def __init__(
