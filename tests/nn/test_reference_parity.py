@@ -199,6 +199,15 @@ def test_only_the_option_set_is_named():
                                                                                      ema_update=False))
 
 
+def test_synchronised_codebook_is_refused_until_vqdeploy_syncs():
+    ref = reference.VectorQuantize(dim=16, codebook_size=32, sync_codebook=True)
+    if conv.native_accepts(vqdeploy.VectorQuantize, "sync_codebook"):
+        assert _convert(ref).config["sync_codebook"] is True
+    else:
+        with pytest.raises(UnsupportedOptionError, match="sync_codebook"):
+            vqdeploy.VectorQuantize.from_vector_quantize_pytorch(ref)
+
+
 # -- forward arguments -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("forward", [dict(freeze_codebook=True), dict(ema_update=False), dict(sample_codebook_temp=0.3)])
 def test_native_vq_forward_argument_trains_like_the_reference(forward, digits):
@@ -228,6 +237,8 @@ RVQ_NATIVE = {
     "codebook_size_tuple": dict(codebook_size=(32, 32, 32)),
     "codebook_dim": dict(num_quantizers=3, codebook_size=32, codebook_dim=16),
     "shared_codebook": dict(num_quantizers=3, codebook_size=32, shared_codebook=True),
+    "shared_codebook_dead_codes": dict(num_quantizers=3, codebook_size=64, shared_codebook=True,
+                                       threshold_ema_dead_code=2),
     "quantize_dropout": dict(num_quantizers=6, codebook_size=16, quantize_dropout=True,
                              quantize_dropout_cutoff_index=1, quantize_dropout_multiple_of=2),
     "stage_options": dict(num_quantizers=3, codebook_size=32, use_cosine_sim=True, decay=0.5,

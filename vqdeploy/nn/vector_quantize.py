@@ -270,10 +270,9 @@ class VectorQuantize(nn.Module):
             # 1.32: a frozen codebook is not touched; without EMA updates only dead codes are replaced
             if not freeze_codebook and (ema_update or codebook.threshold_ema_dead_code > 0):
                 codebook.track_usage_(track, indices)
-                if refresh_embed:
-                    if ema_update:
-                        codebook.refresh_embed_()
-                    codebook.expire_dead_codes_(track)
+                if refresh_embed and ema_update:  # a shared ResidualVQ codebook refreshes once, after all stages
+                    codebook.refresh_embed_()
+                codebook.expire_dead_codes_(track)  # 1.32 replaces dead codes after every stage, shared or not
             requires_grad = tokens.requires_grad if input_requires_grad is None else input_requires_grad
             if requires_grad:
                 codes = rotate_to(rows, codes) if self.rotation_trick else straight_through(rows, codes)
