@@ -345,8 +345,10 @@ def bench_input(info, tokens: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     heads = (info.heads,) if info.heads > 1 else ()
     if info.part == "decode":
-        if info.kind == "ResidualVQ":
-            shape: tuple[int, ...] = (info.num_quantizers, 1, tokens)
+        if info.kind == "ResidualVQ" and info.config.get("conventions") == "vector_quantize_pytorch":
+            shape: tuple[int, ...] = (1, tokens, info.num_quantizers)
+        elif info.kind == "ResidualVQ":
+            shape = (info.num_quantizers, 1, tokens)
         elif info.input_layout == "b d h w":
             shape = (1, 1, tokens, *heads)
         else:

@@ -37,6 +37,7 @@ from torch import nn
 from vqdeploy.errors import BackendOutputError, UnsupportedOptionError, VQDeployError
 from vqdeploy.export.metadata import read_metadata
 from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer
+from vqdeploy.nn.conventions import residual_indices_from_seed, residual_indices_to_seed
 from vqdeploy.ops.nearest_code import certify, nearest_code
 
 CRITERION_CERTIFIED = "certified ties"  # differing tokens pass when within the float32 bound
@@ -189,8 +190,11 @@ def new_stage_reports(module: nn.Module) -> list[StageReport]:
 
 # -- inputs -----------------------------------------------------------------------------------------
 def _codebook_space_to_input(module: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """Map codebook-space rows back to the input space (pseudo-inverse of project_in)."""
+    """Map codebook-space rows back to the input space (pseudo-inverse of project_in's Linear; a
+    LayerNorm after it is not inverted: the rows only set the statistics of the sample inputs)."""
     project_in = module.project_in
+    if isinstance(project_in, nn.Sequential) and isinstance(project_in[0], nn.Linear):
+        project_in = project_in[0]
     if not isinstance(project_in, nn.Linear):
         return rows.float()
     weight, bias = project_in.weight.detach().double(), project_in.bias.detach().double()
@@ -269,7 +273,7 @@ def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) ->
     inputs = [real, random]
 
     if isinstance(module, ResidualVQ):
-        base = real if not isinstance(module.project_in, nn.Linear) else module.project_in(real).detach()
+        base = module.project_in(real).detach()
         for stage in range(module.num_quantizers):
             for targets in _probe_targets(_search_codebook(module, stage), num_samples, generator):
                 wide = base.repeat(-(-targets.shape[0] // base.shape[0]), 1)
@@ -288,7 +292,8 @@ def decode_probes(module: nn.Module) -> torch.Tensor:
     k = module.codebook_size
     if isinstance(module, ResidualVQ):
         generator = torch.Generator().manual_seed(0)
-        return torch.stack([torch.randperm(k, generator=generator) for _ in range(module.num_quantizers)])[:, None]
+        probes = torch.stack([torch.randperm(k, generator=generator) for _ in range(module.num_quantizers)])[:, None]
+        return residual_indices_from_seed(module.conventions, probes)
     codes = torch.arange(k)
     if module.heads > 1:
         codes = torch.stack([torch.roll(codes, h) for h in range(module.heads)], dim=-1)
@@ -350,6 +355,10 @@ def check_tokens(
         return
     served = served.long()
     if isinstance(module, ResidualVQ):
+        # Both in the module's layout; judged as (quantizer, batch, seq).
+        eager = residual_indices_to_seed(module.conventions, eager)
+        if served.ndim == 3:
+            served = residual_indices_to_seed(module.conventions, served)
         q = module.num_quantizers
         if served.ndim != 3 or tuple(served.shape[1:]) != tuple(eager.shape[1:]) or served.shape[0] > q:
             problems.append(f"indices of shape {tuple(served.shape)}, expected {tuple(eager.shape)} (quantizer, batch, seq)")
@@ -416,7 +425,7 @@ def check_vectors(module: nn.Module, got: torch.Tensor, indices: torch.Tensor, r
         return
     got = got.reshape(-1, module.dim).float()
     if rvq:
-        row_valid = valid.all(dim=0).reshape(-1)
+        row_valid = residual_indices_to_seed(module.conventions, valid).all(dim=0).reshape(-1)
     else:
         row_valid = valid.reshape(-1, module.heads).all(dim=1)
     diff = (got - want).abs().amax(dim=1) if want.numel() else torch.zeros(0)

@@ -29,9 +29,10 @@ def test_more_stages_lower_the_error(digits):
         rvq(digits[torch.randint(0, len(digits), (512,))][None])
     rvq.eval()
     _, indices, _ = rvq(digits[None])
-    errors = [
-        (rvq.get_output_from_indices(indices[: k + 1]) - digits[None]).pow(2).mean().item() for k in range(4)
-    ]
+    def coarse(k):  # the first k + 1 stages; later ones marked dropped (-1 decodes to 0)
+        return torch.cat([indices[: k + 1], torch.full_like(indices[k + 1 :], -1)])
+
+    errors = [(rvq.get_output_from_indices(coarse(k)) - digits[None]).pow(2).mean().item() for k in range(4)]
     assert errors == sorted(errors, reverse=True), errors
 
 

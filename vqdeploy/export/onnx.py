@@ -32,6 +32,7 @@ from vqdeploy.export.metadata import (
 )
 from vqdeploy.files import atomic_write
 from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 
 IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
 DEFAULT_OPSET = 18
@@ -39,23 +40,27 @@ INDEX_DTYPES = ("int64", "int32")
 
 
 class _Encode(nn.Module):
+    """The graph of one part. A bare ResidualVQ's graph takes and returns indices (q, b, n) whatever
+    the module's conventions; `vqdeploy.runtime` hands them over in the module's layout."""
+
     def __init__(self, quantizer: nn.Module):
         super().__init__()
         self.quantizer = quantizer
+        self.conventions = getattr(quantizer, "conventions", SEED) if isinstance(quantizer, ResidualVQ) else SEED
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quantizer(x)[1]
+        return residual_indices_to_seed(self.conventions, self.quantizer(x)[1])
 
 
 class _Quantize(_Encode):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vectors, indices, _ = self.quantizer(x)
-        return vectors, indices
+        vectors, indices, _ = self.quantizer(x)[:3]
+        return vectors, residual_indices_to_seed(self.conventions, indices)
 
 
 class _Decode(_Encode):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.get_output_from_indices(indices)
+        return self.quantizer.get_output_from_indices(residual_indices_from_seed(self.conventions, indices))
 
 
 PART_MODULES = {"encode": _Encode, "quantize": _Quantize, "decode": _Decode}

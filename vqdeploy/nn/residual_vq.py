@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -17,7 +18,9 @@ from vqdeploy.checks import (
     eager_checks_enabled,
 )
 from vqdeploy.errors import ConfigError, UnsupportedOptionError
+from vqdeploy.nn import conventions as conv
 from vqdeploy.nn import distributed
+from vqdeploy.nn.conventions import SEED, check_conventions
 from vqdeploy.nn.vector_quantize import VectorQuantize
 
 # VectorQuantize options that make no sense per stage of a residual quantizer.
@@ -33,7 +36,9 @@ class ResidualVQ(nn.Module):
     >>> tuple(quantized.shape), tuple(indices.shape), tuple(commit_loss.shape)
     ((1, 1024, 256), (8, 1, 1024), (8, 1))
 
-    Indices and losses are quantizer-first, as the seed README documents. Inputs are
+    Indices and losses are quantizer-first, as the seed README documents; with
+    ``conventions="vector_quantize_pytorch"`` they are 1.32's: indices (b, n, q), losses (q,).
+    Other keyword arguments go to every stage's VectorQuantize. Inputs are
     (batch, seq, dim). With `quantize_dropout=True`, training forwards stop after a random stage
     (at least `quantize_dropout_cutoff_index`) and mark later stages with index -1.
     `sync_codebook` / `sync_kmeans` go to every stage (see `VectorQuantize`); when the stages
@@ -52,9 +57,11 @@ class ResidualVQ(nn.Module):
         codebook_dim: int | None = None,
         sync_codebook: bool | None = None,
         sync_kmeans: bool = True,
+        conventions: str = SEED,
         **vq_kwargs: Any,
     ):
         super().__init__()
+        conventions = check_conventions(conventions)
         for key in _PER_STAGE_ONLY:
             if key in vq_kwargs:
                 raise UnsupportedOptionError(f"ResidualVQ does not accept {key}= for its stages (inputs are batch, seq, dim)")
@@ -69,8 +76,10 @@ class ResidualVQ(nn.Module):
             dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size,
             shared_codebook=shared_codebook, quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
-            quantize_dropout_multiple_of=quantize_dropout_multiple_of, codebook_dim=codebook_dim, **vq_kwargs,
+            quantize_dropout_multiple_of=quantize_dropout_multiple_of, codebook_dim=codebook_dim,
+            conventions=conventions, **vq_kwargs,
         )
+        self.conventions = conventions
         self.dim, self.codebook_dim, self.codebook_size = dim, codebook_dim, codebook_size
         self.num_quantizers = num_quantizers
         self.shared_codebook = shared_codebook
@@ -84,7 +93,7 @@ class ResidualVQ(nn.Module):
         self.layers = nn.ModuleList(
             VectorQuantize(
                 dim=codebook_dim, codebook_size=codebook_size, sync_codebook=sync_codebook, sync_kmeans=sync_kmeans,
-                **vq_kwargs,
+                conventions=conventions, **vq_kwargs,
             )
             for _ in range(num_quantizers)
         )
@@ -102,19 +111,42 @@ class ResidualVQ(nn.Module):
     def input_layout(self) -> str:
         return "b n d"
 
-    def _dropout_last_stage(self, device: torch.device) -> int:
+    def _dropout_last_stage(self, device: torch.device, seed: int | None = None) -> int:
         """The last stage a training forward runs (quantize dropout), or the last stage."""
         last = self.num_quantizers - 1
         if not (self.training and self.quantize_dropout):
             return last
-        stop = distributed.randrange(self.quantize_dropout_cutoff_index, self.num_quantizers, self.sync_codebook, device)
+        if seed is not None:  # rand_quantize_dropout_fixed_seed: the same draw on every rank
+            stop = random.Random(seed).randrange(self.quantize_dropout_cutoff_index, self.num_quantizers)
+        else:
+            stop = distributed.randrange(self.quantize_dropout_cutoff_index, self.num_quantizers, self.sync_codebook, device)
         if self.quantize_dropout_multiple_of != 1:
             multiple = self.quantize_dropout_multiple_of
             stop = min(last, -(-(stop + 1) // multiple) * multiple - 1)
         return stop
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns quantized (b, n, dim), indices (q, b, n), commit losses (q, 1)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        indices: torch.Tensor | None = None,
+        return_all_codes: bool = False,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool = False,
+        beam_size: int | None = None,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """Returns quantized (b, n, dim), indices, commit losses (and all codes with `return_all_codes`).
+
+        Seed conventions: indices (q, b, n), losses (q, 1). 1.32's: indices (b, n, q), losses (q,).
+        All codes are (q, b, n, codebook_dim) in both. `freeze_codebook` leaves the EMA state as it
+        is; `rand_quantize_dropout_fixed_seed` fixes the quantize-dropout draw. The other arguments
+        are 1.32's and are refused (UnsupportedOptionError) unless at their default.
+        """
+        if not (mask is None and indices is None and beam_size in (None, 1)):
+            conv.check_forward_options("ResidualVQ", conv.RVQ_FORWARD, dict(
+                mask=mask, indices=indices, beam_size=None if beam_size == 1 else beam_size,
+            ))  # sample_codebook_temp is inert: it acts only with stochastic sampling, which is refused
         check_floating(x, "x")
         check_rank(x, (3,), "x", "batch, seq, dim")
         check_axis_size(x, -1, self.dim, "x", "dim")
@@ -123,7 +155,7 @@ class ResidualVQ(nn.Module):
 
         residual = self.project_in(x)
         quantized_out = torch.zeros_like(residual)
-        last_stage = self._dropout_last_stage(x.device)
+        last_stage = self._dropout_last_stage(x.device, rand_quantize_dropout_fixed_seed)
         all_indices, all_losses, stage_inputs = [], [], []
         for stage, layer in enumerate(self.layers):
             if stage > last_stage:
@@ -131,25 +163,38 @@ class ResidualVQ(nn.Module):
                 all_losses.append(torch.zeros(1, device=x.device))
                 continue
             stage_inputs.append(residual.detach())
-            quantized, indices, loss = layer.quantize_tokens(
-                residual, input_requires_grad=x.requires_grad, refresh_embed=not self.shared_codebook
+            quantized, stage_indices, loss = layer.quantize_tokens(
+                residual, input_requires_grad=x.requires_grad, refresh_embed=not self.shared_codebook,
+                freeze_codebook=freeze_codebook or None,
             )
             residual = residual - quantized.detach()
             quantized_out = quantized_out + quantized
-            all_indices.append(indices)
+            all_indices.append(stage_indices)
             all_losses.append(loss)
 
         codebook = self.layers[0]._codebook
         if self.training and self.shared_codebook and codebook.begin_training_step():
             # one EMA refresh for the shared codebook, after every stage
-            codebook.refresh_embed_()
+            if self.layers[0].ema_update:
+                codebook.refresh_embed_()
             rows = torch.cat([codebook.transform_input(t).reshape(1, -1, self.codebook_dim) for t in stage_inputs], dim=1)
             codebook.expire_dead_codes_(rows.float(), segments=len(stage_inputs))
 
-        return self.project_out(quantized_out), torch.stack(all_indices), torch.stack(all_losses)
+        indices_out = torch.stack(all_indices)
+        losses = torch.stack(all_losses)
+        outputs: tuple[torch.Tensor, ...] = (
+            self.project_out(quantized_out),
+            conv.residual_indices_from_seed(self.conventions, indices_out),
+            losses if self.conventions == SEED else losses.reshape(-1),
+        )
+        if return_all_codes:
+            outputs = (*outputs, self._codes_from_seed_indices(indices_out))
+        return outputs
 
     def search_rows(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Rows stage s searches when the earlier stages served ``indices`` (q, b, n), float32.
+
+        ``indices`` are (quantizer, batch, seq) whatever the module's conventions.
 
         Returns (q, b * n, codebook_dim). The residual of stage s is project_in(x) minus this
         module's codes of ``indices[:s]``: with another runtime's indices, the rows that runtime's
@@ -162,7 +207,7 @@ class ResidualVQ(nn.Module):
         check_axis_size(x, -1, self.dim, "x", "dim")
         with torch.no_grad():
             if indices is None:
-                indices = self.eval_tokens(x)
+                indices = conv.residual_indices_to_seed(self.conventions, self.eval_tokens(x))
             check_integer(indices, "indices")
             if tuple(indices.shape) != (self.num_quantizers, *x.shape[:2]):
                 check_axis_size(indices, 0, self.num_quantizers, "indices", "quantizers")
@@ -187,11 +232,25 @@ class ResidualVQ(nn.Module):
 
     # -- decode -----------------------------------------------------------------------------------
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (q', b, n) with q' <= num_quantizers -> codes (q, b, n, codebook_dim); -1 decodes to 0."""
+        """Indices in the module's convention -> codes (q, b, n, codebook_dim); -1 decodes to 0.
+
+        Seed conventions take (q', b, n), 1.32's (b, n, q'). q' must be num_quantizers, or fewer
+        (the coarse stages) when the module was built with quantize_dropout; anything else is refused
+        (InputShapeError), so indices of the other layout are not reinterpreted.
+        """
         check_integer(indices, "indices")
-        check_rank(indices, (3,), "indices", "quantizer, batch, seq")
-        if indices.shape[0] > self.num_quantizers:
-            check_axis_size(indices, 0, self.num_quantizers, "indices", "quantizers")
+        if self.conventions == SEED:
+            check_rank(indices, (3,), "indices", "quantizer, batch, seq (the seed's layout)")
+            axis = 0
+        else:
+            check_rank(indices, (3,), "indices", "batch, seq, quantizer (vector-quantize-pytorch's layout)")
+            axis = 2
+        given = indices.shape[axis]
+        if given > self.num_quantizers or (given < self.num_quantizers and not self.quantize_dropout):
+            check_axis_size(indices, axis, self.num_quantizers, "indices", "quantizers")
+        return self._codes_from_seed_indices(conv.residual_indices_to_seed(self.conventions, indices))
+
+    def _codes_from_seed_indices(self, indices: torch.Tensor) -> torch.Tensor:
         if eager_checks_enabled():
             check_index_range(indices, self.codebook_size, "indices", allow_dropped=True)
         codes = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,7 +19,11 @@ from vqdeploy.checks import (
     eager_checks_enabled,
 )
 from vqdeploy.errors import ConfigError, UninitializedCodebookError
+from vqdeploy.nn import conventions as conv
 from vqdeploy.nn.codebook import EMACodebook
+from vqdeploy.nn.conventions import SEED, check_conventions
+from vqdeploy.nn.gradients import rotation_trick as rotate_to
+from vqdeploy.nn.gradients import straight_through
 
 
 class VectorQuantize(nn.Module):
@@ -38,6 +43,15 @@ class VectorQuantize(nn.Module):
     rank is initialised, checked at every training forward) makes W ranks train the codebook as one
     process on the whole batch; ``sync_kmeans=False`` initialises it by k-means on rank 0's shard
     alone. See `vqdeploy.nn.distributed`.
+
+    Options of vector-quantize-pytorch 1.32 that vqdeploy implements: ``rotation_trick`` (the
+    rotation-trick gradient instead of straight-through; off here, on in 1.32 and in
+    `vqdeploy.compat.vector_quantize_pytorch`), ``freeze_codebook`` (training leaves the EMA state
+    alone), ``ema_update=False`` (the codebook stays fixed; dead codes are still replaced),
+    ``layernorm_after_project_in``. ``conventions`` is ``"seed"`` (loss (1,)) or
+    ``"vector_quantize_pytorch"`` (loss ()). ``eval_only_options`` is set by the converter: options
+    of the module it came from that vqdeploy serves but does not train (a training forward refuses
+    them by name).
     """
 
     def __init__(
@@ -59,8 +73,15 @@ class VectorQuantize(nn.Module):
         commitment_weight: float | None = None,
         sync_codebook: bool | None = None,
         sync_kmeans: bool = True,
+        rotation_trick: bool = False,
+        freeze_codebook: bool = False,
+        ema_update: bool = True,
+        layernorm_after_project_in: bool = False,
+        eval_only_options: Sequence[str] = (),
+        conventions: str = SEED,
     ):
         super().__init__()
+        conventions = check_conventions(conventions)
         if commitment is not None and commitment_weight is not None and commitment != commitment_weight:
             raise ConfigError(
                 f"commitment={commitment} and its alias commitment_weight={commitment_weight} disagree; pass one"
@@ -81,7 +102,12 @@ class VectorQuantize(nn.Module):
             threshold_ema_dead_code=threshold_ema_dead_code, use_cosine_sim=use_cosine_sim,
             codebook_dim=codebook_dim, heads=heads, separate_codebook_per_head=separate_codebook_per_head,
             accept_image_fmap=accept_image_fmap, channel_last=channel_last,
+            rotation_trick=rotation_trick, freeze_codebook=freeze_codebook, ema_update=ema_update,
+            layernorm_after_project_in=layernorm_after_project_in, eval_only_options=list(eval_only_options),
+            conventions=conventions,
         )
+        self.rotation_trick, self.freeze_codebook, self.ema_update = rotation_trick, freeze_codebook, ema_update
+        self.eval_only_options, self.conventions = tuple(eval_only_options), conventions
         self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, codebook_dim
         self.heads, self.separate_codebook_per_head = heads, separate_codebook_per_head
         self.commitment = commitment
@@ -91,6 +117,8 @@ class VectorQuantize(nn.Module):
         inner_dim = codebook_dim * heads
         self.has_projections = inner_dim != dim
         self.project_in = nn.Linear(dim, inner_dim) if self.has_projections else nn.Identity()
+        if self.has_projections and layernorm_after_project_in:  # keys project_in.0 / .1, as in 1.32
+            self.project_in = nn.Sequential(self.project_in, nn.LayerNorm(inner_dim))
         self.project_out = nn.Linear(inner_dim, dim) if self.has_projections else nn.Identity()
         self._codebook = EMACodebook(
             dim=codebook_dim,
@@ -175,19 +203,58 @@ class VectorQuantize(nn.Module):
         return rows.reshape(b, n, self.heads, *tail)
 
     # -- forward ---------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (quantized, indices, commit_loss); commit_loss has shape (1,)."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        indices: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        lens: torch.Tensor | None = None,
+        topk: int | None = None,
+        sample_codebook_temp: float | None = None,
+        freeze_codebook: bool | None = None,
+        return_loss_breakdown: bool = False,
+        codebook_transform_fn: Any = None,
+        ema_update_weight: Any = None,
+        accum_ema_update: bool = False,
+        ema_update: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (quantized, indices, commit_loss).
+
+        commit_loss has shape (1,) with the seed's conventions, () (a scalar) with 1.32's.
+        `freeze_codebook` and `ema_update` override the constructor's for this call; the other
+        arguments are 1.32's and are refused (UnsupportedOptionError) unless at their default.
+        """
+        if not (indices is None and mask is None and lens is None and topk is None and codebook_transform_fn is None
+                and ema_update_weight is None and not return_loss_breakdown and not accum_ema_update):
+            conv.check_forward_options("VectorQuantize", conv.VQ_FORWARD, dict(
+                indices=indices, mask=mask, lens=lens, topk=topk, return_loss_breakdown=return_loss_breakdown,
+                codebook_transform_fn=codebook_transform_fn, ema_update_weight=ema_update_weight,
+                accum_ema_update=accum_ema_update,
+            ))  # sample_codebook_temp is inert: it acts only with stochastic sampling, which is refused
         self._check_input(x)
         tokens = self._to_tokens(x)
-        quantized, indices, loss = self.quantize_tokens(tokens, input_requires_grad=x.requires_grad)
+        quantized, indices, loss = self.quantize_tokens(
+            tokens, input_requires_grad=x.requires_grad, freeze_codebook=freeze_codebook, ema_update=ema_update
+        )
         indices = indices.reshape(*self._index_shape(x.shape), *indices.shape[2:])
+        if self.conventions != SEED:
+            loss = loss.reshape(())
         return self._from_tokens(quantized, x.shape), indices, loss
 
     def quantize_tokens(
-        self, tokens: torch.Tensor, input_requires_grad: bool | None = None, refresh_embed: bool = True
+        self,
+        tokens: torch.Tensor,
+        input_requires_grad: bool | None = None,
+        refresh_embed: bool = True,
+        freeze_codebook: bool | None = None,
+        ema_update: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(b, n, dim) -> quantized (b, n, dim), indices (b, n[, heads]), loss (1,). No input checks."""
         codebook = self._codebook
+        if self.training and self.eval_only_options:
+            raise conv.eval_only_error("VectorQuantize", self.eval_only_options)
+        freeze_codebook = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        ema_update = self.ema_update if ema_update is None else ema_update
         if not self.training and eager_checks_enabled() and not bool(codebook.initted):
             raise UninitializedCodebookError(
                 "this VectorQuantize was built with kmeans_init=True and has not seen a training batch; "
@@ -210,13 +277,15 @@ class VectorQuantize(nn.Module):
                 loss = (F.mse_loss(codes.detach(), rows) * self.commitment).reshape(1)
             if learns:
                 track = rows.detach()
-                codebook.track_usage_(track, indices)
-                if refresh_embed:
-                    codebook.refresh_embed_()
-                    codebook.expire_dead_codes_(track)
+                # 1.32: a frozen codebook is not touched; without EMA updates only dead codes are replaced
+                if not freeze_codebook and (ema_update or codebook.threshold_ema_dead_code > 0):
+                    codebook.track_usage_(track, indices)
+                    if refresh_embed and ema_update:  # a shared ResidualVQ codebook refreshes once, after all stages
+                        codebook.refresh_embed_()
+                    codebook.expire_dead_codes_(track)  # 1.32 replaces dead codes after every stage, shared or not
             requires_grad = tokens.requires_grad if input_requires_grad is None else input_requires_grad
             if requires_grad:
-                codes = rows + (codes - rows).detach()  # straight-through gradient
+                codes = rotate_to(rows, codes) if self.rotation_trick else straight_through(rows, codes)
 
         quantized = self._merge_heads(codes, b, n).reshape(b, n, self.heads * self.codebook_dim)
         quantized = self.project_out(quantized.to(dtype))

@@ -27,6 +27,7 @@ from vqdeploy.checks import (
 )
 from vqdeploy.errors import BackendOutputError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo
+from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 
 # Scores a chunk may hold (float32) where the backend materialises them: 2M values = 8 MiB per
 # score-sized buffer in the backend (ONNX Runtime runs the function body MatMul -> ArgMin).
@@ -115,6 +116,8 @@ class Quantizer:
             raise UnsupportedOptionError(f"chunk_size must be >= 1, got {chunk_size}")
         self._channel_first = info.input_layout in ("b d n", "b d h w")
         self._residual = info.kind == "ResidualVQ"
+        # The graph's ResidualVQ indices are (q, b, n); the API speaks the module's conventions.
+        self._conventions = info.config.get("conventions", SEED) if self._residual else SEED
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -126,19 +129,34 @@ class Quantizer:
         return self._runner.device
 
     def encode(self, x: Any) -> Any:
-        """Indices of the nearest codes: (b, n[, heads]); ResidualVQ (q, b, n); images (b, h, w[, heads])."""
+        """Indices of the nearest codes: (b, n[, heads]); images (b, h, w[, heads]); ResidualVQ (q, b, n),
+        or (b, n, q) for a module with vector-quantize-pytorch's conventions (as the eager module)."""
         self._require("encode", ("encode", "quantize"))
-        return self._run_vectors(x, want_vectors=False)[1]
+        return self._to_module_layout(self._run_vectors(x, want_vectors=False)[1])
 
     def quantize(self, x: Any) -> tuple[Any, Any]:
         """(vectors, indices), as the eager module's first two outputs."""
         self._require("quantize", ("quantize",))
-        return self._run_vectors(x, want_vectors=True)
+        vectors, indices = self._run_vectors(x, want_vectors=True)
+        return vectors, self._to_module_layout(indices)
 
     def decode(self, indices: Any) -> Any:
-        """Vectors for indices, as the eager module's `get_output_from_indices`."""
+        """Vectors for indices (in the layout encode returns), as the eager module's `get_output_from_indices`."""
         self._require("decode", ("decode",))
+        if self._conventions != SEED:
+            tensor, as_numpy = self._as_tensor(indices, "indices")
+            check_rank(tensor, (3,), "indices", "batch, seq, quantizer (vector-quantize-pytorch's layout)")
+            check_axis_size(tensor, 2, self.info.num_quantizers, "indices", "quantizers")
+            indices = residual_indices_to_seed(self._conventions, tensor)
+            indices = indices.numpy() if as_numpy else indices
         return self._run_decode(indices)
+
+    def _to_module_layout(self, indices: Any) -> Any:
+        if self._conventions == SEED:
+            return indices
+        if isinstance(indices, np.ndarray):
+            return np.ascontiguousarray(np.moveaxis(indices, 0, -1))
+        return residual_indices_from_seed(self._conventions, indices).contiguous()
 
     def close(self) -> None:
         self._runner.close()
