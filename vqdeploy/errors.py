@@ -65,3 +65,15 @@ class DeviceNotAvailableError(VQDeployError, RuntimeError):
 
 class ParityError(VQDeployError, AssertionError):
     """Backend tokens are not at parity with the eager model (DESIGN.md section 4)."""
+
+
+class UnreadableInputError(VQDeployError, ValueError):
+    """An input file that is missing, of an unknown format, or without the column asked for."""
+
+
+class ResumeMismatchError(VQDeployError, ValueError):
+    """An output folder that holds another job's results (another model, inputs or settings)."""
+
+
+class TokensDifferError(VQDeployError, AssertionError):
+    """Tokens a job wrote differ from those the driver computes again for the same rows."""
