@@ -34,10 +34,13 @@ _SESSIONS_LOCK = threading.Lock()
 
 
 def backend_options(backend: str, threads: int | None) -> dict[str, Any]:
-    """Runtime options for one worker: ORT with `threads` intra-op threads and no idle spinning."""
-    if backend == "ort" and threads is not None:
-        return dict(intra_op_num_threads=threads, inter_op_num_threads=1, allow_spinning=False)
-    return {}
+    """Runtime options for one worker: ORT with `threads` intra-op threads (None: ORT's default) and
+    no idle spinning (a worker reads and writes parquet between calls; spinning threads slow that)."""
+    if backend != "ort":
+        return {}
+    if threads is None:
+        return dict(allow_spinning=False)
+    return dict(intra_op_num_threads=threads, inter_op_num_threads=1, allow_spinning=False)
 
 
 def shared_quantizer(model: bytes, sha256: str, backend: str, threads: int | None):
