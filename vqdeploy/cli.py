@@ -725,6 +725,7 @@ commands, with an example each:
   verify   vqdeploy verify vq.safetensors vq.onnx           token parity with eager PyTorch
   bench    vqdeploy bench vq.onnx --checkpoint vq.safetensors
   build    vqdeploy build vq.onnx                           a TensorRT engine (needs TensorRT + GPU)
+  tokenize vqdeploy tokenize vq.onnx corpus/ -o tokens/       a corpus to token files (local, dask, Ray)
 
 `vqdeploy COMMAND --help` shows each command's options and examples.
 """

@@ -77,3 +77,7 @@ class ResumeMismatchError(VQDeployError, ValueError):
 
 class TokensDifferError(VQDeployError, AssertionError):
     """Tokens a job wrote differ from those the driver computes again for the same rows."""
+
+
+class ShardsMissingError(VQDeployError, RuntimeError):
+    """A tokenize job ended with shards of its plan not written (run it again to finish them)."""

@@ -26,6 +26,7 @@ from vqdeploy.errors import (
 )
 from vqdeploy.tokenize import read_provenance, tokenize_corpus
 from vqdeploy.tokenize.engines import ray_actor_cpus
+from vqdeploy.tokenize.shards import vectors_from_arrow
 
 N, D, K = 200_000, 16, 1024
 SHARD_ROWS = 50_000
@@ -260,6 +261,35 @@ def test_bad_input_raises_typed_errors(corpus, tmp_path):
         tokenize_corpus(decode, [corpus["npy"]], tmp_path / "out")
     with pytest.raises(UnsupportedOptionError, match="unknown engine"):
         tokenize_corpus(corpus["model"], [corpus["npy"]], tmp_path / "out", engine="spark")
+
+
+def test_fixed_size_list_columns_are_read_without_a_copy(corpus):
+    x = corpus["x"][:1000]
+    column = fixed_size_list(x)  # pyarrow wraps the numpy buffer
+    vectors = vectors_from_arrow(column, D, "test")
+    assert np.shares_memory(vectors, x)
+    sliced = vectors_from_arrow(column.slice(10, 20), D, "test")  # an offset, as a row-group slice has
+    np.testing.assert_array_equal(sliced, x[10:30])
+    assert np.shares_memory(sliced, x)
+    ragged = pa.array(list(x[:5]), type=pa.list_(pa.float32()))
+    np.testing.assert_array_equal(vectors_from_arrow(ragged, D, "test"), x[:5])
+
+
+@pytest.mark.parametrize("engine, package, extra", [("ray", "ray", "vqdeploy[ray]"), ("dask", "dask", "vqdeploy[dask]")])
+def test_missing_engine_names_the_extra(corpus, tmp_path, engine, package, extra):
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules[{package!r}] = None  # as if not installed
+        from vqdeploy.errors import BackendNotAvailableError
+        from vqdeploy.tokenize import tokenize_corpus
+        try:
+            tokenize_corpus({str(corpus["model"])!r}, [{str(corpus["npy"])!r}], {str(tmp_path / "out")!r}, engine={engine!r})
+        except BackendNotAvailableError as error:
+            print(error)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"pip install '{extra}'" in proc.stdout
 
 
 # -- Ray -------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from vqdeploy.errors import TokensDifferError, UnsupportedOptionError
+from vqdeploy.errors import ShardsMissingError, TokensDifferError, UnsupportedOptionError
 from vqdeploy.tokenize.engines import ENGINES, RUNNERS, check_engine
 from vqdeploy.tokenize.shards import (
     DEFAULT_ID_COLUMN,
@@ -193,7 +193,7 @@ def tokenize_corpus(
                     on_shard(index, shard_rows_done)
     missing = [s.output for s in shards if not (output_dir / s.output).exists()]
     if missing:
-        raise TokensDifferError(f"{len(missing)} shard(s) were not written (first: {missing[0]}); run the job again")
+        raise ShardsMissingError(f"{len(missing)} shard(s) were not written (first: {missing[0]}); run the job again")
     if verify_sample:
         with runtime.load(model_bytes, backend=backend) as quantizer:
             report.verified_rows = verify_sample_rows(quantizer, shards, job, verify_sample, seed)
