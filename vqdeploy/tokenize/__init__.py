@@ -177,7 +177,7 @@ def tokenize_corpus(
     pending = [s for s in shards if not (output_dir / s.output).exists()]
     skipped = len(shards) - len(pending)
     threads = threads_per_worker if threads_per_worker is not None else (None if engine == "local" else 1)
-    count = workers or (os.cpu_count() or 1) if engine == "dask" else workers
+    count = workers if workers is not None or engine != "dask" else os.cpu_count() or 1  # Ray sizes its own pool
     report = TokenizeReport(output_dir, engine, sum(rows), len(shards), 0, skipped, 0, 0.0, provenance=provenance)
     done_rows = sum(s.rows for s in shards) - sum(s.rows for s in pending)
     with _progress_bar(report.rows, done_rows, progress) as bar:
