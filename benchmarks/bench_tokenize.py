@@ -142,7 +142,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     model = export_onnx(VectorQuantize(dim=args.dim, codebook_size=args.codebook_size).eval(), workdir / "vq.onnx",
-                        part="encode")
+                        part="encode", overwrite=True)
     corpus = workdir / "corpus.parquet"
     start = time.perf_counter()
     write_corpus(corpus, args.n, args.dim)
