@@ -341,3 +341,13 @@ def test_ray_engine_resumes_a_partial_output(corpus, tmp_path, local_ray):
     assert (report.shards_written, report.shards_skipped) == (2, 2)
     assert (out / "part-00000.parquet").stat().st_mtime_ns == kept
     check_output(corpus, out, id_column=None)
+
+
+def test_module_example_runs(tmp_path, monkeypatch):
+    import doctest
+
+    import vqdeploy.tokenize
+
+    monkeypatch.chdir(tmp_path)
+    result = doctest.testmod(vqdeploy.tokenize, verbose=False)
+    assert result.attempted >= 5 and result.failed == 0
