@@ -1,4 +1,4 @@
-"""The `vqdeploy` command: export | build | verify | bench | inspect | demo.
+"""The `vqdeploy` command: export | build | verify | bench | inspect | demo | tokenize.
 
 Every failure ends in ONE line on stderr, ``vqdeploy: error: <message>``, and a non-zero exit
 status (2 for a usage error, 1 for anything else); ``--debug`` adds the traceback. Nothing a
@@ -684,6 +684,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ----------------------------------------------------------------------------------------------------------
+# -- tokenize ---------------------------------------------------------------------------------------------
+TOKENIZE_EPILOG = """\
+examples:
+  vqdeploy tokenize vq_encode.onnx corpus/ -o tokens/                   # every .parquet/.npy in corpus/
+  vqdeploy tokenize vq_encode.onnx a.parquet b.parquet -o tokens/ --column emb --id-column key
+  vqdeploy tokenize vq_encode.onnx corpus/ -o tokens/ --engine dask --workers 8
+  vqdeploy tokenize vq_encode.onnx corpus/ -o tokens/ --engine ray --address auto --verify-sample 10000
+
+MODEL is an export with part encode (or quantize). INPUT: parquet files with a list-of-floats
+column (fixed-size lists read zero-copy), .npy arrays of shape (N, D), or folders of them. OUT is a
+folder of part-SSSSS.parquet files (id, tokens) whose metadata names the model (sha256, K, stages).
+Run the same command again after a crash: finished shards are kept, the rest are encoded.
+"""
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from vqdeploy.tokenize import tokenize_corpus
+
+    if not args.debug:
+        import logging
+
+        logging.getLogger("ray").setLevel(logging.WARNING)
+    report = tokenize_corpus(
+        args.model, args.inputs, args.output, engine=args.engine, address=args.address, workers=args.workers,
+        column=args.column, id_column=args.id_column, verify_sample=args.verify_sample, shard_rows=args.shard_rows,
+        backend=args.backend, threads_per_worker=args.threads_per_worker, force=args.force,
+        progress=False if args.quiet else None, seed=args.seed,
+    )
+    verified = f", {report.verified_rows} re-encoded rows identical" if report.verified_rows else ""
+    print(f"{report.rows} vectors -> {report.output_dir} ({report.shards} shards: {report.shards_written} written, "
+          f"{report.shards_skipped} already there{verified}) in {report.seconds:.1f} s on {report.engine}")
+    return 0
+
+
 MAIN_EPILOG = """\
 commands, with an example each:
   demo     vqdeploy demo                                   the whole job on the shipped model
@@ -692,6 +726,7 @@ commands, with an example each:
   verify   vqdeploy verify vq.safetensors vq.onnx           token parity with eager PyTorch
   bench    vqdeploy bench vq.onnx --checkpoint vq.safetensors
   build    vqdeploy build vq.onnx                           a TensorRT engine (needs TensorRT + GPU)
+  tokenize vqdeploy tokenize vq.onnx corpus/ -o tokens/       a corpus to token files (local, dask, Ray)
 
 `vqdeploy COMMAND --help` shows each command's options and examples.
 """
@@ -772,6 +807,27 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--quick", action="store_true", help="smaller samples and fewer timing repeats")
     sub.add_argument("--out", type=Path, default=None, metavar="DIR", help="keep the files here (default: a temp dir)")
     sub.add_argument("--force", action="store_true", help="replace the demo's files in DIR")
+
+    sub = add("tokenize", "Tokenize a corpus of vectors into parquet files, on one process, dask or Ray.",
+              TOKENIZE_EPILOG, cmd_tokenize)
+    sub.add_argument("model", type=Path, metavar="MODEL.onnx")
+    sub.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help=".parquet or .npy files, or folders of them")
+    sub.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="the folder to write")
+    sub.add_argument("--engine", choices=("local", "dask", "ray"), default="local", help="default local (this process)")
+    sub.add_argument("--address", default=None, metavar="ADDR",
+                     help="a running cluster: dask scheduler (tcp://host:8786) or Ray (auto, ray://host:10001)")
+    sub.add_argument("--workers", type=int, default=None, metavar="N", help="dask threads or Ray actors (default: CPUs)")
+    sub.add_argument("--threads-per-worker", type=int, default=None, metavar="T",
+                     help="backend threads per worker (default 1; local: the backend's default)")
+    sub.add_argument("--column", default=None, metavar="NAME", help="the vector column (default: the only list column)")
+    sub.add_argument("--id-column", default=None, metavar="NAME", help="copied to the output (default: row numbers, 'id')")
+    sub.add_argument("--verify-sample", type=int, default=0, metavar="N",
+                     help="re-encode N random rows here after the job; fail on any difference")
+    sub.add_argument("--shard-rows", type=int, default=1 << 20, metavar="N",
+                     help="rows per output file (parquet: whole row groups; default 1048576)")
+    sub.add_argument("--backend", choices=("ort", "torch"), default="ort", help="default ort")
+    sub.add_argument("--seed", type=int, default=0, help="seed of --verify-sample's rows")
+    sub.add_argument("--force", action="store_true", help="discard what OUT holds and start over")
     return parser
 
 
@@ -795,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False)
     args.quiet = getattr(args, "quiet", False)
     if args.command is None:
-        sys.stderr.write(f"{PROG}: error: choose a command: export, inspect, verify, bench, build or demo "
+        sys.stderr.write(f"{PROG}: error: choose a command: export, inspect, verify, bench, build, demo or tokenize "
                          f"(see '{PROG} --help')\n")
         return 2
     from vqdeploy.errors import VQDeployError

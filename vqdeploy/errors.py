@@ -85,3 +85,19 @@ class PluginRegistrationError(VQDeployError, RuntimeError):
 
 class ProcessGroupNotInitializedError(VQDeployError, RuntimeError):
     """sync_codebook=True in a training forward, but no torch.distributed process group is initialised."""
+
+
+class UnreadableInputError(VQDeployError, ValueError):
+    """An input file that is missing, of an unknown format, or without the column asked for."""
+
+
+class ResumeMismatchError(VQDeployError, ValueError):
+    """An output folder that holds another job's results (another model, inputs or settings)."""
+
+
+class TokensDifferError(VQDeployError, AssertionError):
+    """Tokens a job wrote differ from those the driver computes again for the same rows."""
+
+
+class ShardsMissingError(VQDeployError, RuntimeError):
+    """A tokenize job ended with shards of its plan not written (run it again to finish them)."""

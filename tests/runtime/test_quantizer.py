@@ -262,3 +262,19 @@ def test_ort_spinning_can_be_turned_off(exports):
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
         assert torch.equal(quiet.encode(x), default.encode(x))
         assert torch.equal(quiet.encode(x), module(x)[1])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_load_from_bytes_gives_the_tokens_of_the_file(exports, backend):
+    """A model that travels as bytes (an object store) runs as the file does."""
+    for name in ("plain", "residual"):
+        _, path, _ = exports[name]
+        x = np.random.default_rng(1).standard_normal(QUANTIZERS[name][1]).astype(np.float32)
+        with runtime.load(path, backend=backend) as from_file, runtime.load(path.read_bytes(), backend=backend) as from_bytes:
+            assert from_bytes.info == from_file.info
+            np.testing.assert_array_equal(from_bytes.encode(x), from_file.encode(x))
+
+
+def test_load_from_bytes_that_are_not_onnx():
+    with pytest.raises(NotAVQDeployModelError, match="bytes given are not an ONNX file"):
+        runtime.load(b"not a model", backend="ort")

@@ -109,9 +109,16 @@ def write_metadata(model: onnx.ModelProto, info: ExportInfo) -> None:
         model.metadata_props.append(onnx.StringStringEntryProto(key=PREFIX + key, value=text))
 
 
-def read_metadata(model: onnx.ModelProto | str | os.PathLike) -> ExportInfo:
-    """The ExportInfo of a vqdeploy export; `NotAVQDeployModelError` for any other ONNX file."""
+def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportInfo:
+    """The ExportInfo of a vqdeploy export (a path, the file's bytes, or a loaded model);
+    `NotAVQDeployModelError` for any other ONNX file."""
     name = "model"
+    if isinstance(model, bytes | bytearray | memoryview):
+        name = f"the {len(model)} bytes given"
+        try:
+            model = onnx.load_model_from_string(bytes(model))
+        except Exception as error:  # protobuf raises DecodeError and friends
+            raise NotAVQDeployModelError(f"{name} are not an ONNX file: {error}") from error
     if not isinstance(model, onnx.ModelProto):
         name = str(model)
         path = Path(model)

@@ -32,6 +32,8 @@ def _ort(path, info: ExportInfo, device: str, precision: str, **options: Any) ->
 
 
 def _trt(path, info: ExportInfo, device: str, precision: str, **options: Any) -> Runner:
+    if isinstance(path, bytes):
+        raise UnsupportedOptionError("the trt backend builds its engine from a file path; save the bytes to a .onnx file first")
     from vqdeploy.runtime.tensorrt import TensorRTRunner
 
     return TensorRTRunner(path, info, device=device, precision=precision, **options)
@@ -102,7 +104,7 @@ def _check_device(device: str) -> None:
 
 
 def load(
-    path: str | os.PathLike,
+    path: str | os.PathLike | bytes,
     *,
     backend: str = "auto",
     device: str = "cpu",
@@ -111,6 +113,9 @@ def load(
     **options: Any,
 ) -> Quantizer:
     """Open a vqdeploy ONNX export on a backend; returns a `Quantizer`.
+
+    path: the .onnx file, or its content as bytes (so a model can travel to workers through an
+    object store; the ort and torch backends take bytes, trt needs a file).
 
     backend: "auto", "ort", "trt" or "torch". precision: "exact" (default: tokens at parity with the
     eager model; TF32 off) or "fast" (tensor cores where the backend has a parity-preserving path).
@@ -125,8 +130,12 @@ def load(
     if precision not in PRECISIONS:
         raise UnsupportedOptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     _check_device(device)
+    if isinstance(path, bytearray | memoryview):
+        path = bytes(path)
     info = read_metadata(path)
     name = resolve_backend(backend, device)
+    if isinstance(path, bytes) and backend == "auto" and name == "trt":
+        name = resolve_backend("ort" if is_available("ort") else "torch", device)
     runner = BACKENDS[name][0](path, info, device, precision, **options)
     if chunk_size is None and name == "trt":
         chunk_size = runner.max_tokens

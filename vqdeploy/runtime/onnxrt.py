@@ -51,7 +51,7 @@ class OnnxRuntimeRunner:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike | bytes,
         device: str = "cpu",
         precision: str = "exact",
         intra_op_num_threads: int | None = None,
@@ -70,7 +70,8 @@ class OnnxRuntimeRunner:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.device = device
-        self.session = ort.InferenceSession(str(Path(path)), options, providers=providers_for(device, precision))
+        source = bytes(path) if isinstance(path, bytes | bytearray | memoryview) else str(Path(path))
+        self.session = ort.InferenceSession(source, options, providers=providers_for(device, precision))
         inputs = self.session.get_inputs()
         self.float_dtype = next((_ORT_FLOAT[i.type] for i in inputs if i.type in _ORT_FLOAT), torch.float32)
         self.output_names = [o.name for o in self.session.get_outputs()]

@@ -60,10 +60,13 @@ class TorchRunner:
     name = "torch"
     materializes_scores = False  # the nearest-code op tiles its own search
 
-    def __init__(self, path: str | os.PathLike, info: ExportInfo, device: str = "cpu", precision: str = "exact"):
+    def __init__(self, path: str | os.PathLike | bytes, info: ExportInfo, device: str = "cpu", precision: str = "exact"):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise DeviceNotAvailableError("device='cuda' was asked for, but torch sees no CUDA device")
-        model = onnx.load(str(path))
+        if isinstance(path, bytes | bytearray | memoryview):
+            model = onnx.load_model_from_string(bytes(path))
+        else:
+            model = onnx.load(str(path))
         self.quantizer = rebuild_quantizer(model, info).to(device)
         for sub in self.quantizer.modules():
             if isinstance(sub, VectorQuantize):
