@@ -717,7 +717,8 @@ commands, with an example each:
   verify   vqdeploy verify vq.safetensors vq.onnx           token parity with eager PyTorch
   bench    vqdeploy bench vq.onnx --checkpoint vq.safetensors
   build    vqdeploy build vq.onnx                           a TensorRT engine (needs TensorRT + GPU)
-  triton-repo  vqdeploy triton-repo vq_encode.onnx -o models   a model repository for NVIDIA Triton
+  triton-repo
+           vqdeploy triton-repo vq_encode.onnx -o models    an NVIDIA Triton model repository
 
 `vqdeploy COMMAND --help` shows each command's options and examples.
 """
