@@ -1,4 +1,4 @@
-"""The `vqdeploy` command: export | build | verify | bench | inspect | demo | tokenize.
+"""The `vqdeploy` command: export | build | verify | bench | inspect | triton-repo | demo | tokenize.
 
 Every failure ends in ONE line on stderr, ``vqdeploy: error: <message>``, and a non-zero exit
 status (2 for a usage error, 1 for anything else); ``--debug`` adds the traceback. Nothing a
@@ -683,6 +683,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- triton-repo ------------------------------------------------------------------------------------------
+TRITON_EPILOG = """\
+examples:
+  vqdeploy triton-repo vq_encode.onnx -o models                       # models/vq_encode/{config.pbtxt,1/model.onnx}
+  vqdeploy triton-repo vq_encode.onnx -o models --gpu --instances 2   # KIND_GPU, CUDA provider with TF32 off
+  vqdeploy triton-repo vq_encode.onnx -o models --max-batch-size 16384 --threads 4 --force
+
+MODEL.onnx is an export of part encode. The repository's graph is token-major, x[N, D] ->
+indices[N] (heads: [N, H]; ResidualVQ: [N, Q]), so Triton's dynamic batcher joins requests of any
+lengths; --max-batch-size counts tokens. Inside Triton the graph runs without vqdeploy's host
+re-check: its tokens are at parity (a differing token is a certified tie), not proven identical.
+"""
+
+
+def cmd_triton_repo(args: argparse.Namespace) -> int:
+    from vqdeploy.serving.triton import write_triton_repository
+
+    model = _existing_file(args.model, "model")
+    target = write_triton_repository(model, args.output, name=args.name, max_batch_size=args.max_batch_size,
+                                     instances=args.instances, gpu=args.gpu, intra_op_threads=args.threads,
+                                     max_queue_delay_us=args.max_queue_delay_us, force=args.force)
+    print(f"wrote {target}: config.pbtxt and 1/model.onnx for Triton's onnxruntime backend "
+          f"({'KIND_GPU, use_tf32=0' if args.gpu else 'KIND_CPU'})")
+    return 0
+
+
 # -- parser ----------------------------------------------------------------------------------------------------------
 # -- tokenize ---------------------------------------------------------------------------------------------
 TOKENIZE_EPILOG = """\
@@ -727,6 +753,8 @@ commands, with an example each:
   bench    vqdeploy bench vq.onnx --checkpoint vq.safetensors
   build    vqdeploy build vq.onnx                           a TensorRT engine (needs TensorRT + GPU)
   tokenize vqdeploy tokenize vq.onnx corpus/ -o tokens/       a corpus to token files (local, dask, Ray)
+  triton-repo
+           vqdeploy triton-repo vq_encode.onnx -o models    an NVIDIA Triton model repository
 
 `vqdeploy COMMAND --help` shows each command's options and examples.
 """
@@ -803,6 +831,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--n", type=int, default=65536, metavar="N", help="vectors per call (default 65536)")
     sub.add_argument("--repeats", type=int, default=3, metavar="R", help="timed calls per backend (default 3)")
 
+    sub = add("triton-repo", "Write an NVIDIA Triton model repository (onnxruntime backend) for an export.",
+              TRITON_EPILOG, cmd_triton_repo)
+    sub.add_argument("model", type=Path, metavar="MODEL.onnx", help="an export of part encode")
+    sub.add_argument("-o", "--output", type=Path, required=True, metavar="REPO", help="the model repository folder")
+    sub.add_argument("--name", default=None, help="model name (default: MODEL's file name without .onnx)")
+    sub.add_argument("--max-batch-size", type=int, default=None, metavar="N",
+                     help="tokens per run (default: vqdeploy's ORT chunk for this codebook)")
+    sub.add_argument("--instances", type=int, default=1, metavar="N", help="model instances (default 1)")
+    sub.add_argument("--gpu", action="store_true", help="KIND_GPU instances, CUDA provider with use_tf32=0")
+    sub.add_argument("--threads", type=int, default=0, metavar="N",
+                     help="intra-op threads per instance (default 0: ONNX Runtime's choice, one per core)")
+    sub.add_argument("--max-queue-delay-us", type=int, default=1000, metavar="US",
+                     help="how long the dynamic batcher waits to fill a batch (default 1000)")
+    sub.add_argument("--force", action="store_true", help="replace REPO/NAME if it exists")
+
     sub = add("demo", "Export, run, verify and time the shipped example model.", DEMO_EPILOG, cmd_demo)
     sub.add_argument("--quick", action="store_true", help="smaller samples and fewer timing repeats")
     sub.add_argument("--out", type=Path, default=None, metavar="DIR", help="keep the files here (default: a temp dir)")
@@ -851,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.debug = getattr(args, "debug", False)
     args.quiet = getattr(args, "quiet", False)
     if args.command is None:
-        sys.stderr.write(f"{PROG}: error: choose a command: export, inspect, verify, bench, build, demo or tokenize "
+        sys.stderr.write(f"{PROG}: error: choose a command: export, inspect, verify, bench, build, triton-repo, demo or tokenize "
                          f"(see '{PROG} --help')\n")
         return 2
     from vqdeploy.errors import VQDeployError

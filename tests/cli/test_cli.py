@@ -19,7 +19,7 @@ from vqdeploy import save_quantizer
 from vqdeploy.cli import main
 from vqdeploy.examples import load_pretrained
 
-COMMANDS = ("export", "inspect", "verify", "bench", "build", "demo", "tokenize")
+COMMANDS = ("export", "inspect", "verify", "bench", "build", "triton-repo", "demo", "tokenize")
 
 
 def run_cli(*args: object, cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
