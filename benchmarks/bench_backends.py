@@ -1,6 +1,6 @@
 """CPU encode throughput of the vqdeploy runtime backends vs faiss and the reference library.
 
-At the CPU sizes of DESIGN.md section 5 it times, interleaved (see `harness`), one encode of
+At the CPU sizes of docs/design.md section 5 it times, interleaved (see `harness`), one encode of
 x ~ N(0, 1) of shape (1, N, D) float32 by:
 
 - ``reference``: ``vector_quantize_pytorch.VectorQuantize(dim=D, codebook_size=K, rotation_trick=False)``

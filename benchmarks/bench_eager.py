@@ -1,6 +1,6 @@
 """CPU benchmark of eager quantization: vqdeploy.VectorQuantize vs the reference library (issue 2).
 
-At the CPU sizes of DESIGN.md section 5 it times, interleaved and under ``torch.no_grad()``:
+At the CPU sizes of docs/design.md section 5 it times, interleaved and under ``torch.no_grad()``:
 
 - ``reference``: ``vector_quantize_pytorch.VectorQuantize(dim=D, codebook_size=K, rotation_trick=False)``
   eval forward;
@@ -11,7 +11,7 @@ At the CPU sizes of DESIGN.md section 5 it times, interleaved and under ``torch.
 
 and measures the peak extra memory of one call of each in a fresh process (see `harness`). It
 checks that vqdeploy's indices equal the reference's, and classifies any mismatch as a certified
-float32 tie or not (DESIGN.md section 4, `vqdeploy.ops.nearest_code.certify`).
+float32 tie or not (docs/design.md section 4, `vqdeploy.ops.nearest_code.certify`).
 
 Run: ``python benchmarks/bench_eager.py [--sizes 65536x256x1024 ...] [--repeats 5] [--quick] [--json out.json]``
 """

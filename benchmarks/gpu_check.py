@@ -1,6 +1,6 @@
 """GPU check of the fused nearest-code kernel: timings, memory and token parity on one CUDA device.
 
-For each size (default: N=1,048,576 x D=256 x K=1,024 and 1,048,576 x 64 x 4,096, DESIGN.md
+For each size (default: N=1,048,576 x D=256 x K=1,024 and 1,048,576 x 64 x 4,096, docs/design.md
 section 5) it measures, side by side in one process:
 
 * vqdeploy ``exact`` and ``fast`` (`vqdeploy.ops.triton_kernels.nearest_code_triton`),

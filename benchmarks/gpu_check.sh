@@ -4,7 +4,7 @@
 # of the fast mode's passes next to their CPU emulation (bench_pass_bounds.py --gpu). Logs and
 # gpu_check.json go to $OUT when set. Exit status: 0 all good, 1 a test or parity check failed,
 # 2 no CUDA device. Under 5 minutes on an H100. If onnxruntime-gpu was installed into /tmp/site
-# (shared/device/README.md), it is picked up from PYTHONPATH.
+# (pip install --target /tmp/site onnxruntime-gpu; it needs CUDA 13), it is picked up from PYTHONPATH.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1

@@ -1,6 +1,6 @@
 """Small benchmark harness: interleaved timing, peak extra memory in a fresh process, markdown tables.
 
-Rules it follows (DESIGN.md section 5): every figure is a ratio measured side by side in one run,
+Rules it follows (docs/design.md section 5): every figure is a ratio measured side by side in one run,
 so methods are timed interleaved (round r times every method once) and ratios are the median of
 the per-round ratios, which cancels most of the load drift of a shared machine.
 

@@ -1,4 +1,4 @@
-"""Input checks shared by every public entry point (DESIGN.md section 6).
+"""Input checks shared by every public entry point (docs/design.md section 6).
 
 They accept torch tensors and numpy arrays alike, and raise the typed errors of
 `vqdeploy.errors` with a message that names what was expected and what came.

@@ -68,7 +68,7 @@ class DeviceNotAvailableError(VQDeployError, RuntimeError):
 
 
 class ParityError(VQDeployError, AssertionError):
-    """Backend tokens are not at parity with the eager model (DESIGN.md section 4)."""
+    """Backend tokens are not at parity with the eager model (docs/design.md section 4)."""
 
 
 class EngineBuildError(VQDeployError, RuntimeError):

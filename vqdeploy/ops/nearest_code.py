@@ -1,4 +1,4 @@
-"""The NearestCode op: one contract, several implementations (DESIGN.md section 3).
+"""The NearestCode op: one contract, several implementations (docs/design.md section 3).
 
 Contract
 --------
@@ -11,7 +11,7 @@ Every implementation computes, in float32, the score ``s_k = ||c_k||^2 - 2 x.c_k
 from ``||x - c_k||^2`` by ``||x||^2``, which is the same for every k, so the argmin is unchanged
 and one rounding of a large term is saved. Half-precision inputs are widened to float32 first.
 
-Certified ties (DESIGN.md section 4), see `tie_tolerance`
+Certified ties (docs/design.md section 4), see `tie_tolerance`
 ------------------------------------------------------
 Let u be the unit roundoff of the arithmetic (2^-24 for float32) and gamma_n = n u / (1 - n u).
 A float32 implementation computes each score with an error bounded by
@@ -46,9 +46,9 @@ UNIT_ROUNDOFF = {
 }
 
 # Budget for the one block of scores (or dot products) an encode call holds at a time, for the
-# blocked path and the compiled CPU kernel alike (DESIGN.md section 5: <= 64 MiB). Measured for the
+# blocked path and the compiled CPU kernel alike (docs/design.md section 5: <= 64 MiB). Measured for the
 # kernel on 2 cores (benchmarks/RESULTS.md): 16 MiB was the fastest or within noise of it at every
-# size of DESIGN.md section 5; 4 MiB lost 10-20% where K is large (too few columns per GEMM), 32 MiB
+# size of docs/design.md section 5; 4 MiB lost 10-20% where K is large (too few columns per GEMM), 32 MiB
 # up to 10%.
 SCORE_BLOCK_BYTES = 16 * 2**20
 MAX_BLOCK_ROWS = 65536

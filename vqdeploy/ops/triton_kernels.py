@@ -1,4 +1,4 @@
-"""Fused exact nearest-code kernel in Triton (DESIGN.md sections 3 to 5).
+"""Fused exact nearest-code kernel in Triton (docs/design.md sections 3 to 5).
 
 `nearest_code_triton(x, codebook, mode)` computes the contract of `vqdeploy.ops.nearest_code`
 (argmin_k ||x - c_k||^2, ties to the lowest k) without writing the M x K matrix: one program per
@@ -16,7 +16,7 @@ The kernel runs with one of three dot precisions:
   Call that argmin the *ieee argmin*. Both modes return the exact argmin on every row that a
   low-precision pass decides, and the ieee argmin on the rows left to ``ieee`` (step 5).
 * ``tf32x3``: three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), close to float32 accuracy
-  and ~3x faster than ``ieee`` on an H100 (DESIGN.md section 5).
+  and ~3x faster than ``ieee`` on an H100 (docs/design.md section 5).
 * ``tf32``: one TF32 tensor-core pass, ~10x faster than ``ieee``, with 2^-11 input rounding.
 
 A low-precision pass also flags every row whose best-vs-second margin is within its rigorous error
@@ -431,7 +431,7 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
 def select_config(dim: int, num_codes: int, dot: str) -> KernelConfig:
     """The config for a problem: depends on (D, K, dot) only, never on M.
 
-    Tiles of 128 rows x 128 codes x 32 dims were the measured H100 baseline (DESIGN.md section 5);
+    Tiles of 128 rows x 128 codes x 32 dims were the measured H100 baseline (docs/design.md section 5);
     small codebooks or dims shrink their tile so that no work goes to masked lanes.
     """
     block_k = min(128, _pow2_at_least(num_codes))

@@ -25,7 +25,7 @@ def _import_onnxruntime():
 
 
 def providers_for(device: str, precision: str) -> list[Any]:
-    """Execution providers for `device`. TF32 stays off on CUDA in both precisions (DESIGN.md section 4):
+    """Execution providers for `device`. TF32 stays off on CUDA in both precisions (docs/design.md section 4):
     ONNX Runtime has no parity-preserving tensor-core search, and TF32 in its MatMul changes tokens."""
     ort = _import_onnxruntime()
     if device == "cpu":
