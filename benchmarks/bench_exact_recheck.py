@@ -1,0 +1,167 @@
+"""The cost of exact tokens on the CPU: the op with its margin and re-check vs the argmin-only kernel.
+
+At the four CPU sizes of docs/design.md section 5 (x ~ N(0, 1), float32) it times, interleaved:
+
+- ``argmin only``: the compiled CPU search as it was before exact tokens (GEMM per tile, then a
+  running (min, argmin) per row with no second best), rebuilt here from the same loop minus the
+  margin, so the only difference is what exact tokens add;
+- ``exact op``: `vqdeploy.ops.nearest_code` (the same GEMM tiles, a running best and second best,
+  then `resolve_near_ties_` on the rows the float32 bound cannot decide).
+
+It prints the median time of each, the median of per-round ratios with its spread, how many rows
+were re-solved, and how many tokens changed (those rows, where the argmin-only kernel was wrong or
+broke a tie another way).
+
+    python benchmarks/bench_exact_recheck.py               # 15 rounds at the four sizes
+    python benchmarks/bench_exact_recheck.py --repeats 5 --sizes 262144x32x256
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numba
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import markdown_table, time_interleaved  # noqa: E402
+
+from vqdeploy.ops import cpu_kernels, nearest_code  # noqa: E402
+from vqdeploy.ops.nearest_code import (  # noqa: E402
+    norm_upper_bound,
+    recheck_rows,
+    rows_per_block,
+    squared_norms,
+)
+
+SIZES = ["65536x256x1024", "65536x64x4096", "16384x512x8192", "262144x32x256"]
+
+
+def argmin_only_loop(dots, norms, out, num_chunks):
+    """The running argmin of `vqdeploy.ops._running_argmin` without the second best (baseline)."""
+    num_codes, num_columns = dots.shape
+    step = ((num_columns + num_chunks - 1) // num_chunks + 15) // 16 * 16
+    two = np.float32(2.0)
+    for chunk in numba.prange(num_chunks):
+        first = chunk * step
+        last = min(num_columns, first + step)
+        width = last - first
+        if width <= 0:
+            continue
+        best = np.empty(width, np.float32)
+        best_index = np.zeros(width, np.int32)
+        row = dots[0, first:last]
+        for r in range(width):
+            best[r] = norms[0] - two * row[r]
+        k = 1
+        while k + 4 <= num_codes:
+            k0, k1, k2, k3 = np.int32(k), np.int32(k + 1), np.int32(k + 2), np.int32(k + 3)
+            n0, n1, n2, n3 = norms[k], norms[k + 1], norms[k + 2], norms[k + 3]
+            row0, row1, row2, row3 = dots[k, first:last], dots[k + 1, first:last], dots[k + 2, first:last], dots[k + 3, first:last]
+            for r in range(width):
+                s0, s1, s2, s3 = n0 - two * row0[r], n1 - two * row1[r], n2 - two * row2[r], n3 - two * row3[r]
+                lower = s1 < s0
+                s01 = s1 if lower else s0
+                i01 = k1 if lower else k0
+                lower = s3 < s2
+                s23 = s3 if lower else s2
+                i23 = k3 if lower else k2
+                lower = s23 < s01
+                score = s23 if lower else s01
+                index = i23 if lower else i01
+                lower = score < best[r]
+                best[r] = score if lower else best[r]
+                best_index[r] = index if lower else best_index[r]
+            k += 4
+        while k < num_codes:
+            row = dots[k, first:last]
+            for r in range(width):
+                score = norms[k] - two * row[r]
+                lower = score < best[r]
+                best[r] = score if lower else best[r]
+                best_index[r] = np.int32(k) if lower else best_index[r]
+            k += 1
+        for r in range(width):
+            out[first + r] = best_index[r]
+
+
+_ARGMIN_ONLY = numba.njit("void(float32[:, ::1], float32[::1], int64[::1], int64)", parallel=True, nogil=True)(
+    argmin_only_loop
+)
+
+
+def argmin_only(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """The pre-exact CPU op: same tiles and GEMM, argmin only, no re-check."""
+    num_rows, num_codes = x.shape[0], codebook.shape[0]
+    out = torch.empty(num_rows, dtype=torch.int64)
+    codes = codebook.float().contiguous()
+    norms = squared_norms(codes).numpy()
+    step = min(rows_per_block(num_codes), num_rows)
+    block = torch.from_numpy(np.empty(num_codes * step, np.float32))
+    threads = cpu_kernels._thread_count()
+    for start in range(0, num_rows, step):
+        stop = min(start + step, num_rows)
+        width = stop - start
+        dots = block[: num_codes * width].view(num_codes, width)
+        torch.mm(codes, x[start:stop].t(), out=dots)
+        _ARGMIN_ONLY(dots.numpy(), norms, out.numpy()[start:stop], max(1, min(threads, width // 256)))
+    return out
+
+
+def rechecked_rows(x: torch.Tensor, codebook: torch.Tensor) -> int:
+    """How many rows the op re-solves (the float32 blocked search's margins, same bound)."""
+    from vqdeploy.ops.nearest_code import nearest_code_blocked_with_margin
+
+    indices, margin, x_norm = nearest_code_blocked_with_margin(x, codebook)
+    return int(recheck_rows(x.shape[1], indices, margin, x_norm, norm_upper_bound(codebook)).numel())
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", nargs="+", default=SIZES, help="NxDxK")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args()
+    print(f"CPU: {cpu_model()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    rows = []
+    for size in args.sizes:
+        n, d, k = (int(v) for v in size.split("x"))
+        generator = torch.Generator().manual_seed(0)
+        x, codebook = torch.randn(n, d, generator=generator), torch.randn(k, d, generator=generator)
+        calls = {
+            "argmin only": lambda x=x, codebook=codebook: argmin_only(x, codebook),
+            "exact op": lambda x=x, codebook=codebook: nearest_code(x, codebook),
+        }
+        timings = time_interleaved(calls, n, repeats=args.repeats, warmup=1)
+        ratios = sorted(e / b for b, e in zip(timings["argmin only"].seconds, timings["exact op"].seconds, strict=True))
+        changed = int((timings["argmin only"].last_result != timings["exact op"].last_result).sum())
+        rows.append([
+            size,
+            f"{statistics.median(timings['argmin only'].seconds) * 1e3:.1f}",
+            f"{statistics.median(timings['exact op'].seconds) * 1e3:.1f}",
+            f"{statistics.median(ratios):.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})",
+            f"{rechecked_rows(x, codebook)} ({100 * rechecked_rows(x, codebook) / n:.3f}%)",
+            str(changed),
+        ])
+        print(rows[-1], flush=True)
+    print()
+    print(markdown_table(
+        ["N x D x K", "argmin only ms", "exact op ms", "time ratio exact / argmin-only (spread)",
+         "rows re-solved", "tokens changed"], rows))
+
+
+if __name__ == "__main__":
+    main()
