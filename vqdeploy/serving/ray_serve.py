@@ -244,10 +244,7 @@ def local_serve(temp_dir: str | os.PathLike, *, num_cpus: int = 2, host: str = "
     if saved["RAY_AUTH_MODE"] is not None:
         raise UnsupportedOptionError("local_serve sets up Ray's auth itself; unset RAY_AUTH_MODE")
     os.environ.update(env)  # read by ray.init and inherited by the processes it starts
-    with contextlib.suppress(ImportError, AttributeError):  # Ray caches "no token" from its import
-        from ray._raylet import AuthenticationTokenLoader
-
-        AuthenticationTokenLoader.instance().reset_cache()
+    _reset_ray_token_cache()  # Ray caches "no token" from its import
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=str(temp_dir.resolve()),
                  object_store_memory=128 * 2**20, log_to_driver=False)
@@ -264,6 +261,15 @@ def local_serve(temp_dir: str | os.PathLike, *, num_cpus: int = 2, host: str = "
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        _reset_ray_token_cache()  # else a later ray.init in this process presents our stale token
+
+
+def _reset_ray_token_cache() -> None:
+    """Make Ray read its auth token anew (a private API; absent in other Ray versions)."""
+    with contextlib.suppress(ImportError, AttributeError):
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
 
 
 __all__ = [
