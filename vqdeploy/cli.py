@@ -230,8 +230,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if count:
         function = "with" if described["nearest_code_function"] else "WITHOUT"
         print(f"NearestCode nodes: {count} (fused; {function} the model-local function ONNX Runtime inlines)")
+        print("Tokens: vqdeploy's runtime (ort, torch) returns the exact argmin (near ties re-solved); a raw "
+              "onnxruntime session runs ArgMin: certified ties")
     else:
         print("NearestCode nodes: none (unfused: the nearest-code search is inlined in standard ONNX ops)")
+        print("Tokens: ArgMin in ONNX Runtime: certified ties (the exact re-check needs a fused file)")
     return 0
 
 

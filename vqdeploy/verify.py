@@ -482,18 +482,32 @@ def verify(
 
         report = ParityReport(backend=backend, device=device, precision=precision, part=info.part,
                               input_shapes=[list(x.shape) for x in inputs])
-        # vqdeploy's own CPU search returns the exact argmin, as the eager module does: identity.
-        # Other runtimes (ONNX Runtime's ArgMin, TensorRT, CUDA) are held to certified ties.
-        if backend == "torch" and torch.device(device).type == "cpu":
-            report.criterion = CRITERION_IDENTICAL
+
         report.stages = new_stage_reports(module)
         with runtime.load(onnx_path, backend=backend, device=device, precision=precision, **load_options) as quantizer, torch.no_grad():
             report.backend = quantizer.backend
+            if _exact_like_eager(module, quantizer):
+                report.criterion = CRITERION_IDENTICAL
             for x in inputs:
                 _compare_one(module, quantizer, info.part, x, report)
     finally:
         module.train(was_training)
     return report
+
+
+def _exact_like_eager(module: nn.Module, quantizer: Any) -> bool:
+    """Whether the backend runs vqdeploy's exact search on the rows the eager model computes.
+
+    The torch backend on CPU does; ONNX Runtime does with the re-check body (`recheck_outputs`)
+    where the search's rows are the input itself or reshapes and residuals of it (no projection or
+    normalisation, whose float32 results may differ between runtimes). Those are held to identity;
+    every other path (TensorRT, CUDA, ONNX Runtime without the re-check) to certified ties.
+    """
+    cosine = module.use_cosine_sim if isinstance(module, VectorQuantize) else module.layers[0].use_cosine_sim
+    plain_rows = isinstance(module.project_in, nn.Identity) and not cosine
+    if quantizer.backend == "torch":
+        return quantizer.search_is_exact
+    return quantizer.backend == "ort" and plain_rows and quantizer.search_is_exact
 
 
 def _compare_one(module: nn.Module, quantizer: Any, part: str, x: torch.Tensor, report: ParityReport) -> None:

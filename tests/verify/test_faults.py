@@ -230,9 +230,9 @@ def test_missing_stage_is_a_named_layout_violation(trained, tmp_path):
     module, path = _tampered(trained, "rvq: stage 2 missing from the output", tmp_path)
     report = verify(module, path, backend="ort", num_samples=NUM_SAMPLES)
     assert report.problems and len(report.problems) == len(set(report.problems))  # each named once
-    assert all("returned indices of shape (2, 1," in p and "does not match its metadata" in p for p in report.problems)
+    assert all("(2, 1," in p and "does not match its metadata" in p for p in report.problems)
     assert all(stage.violations == stage.tokens > 0 for stage in report.stages)
-    assert "violation: the ort backend returned indices" in report.table()
+    assert "violation: the ort backend returned" in report.table()
 
 
 @pytest.mark.parametrize(

@@ -98,6 +98,90 @@ def nearest_code_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+RECHECK_SUFFIX = "__recheck"
+
+
+def nearest_code_recheck_function(opset: int, dim: int) -> onnx.FunctionProto:
+    """NearestCode with a second output, ``recheck`` (bool[M]): the rows whose float32 margin does
+    not prove the token to be the exact argmin (`vqdeploy.ops.nearest_code.recheck_rows`'s test,
+    evaluated in float32 with room for its own rounding). vqdeploy's ONNX Runtime runner swaps this
+    body in at load time and re-solves the flagged rows; exported files keep the one-output body.
+
+    The token is TopK(2)'s first index: where the row is not flagged the minimum is strict, so it
+    is ArgMin's token; where it is flagged the runner replaces it anyway.
+    """
+    u = 2.0**-24
+    gamma = (dim + 3) * u / (1 - (dim + 3) * u)
+    factor = gamma * (1.0 + (dim + 16) * 2.0**-22)  # the threshold's own float32 evaluation
+    const = lambda name, value, dtype=TensorProto.FLOAT, dims=(): helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, dtype, list(dims), [value] if not dims else value)
+    )
+    nodes = [
+        helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["codebook"], ["cf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["cf", "cf"], ["c_sq"]),
+        const("axis1", [1], TensorProto.INT64, (1,)),
+        helper.make_node("ReduceSum", ["c_sq", "axis1"], ["c_norm"], keepdims=0),
+        helper.make_node("Transpose", ["cf"], ["cf_t"], perm=[1, 0]),
+        helper.make_node("MatMul", ["xf", "cf_t"], ["dots"]),
+        const("minus_two", -2.0),
+        helper.make_node("Mul", ["dots", "minus_two"], ["dots_m2"]),
+        helper.make_node("Add", ["dots_m2", "c_norm"], ["scores"]),
+        const("two", [2], TensorProto.INT64, (1,)),
+        helper.make_node("TopK", ["scores", "two"], ["best2", "best2_index"], axis=1, largest=0, sorted=1),
+        const("zero", 0, TensorProto.INT64),
+        const("one", 1, TensorProto.INT64),
+        helper.make_node("Gather", ["best2_index", "zero"], ["indices"], axis=1),
+        helper.make_node("Gather", ["best2", "zero"], ["best"], axis=1),
+        helper.make_node("Gather", ["best2", "one"], ["second"], axis=1),
+        helper.make_node("Sub", ["second", "best"], ["margin"]),
+        helper.make_node("Mul", ["xf", "xf"], ["x_sq"]),
+        helper.make_node("ReduceSum", ["x_sq", "axis1"], ["x_norm_sq"], keepdims=0),
+        helper.make_node("Sqrt", ["x_norm_sq"], ["x_norm"]),
+        helper.make_node("Sqrt", ["c_norm"], ["c_len"]),
+        helper.make_node("Gather", ["c_len", "indices"], ["best_len"], axis=0),
+        helper.make_node("ReduceMax", ["c_len"], ["max_len"], keepdims=0),
+        helper.make_node("Add", ["x_norm", "best_len"], ["a"]),
+        helper.make_node("Add", ["x_norm", "max_len"], ["b"]),
+        helper.make_node("Mul", ["a", "a"], ["a_sq"]),
+        helper.make_node("Mul", ["b", "b"], ["b_sq"]),
+        helper.make_node("Add", ["a_sq", "b_sq"], ["ab"]),
+        const("factor", factor),
+        helper.make_node("Mul", ["ab", "factor"], ["threshold"]),
+        helper.make_node("Greater", ["margin", "threshold"], ["proven"]),  # NaN: not proven
+        helper.make_node("Not", ["proven"], ["recheck"]),
+    ]
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=["x", "codebook"],
+        outputs=["indices", "recheck"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=["plugin_namespace"],
+    )
+
+
+def with_recheck_outputs(model: onnx.ModelProto, dim: int) -> tuple[onnx.ModelProto, list[str]]:
+    """A copy of a fused export whose NearestCode nodes also output their ``recheck`` rows, each
+    added as a graph output (names returned in node order). Unfused files come back unchanged."""
+    nodes = nearest_code_nodes(model)
+    if not nodes:
+        return model, []
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    del model.functions[:]
+    model.functions.append(nearest_code_recheck_function(opset, dim))
+    names = []
+    for node in nearest_code_nodes(model):
+        name = node.output[0] + RECHECK_SUFFIX
+        del node.output[1:]
+        node.output.append(name)
+        model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.BOOL, None))
+        names.append(name)
+    return model, names
+
+
 def nearest_code_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     """Every NearestCode node of the main graph."""
     return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]

@@ -28,7 +28,7 @@ PRECISIONS = ("exact", "fast")
 def _ort(path, info: ExportInfo, device: str, precision: str, **options: Any) -> Runner:
     from vqdeploy.runtime.onnxrt import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(path, device=device, precision=precision, **options)
+    return OnnxRuntimeRunner(path, device=device, precision=precision, info=info, **options)
 
 
 def _trt(path, info: ExportInfo, device: str, precision: str, **options: Any) -> Runner:

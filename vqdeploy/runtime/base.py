@@ -171,6 +171,14 @@ class Quantizer:
         return f"Quantizer(kind={self.info.kind}, part={self.info.part}, backend={self.backend}, device={self.device})"
 
     # -- helpers ---------------------------------------------------------------------------------------
+    @property
+    def search_is_exact(self) -> bool:
+        """Whether this backend returns the exact argmin of the rows its search sees: the torch
+        backend on CPU, and ONNX Runtime with the re-check body (the default for fused files)."""
+        if self.backend == "torch":
+            return torch.device(self.device).type == "cpu"
+        return getattr(self._runner, "recheck_outputs", 0) > 0
+
     def _require(self, method: str, parts: tuple[str, ...]) -> None:
         if self.info.kind == "model":
             raise UnsupportedOptionError(
@@ -188,6 +196,47 @@ class Quantizer:
         if isinstance(array, np.ndarray):
             return torch.from_numpy(array), True
         raise UnsupportedOptionError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
+
+    def _resolve_flagged(self, fed: torch.Tensor, outputs: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+        """Strip a runner's trailing ``recheck`` outputs and re-solve the tokens they flag exactly.
+
+        A runner whose search flags the rows its float32 margin cannot prove (ONNX Runtime, with
+        the re-check body) returns one bool[M] per search after its graph outputs; a flagged row
+        marks its token. Those tokens go through vqdeploy's exact torch path (`exact_infer`) and
+        their indices and vectors replace the runner's, so every output stays consistent (a
+        residual stack's later stages included).
+        """
+        extra = getattr(self._runner, "recheck_outputs", 0)
+        if not extra:
+            return outputs
+        outputs, flags = list(outputs[:-extra]), outputs[-extra:]
+        flagged = torch.zeros(count, dtype=torch.bool)
+        for flag in flags:
+            flag = flag.cpu()
+            if flag.numel() % max(count, 1):
+                raise BackendOutputError(
+                    f"the {self.backend} backend flagged {flag.numel()} rows for {count} tokens: the graph does not "
+                    "match its metadata"
+                )
+            flagged |= flag.reshape(count, -1).any(dim=1)
+        if not bool(flagged.any()):
+            return outputs
+        positions = torch.nonzero(flagged).squeeze(1)
+        token_axis = fed.ndim - 1 if self._channel_first else 1  # (1, n, d) / (1, d, n) / (1, d, 1, n)
+        exact = self._runner.exact_infer({self.info.inputs[0]: fed.index_select(token_axis, positions.to(fed.device))})
+        for out, new in zip(outputs, exact, strict=True):
+            if out.is_floating_point():  # vectors: the input's layout
+                axis = token_axis
+            else:  # indices: (q, 1, n) for a residual stack, (1, n[, heads]) or (1, 1, n[, heads]) for images
+                axis = 2 if self._residual or self.info.input_layout == "b d h w" else 1
+            if out.ndim != new.ndim or any(a != b for k, (a, b) in enumerate(zip(out.shape, new.shape, strict=False)) if k != axis):
+                raise BackendOutputError(
+                    f"the {self.backend} backend returned an output of shape {tuple(out.shape)} where the file's "
+                    f"weights give {tuple(new.shape)} for {positions.numel()} of its tokens: the graph does not match "
+                    "its metadata"
+                )
+            out.index_copy_(axis, positions.to(out.device), new.to(out.device, out.dtype))
+        return outputs
 
     def _check_output(self, out: torch.Tensor, expected: int, what: str, tokens: int) -> None:
         if out.numel() != expected:
@@ -247,7 +296,8 @@ class Quantizer:
                 chunk = tokens.view[g0:g1, :, t0:t1].permute(1, 0, 2).reshape(1, info.dim, count)
             else:
                 chunk = tokens.view[:, t0:t1]
-            outputs = self._runner.infer({name: self._feed_vectors(chunk.to(float_dtype))})
+            fed = self._feed_vectors(chunk.to(float_dtype))
+            outputs = self._resolve_flagged(fed, self._runner.infer({name: fed}), count)
             indices_out = outputs[-1]
             per_token = info.num_quantizers if self._residual else math.prod(heads)
             self._check_output(indices_out, count * per_token, "indices", count)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from vqdeploy.errors import BackendNotAvailableError, DeviceNotAvailableError
+from vqdeploy.export.metadata import ExportInfo
 
 _ORT_FLOAT = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
@@ -57,7 +58,11 @@ class OnnxRuntimeRunner:
         intra_op_num_threads: int | None = None,
         inter_op_num_threads: int | None = None,
         allow_spinning: bool = True,
+        info: ExportInfo | None = None,
+        recheck: bool = True,
     ):
+        """``recheck`` (default, with ``info``): run the search body that also flags the rows its
+        float32 margin cannot prove, so the Quantizer re-solves them exactly (`recheck_outputs`)."""
         ort = _import_onnxruntime()
         options = ort.SessionOptions()
         if intra_op_num_threads is not None:
@@ -71,6 +76,17 @@ class OnnxRuntimeRunner:
             options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         self.device = device
         source = bytes(path) if isinstance(path, bytes | bytearray | memoryview) else str(Path(path))
+        self._source, self._info, self._exact = source, info, None
+        self.recheck_outputs = 0  # trailing outputs: bool[M] per search, rows to re-solve exactly
+        if recheck and info is not None and info.kind != "model" and info.part != "decode" and info.codebook_size > 1:
+            import onnx
+
+            from vqdeploy.export.functions import with_recheck_outputs
+
+            model = onnx.load_model_from_string(source) if isinstance(source, bytes) else onnx.load(source)
+            model, names = with_recheck_outputs(model, info.codebook_dim)
+            if names:
+                source, self.recheck_outputs = model.SerializeToString(), len(names)
         self.session = ort.InferenceSession(source, options, providers=providers_for(device, precision))
         inputs = self.session.get_inputs()
         self.float_dtype = next((_ORT_FLOAT[i.type] for i in inputs if i.type in _ORT_FLOAT), torch.float32)
@@ -124,8 +140,17 @@ class OnnxRuntimeRunner:
             return [torch.from_dlpack(v.to_dlpack()) for v in values]
         return [torch.from_numpy(v.numpy()).to(self.device) for v in values]
 
+    def exact_infer(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The same graph's outputs from vqdeploy's exact torch path (the file's weights), on CPU."""
+        if self._exact is None:
+            from vqdeploy.runtime.torch_backend import TorchRunner
+
+            self._exact = TorchRunner(self._source, self._info, device="cpu")
+        return self._exact.infer({name: value.cpu() for name, value in feed.items()})
+
     def close(self) -> None:
         self.session = None
+        self._exact = None
 
 
 def _numpy_dtype(dtype: torch.dtype) -> type:
