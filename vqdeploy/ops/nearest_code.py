@@ -200,7 +200,8 @@ def exact_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     dim = codes.shape[1]
     gamma64 = (dim + 3) * 2.0**-53 / (1 - (dim + 3) * 2.0**-53)  # bound (1) in float64
     code_norm, code_sq = codes.norm(dim=1), (codes * codes).sum(1)
-    step = max(1, SCORE_BLOCK_BYTES // (8 * max(codes.shape[0], 1)))
+    # A handful of (rows, K) float64 temporaries live at once: keep each near 2 MiB.
+    step = max(1, 2**21 // (8 * max(codes.shape[0], 1)))
     for start in range(0, rows.shape[0], step):
         block = rows[start : start + step]
         dist = (block * block).sum(1)[:, None] + code_sq[None] - 2.0 * block @ codes.T  # (r, K) float64

@@ -197,18 +197,16 @@ class Quantizer:
             return torch.from_numpy(array), True
         raise UnsupportedOptionError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
 
-    def _resolve_flagged(self, fed: torch.Tensor, outputs: list[torch.Tensor], count: int) -> list[torch.Tensor]:
-        """Strip a runner's trailing ``recheck`` outputs and re-solve the tokens they flag exactly.
+    def _split_flags(self, outputs: list[torch.Tensor], count: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Strip a runner's trailing ``recheck`` outputs; returns (graph outputs, flagged token positions).
 
-        A runner whose search flags the rows its float32 margin cannot prove (ONNX Runtime, with
-        the re-check body) returns one bool[M] per search after its graph outputs; a flagged row
-        marks its token. Those tokens go through vqdeploy's exact torch path (`exact_infer`) and
-        their indices and vectors replace the runner's, so every output stays consistent (a
-        residual stack's later stages included).
+        A runner whose search flags the rows its float32 margin cannot prove (ONNX Runtime, with the
+        re-check body) returns one bool[M] per search after its graph outputs; a flagged row marks
+        its token (M = tokens, or tokens x heads, token-major).
         """
         extra = getattr(self._runner, "recheck_outputs", 0)
         if not extra:
-            return outputs
+            return outputs, None
         outputs, flags = list(outputs[:-extra]), outputs[-extra:]
         flagged = torch.zeros(count, dtype=torch.bool)
         for flag in flags:
@@ -219,24 +217,38 @@ class Quantizer:
                     "match its metadata"
                 )
             flagged |= flag.reshape(count, -1).any(dim=1)
-        if not bool(flagged.any()):
-            return outputs
-        positions = torch.nonzero(flagged).squeeze(1)
-        token_axis = fed.ndim - 1 if self._channel_first else 1  # (1, n, d) / (1, d, n) / (1, d, 1, n)
-        exact = self._runner.exact_infer({self.info.inputs[0]: fed.index_select(token_axis, positions.to(fed.device))})
-        for out, new in zip(outputs, exact, strict=True):
-            if out.is_floating_point():  # vectors: the input's layout
-                axis = token_axis
-            else:  # indices: (q, 1, n) for a residual stack, (1, n[, heads]) or (1, 1, n[, heads]) for images
-                axis = 2 if self._residual or self.info.input_layout == "b d h w" else 1
-            if out.ndim != new.ndim or any(a != b for k, (a, b) in enumerate(zip(out.shape, new.shape, strict=False)) if k != axis):
-                raise BackendOutputError(
-                    f"the {self.backend} backend returned an output of shape {tuple(out.shape)} where the file's "
-                    f"weights give {tuple(new.shape)} for {positions.numel()} of its tokens: the graph does not match "
-                    "its metadata"
-                )
-            out.index_copy_(axis, positions.to(out.device), new.to(out.device, out.dtype))
-        return outputs
+        return outputs, torch.nonzero(flagged).squeeze(1)
+
+    def _resolve_tokens(
+        self, tokens: _TokenView, groups: torch.Tensor, positions: torch.Tensor,
+        index_rows: torch.Tensor, vectors: torch.Tensor | None,
+    ) -> None:
+        """Re-solve the flagged tokens (group, position) through the runner's exact torch path and
+        write their indices and vectors (every stage of a residual stack) over the runner's."""
+        info, name = self.info, self.info.inputs[0]
+        heads = (info.heads,) if info.heads > 1 else ()
+        step = min(4096, max(1, self.chunk_size or 4096))  # tokens re-solved per exact call
+        for start in range(0, positions.numel(), step):
+            g, t = groups[start : start + step], positions[start : start + step]
+            if self._channel_first:
+                rows = tokens.view[g.to(tokens.view.device), :, t.to(tokens.view.device)]  # (F, d)
+                fed = self._feed_vectors(rows.t().unsqueeze(0).to(self._runner.float_dtype))
+            else:
+                rows = tokens.view[0, t.to(tokens.view.device)]
+                fed = self._feed_vectors(rows.unsqueeze(0).to(self._runner.float_dtype))
+            outputs = self._runner.exact_infer({name: fed})
+            found = outputs[-1].to(index_rows.device)
+            g, t = g.to(index_rows.device), t.to(index_rows.device)
+            if self._residual:
+                index_rows[:, 0, t] = found.reshape(info.num_quantizers, -1)
+            else:
+                index_rows[g, t] = found.reshape(-1, *heads)
+            if vectors is not None:
+                block = outputs[0].to(vectors.device, vectors.dtype)
+                if self._channel_first:
+                    vectors[g, :, t] = block.reshape(info.dim, -1).t()
+                else:
+                    vectors[0, t] = block.reshape(-1, info.dim)
 
     def _check_output(self, out: torch.Tensor, expected: int, what: str, tokens: int) -> None:
         if out.numel() != expected:
@@ -290,14 +302,18 @@ class Quantizer:
         float_dtype = self._runner.float_dtype
         vectors = torch.empty(tokens.view.shape, dtype=float_dtype, device=x.device) if want_vectors else None
         name = self.info.inputs[0]
+        flagged_groups: list[torch.Tensor] = []
+        flagged_tokens: list[torch.Tensor] = []
         for g0, g1, t0, t1 in tiles(tokens.groups, tokens.tokens, self.chunk_size):
             count = (g1 - g0) * (t1 - t0)
             if self._channel_first:  # (gb, d, tc) -> (1, d, gb * tc): one copy of the chunk
                 chunk = tokens.view[g0:g1, :, t0:t1].permute(1, 0, 2).reshape(1, info.dim, count)
             else:
                 chunk = tokens.view[:, t0:t1]
-            fed = self._feed_vectors(chunk.to(float_dtype))
-            outputs = self._resolve_flagged(fed, self._runner.infer({name: fed}), count)
+            outputs, flagged = self._split_flags(self._runner.infer({name: self._feed_vectors(chunk.to(float_dtype))}), count)
+            if flagged is not None and flagged.numel():  # chunk order is (group, token)
+                flagged_groups.append(g0 + flagged // (t1 - t0))
+                flagged_tokens.append(t0 + flagged % (t1 - t0))
             indices_out = outputs[-1]
             per_token = info.num_quantizers if self._residual else math.prod(heads)
             self._check_output(indices_out, count * per_token, "indices", count)
@@ -313,6 +329,8 @@ class Quantizer:
                     vectors[g0:g1, :, t0:t1] = block
                 else:
                     vectors[0, t0:t1] = outputs[0].reshape(t1 - t0, info.dim)
+        if flagged_tokens:  # one exact pass over every chunk's flagged tokens
+            self._resolve_tokens(tokens, torch.cat(flagged_groups), torch.cat(flagged_tokens), index_rows, vectors)
         if self._residual:
             indices = index_rows.reshape(info.num_quantizers, *index_shape)
         else:

@@ -87,6 +87,7 @@ class OnnxRuntimeRunner:
             model, names = with_recheck_outputs(model, info.codebook_dim)
             if names:
                 source, self.recheck_outputs = model.SerializeToString(), len(names)
+                self._exact_runner()  # built (and the CPU kernel compiled) now, not inside an encode
         self.session = ort.InferenceSession(source, options, providers=providers_for(device, precision))
         inputs = self.session.get_inputs()
         self.float_dtype = next((_ORT_FLOAT[i.type] for i in inputs if i.type in _ORT_FLOAT), torch.float32)
@@ -140,13 +141,27 @@ class OnnxRuntimeRunner:
             return [torch.from_dlpack(v.to_dlpack()) for v in values]
         return [torch.from_numpy(v.numpy()).to(self.device) for v in values]
 
-    def exact_infer(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        """The same graph's outputs from vqdeploy's exact torch path (the file's weights), on CPU."""
+    def _exact_runner(self):
         if self._exact is None:
+            from vqdeploy.ops import cpu_kernels
             from vqdeploy.runtime.torch_backend import TorchRunner
 
             self._exact = TorchRunner(self._source, self._info, device="cpu")
-        return self._exact.infer({name: value.cpu() for name, value in feed.items()})
+            if cpu_kernels.available():  # compiles (or loads from numba's cache) the CPU search kernel
+                # One full-size call now starts the kernel's thread pool and allocates the tile it
+                # keeps between calls (16 MiB) at load time, not inside the first encode that has a
+                # row to re-solve.
+                from vqdeploy.ops.nearest_code import rows_per_block
+
+                dim, codes = self._info.codebook_dim, self._info.codebook_size
+                codebook = torch.randn(codes, dim, generator=torch.Generator().manual_seed(0))
+                rows = codebook[torch.arange(rows_per_block(codes)) % codes]  # on a code each: no near tie
+                cpu_kernels.nearest_code_cpu(rows, codebook)
+        return self._exact
+
+    def exact_infer(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The same graph's outputs from vqdeploy's exact torch path (the file's weights), on CPU."""
+        return self._exact_runner().infer({name: value.cpu() for name, value in feed.items()})
 
     def close(self) -> None:
         self.session = None
