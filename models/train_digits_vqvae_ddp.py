@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{used}/{model.vq.codebook_size} codes used; codebooks bitwise equal on every rank: {equal}")
             if args.out is not None:
                 print(f"wrote {save_example(model.cpu(), args.out, overwrite=True)}")
+        # Every rank leaves together: a rank that tore its gloo group down while rank 0 was still
+        # evaluating aborted at exit ("terminate called without an active exception").
+        dist.barrier()
         return 0 if equal else 1
     finally:
         dist.destroy_process_group()

@@ -189,6 +189,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         counter = CollectiveCounter()
         records = {name: _run_config(name, config, rank, counter) for name, config in CONFIGS.items()}
         torch.save(records, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # leave together: tearing gloo down while a peer still works can abort at exit
     finally:
         dist.destroy_process_group()
 
