@@ -42,7 +42,8 @@ from harness import markdown_table, paired_speedup, peak_extra_memory, time_inte
 
 import vqdeploy
 import vqdeploy.runtime
-from vqdeploy.ops.nearest_code import nearest_code, nearest_code_blocked
+from vqdeploy.ops.contract import nearest_code_blocked
+from vqdeploy.ops.custom_op import nearest_code
 
 CHUNK_VARIANT = 16384
 WARM_ROWS = 64

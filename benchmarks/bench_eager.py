@@ -11,7 +11,7 @@ At the CPU sizes of docs/design.md section 5 it times, interleaved and under ``t
 
 and measures the peak extra memory of one call of each in a fresh process (see `harness`). It
 checks that vqdeploy's indices equal the reference's, and classifies any mismatch as a certified
-float32 tie or not (docs/design.md section 4, `vqdeploy.ops.nearest_code.certify`).
+float32 tie or not (docs/design.md section 4, `vqdeploy.ops.contract.certify`).
 
 Run: ``python benchmarks/bench_eager.py [--sizes 65536x256x1024 ...] [--repeats 5] [--quick] [--json out.json]``
 """
@@ -37,7 +37,8 @@ import vector_quantize_pytorch
 from harness import markdown_table, paired_speedup, peak_extra_memory, time_interleaved
 
 import vqdeploy
-from vqdeploy.ops.nearest_code import certify, nearest_code
+from vqdeploy.ops.contract import certify
+from vqdeploy.ops.custom_op import nearest_code
 
 SIZES: list[tuple[int, int, int]] = [
     (65536, 256, 1024),

@@ -39,12 +39,7 @@ from harness import markdown_table, time_interleaved  # noqa: E402
 
 from vqdeploy import VectorQuantize, export_onnx, runtime  # noqa: E402
 from vqdeploy.ops import cpu_kernels, nearest_code  # noqa: E402
-from vqdeploy.ops.nearest_code import (  # noqa: E402
-    norm_upper_bound,
-    recheck_rows,
-    rows_per_block,
-    squared_norms,
-)
+from vqdeploy.ops.contract import norm_upper_bound, recheck_rows, rows_per_block, squared_norms
 
 SIZES = ["65536x256x1024", "65536x64x4096", "16384x512x8192", "262144x32x256"]
 
@@ -122,7 +117,7 @@ def argmin_only(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
 
 def rechecked_rows(x: torch.Tensor, codebook: torch.Tensor) -> int:
     """How many rows the op re-solves (the float32 blocked search's margins, same bound)."""
-    from vqdeploy.ops.nearest_code import nearest_code_blocked_with_margin
+    from vqdeploy.ops.contract import nearest_code_blocked_with_margin
 
     indices, margin, x_norm = nearest_code_blocked_with_margin(x, codebook)
     return int(recheck_rows(x.shape[1], indices, margin, x_norm, norm_upper_bound(codebook)).numel())

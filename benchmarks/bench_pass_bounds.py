@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-from vqdeploy.ops.nearest_code import nearest_code_reference, squared_norms  # noqa: E402
+from vqdeploy.ops.contract import nearest_code_reference, squared_norms  # noqa: E402
 from vqdeploy.ops.pass_emulation import emulate_pass  # noqa: E402
 
 # H100 full-pass times (ms) of the baseline fused kernel at N = 1,048,576 (measured 2026-11-26).

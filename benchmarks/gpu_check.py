@@ -231,7 +231,7 @@ def check_size(
     size: tuple[int, int, int], repeats: int, seed: int = 0
 ) -> tuple[list[Result], dict[str, Any]]:
     """Every method at one size; also whether fast == exact and whether exact's ties are certified."""
-    from vqdeploy.ops.nearest_code import certify, nearest_code_reference
+    from vqdeploy.ops.contract import certify, nearest_code_reference
     from vqdeploy.ops.triton_kernels import nearest_code_triton
 
     n, d, k = size

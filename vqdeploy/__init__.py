@@ -2,10 +2,14 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from vqdeploy.errors import VQDeployError
-from vqdeploy.export import export_onnx, read_metadata
-from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer
-from vqdeploy.verify import ParityReport, verify  # noqa: E402  (the function shadows the module name on purpose)
+from vqdeploy import _deprecated
+
+_deprecated.install_aliases()  # `from vqdeploy.verify import verify` and other 0.x paths, with a warning
+
+from vqdeploy.errors import VQDeployError  # noqa: E402  (after the aliases: a module below may still use one)
+from vqdeploy.export import export_onnx, read_metadata  # noqa: E402
+from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer  # noqa: E402
+from vqdeploy.parity import ParityReport, verify  # noqa: E402
 
 try:
     __version__ = version("vqdeploy")

@@ -54,7 +54,7 @@ def test_ties_go_to_the_lowest_index():
 def test_tiles_and_thread_chunks_change_nothing(monkeypatch):
     x, codebook = torch.randn(5003, 24), torch.randn(300, 24)
     whole = cpu_kernels.nearest_code_cpu(x, codebook)
-    nearest_code_module = importlib.import_module("vqdeploy.ops.nearest_code")  # the module, not the function
+    nearest_code_module = importlib.import_module("vqdeploy.ops.contract")
     monkeypatch.setattr(nearest_code_module, "SCORE_BLOCK_BYTES", 4 * 300 * 37)  # 37-row tiles, a ragged last one
     monkeypatch.setattr(cpu_kernels, "MIN_COLUMNS_PER_THREAD", 16)
     assert nearest_code_module.rows_per_block(300) == 37

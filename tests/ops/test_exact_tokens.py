@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from vqdeploy.ops import cpu_kernels
-from vqdeploy.ops.nearest_code import (
+from vqdeploy.ops.contract import (
     exact_nearest,
-    nearest_code,
     nearest_code_blocked_with_margin,
     nearest_code_exact,
     norm_upper_bound,
     recheck_rows,
 )
+from vqdeploy.ops.custom_op import nearest_code
 
 
 def exact_by_fractions(x: torch.Tensor, codebook: torch.Tensor) -> list[int]:
@@ -130,7 +130,7 @@ def test_op_without_numba_is_exact(tmp_path):
         "sys.modules['numba'] = None\n"
         "import torch\n"
         "from vqdeploy.ops import cpu_kernels, nearest_code\n"
-        "from vqdeploy.ops.nearest_code import nearest_code_exact\n"
+        "from vqdeploy.ops.contract import nearest_code_exact\n"
         "assert not cpu_kernels.available()\n"
         "torch.manual_seed(0)\n"
         "c = torch.randn(50, 9); c[7] = c[3]\n"

@@ -30,7 +30,7 @@ def test_ties_go_to_the_lowest_index():
 
 
 def test_blocks_change_nothing(monkeypatch):
-    nearest_code_module = importlib.import_module("vqdeploy.ops.nearest_code")  # the module, not the function
+    nearest_code_module = importlib.import_module("vqdeploy.ops.contract")
     x, codebook = torch.randn(3000, 16), torch.randn(500, 16)
     whole = nearest_code_blocked(x, codebook)
     monkeypatch.setattr(nearest_code_module, "SCORE_BLOCK_BYTES", 4 * 500 * 17)  # 17-row blocks

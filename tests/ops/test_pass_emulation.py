@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 
 from vqdeploy.errors import UnsupportedOptionError  # noqa: E402
-from vqdeploy.ops.nearest_code import nearest_code_reference, squared_norms  # noqa: E402
+from vqdeploy.ops.contract import nearest_code_reference, squared_norms  # noqa: E402
 from vqdeploy.ops.pass_emulation import _dot, emulate_chain, emulate_pass  # noqa: E402
 from vqdeploy.ops.triton_kernels import round_tf32, score_error_coefficients  # noqa: E402
 

@@ -30,10 +30,7 @@ from vqdeploy.errors import (  # noqa: E402
     InputShapeError,
     UnsupportedOptionError,
 )
-from vqdeploy.ops.nearest_code import (  # noqa: E402
-    UNIT_ROUNDOFF,
-    nearest_code_reference,
-)
+from vqdeploy.ops.contract import UNIT_ROUNDOFF, nearest_code_reference
 from vqdeploy.ops.pass_emulation import emulate_pass  # noqa: E402
 from vqdeploy.ops.triton_kernels import (  # noqa: E402
     KernelConfig,
@@ -152,7 +149,7 @@ def test_duplicate_float_codes_go_to_the_lowest_index(mode: str) -> None:
 @interpreted
 @pytest.mark.parametrize("mode", ["exact", "fast"])
 def test_both_modes_return_the_exact_argmin_on_near_ties(mode: str) -> None:
-    from vqdeploy.ops.nearest_code import nearest_code_exact
+    from vqdeploy.ops.contract import nearest_code_exact
 
     codebook = torch.randn(48, 20)
     pairs = torch.randint(0, 48, (400, 2))
@@ -405,7 +402,7 @@ def test_aot_ptx_compiles_without_gpu(dtype: torch.dtype) -> None:
     """PTX for an H100 (sm_90) from this CPU-only machine: what the TensorRT AOT plugin embeds."""
     from triton.backends.compiler import GPUTarget
 
-    from vqdeploy.ops.triton_kernels import compile_exact_ptx
+    from vqdeploy.ops.triton_aot import compile_exact_ptx
 
     kernel = compile_exact_ptx(dtype, target=GPUTarget("cuda", 90, 32))
     # TensorRT launches with (inputs, extra scalars, outputs): x, codebook, M, K, D, out.
@@ -418,7 +415,7 @@ def test_aot_ptx_compiles_without_gpu(dtype: torch.dtype) -> None:
 
 
 def test_strip_unused_trailing_params() -> None:
-    from vqdeploy.ops.triton_kernels import _strip_unused_trailing_params
+    from vqdeploy.ops.triton_aot import _strip_unused_trailing_params
 
     ptx = (
         ".visible .entry k(\n\t.param .u64 k_param_0,\n\t.param .u32 k_param_1,\n"

@@ -24,16 +24,9 @@ pytestmark = [
 ]
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 
-from vqdeploy.ops.nearest_code import (  # noqa: E402
-    nearest_code,
-    nearest_code_reference,
-)
-from vqdeploy.ops.triton_kernels import (  # noqa: E402
-    compile_exact_ptx,
-    launch_on_stream,
-    nearest_code_pass,
-    nearest_code_triton,
-)
+from vqdeploy.ops import nearest_code, nearest_code_reference  # noqa: E402
+from vqdeploy.ops.triton_aot import compile_exact_ptx  # noqa: E402
+from vqdeploy.ops.triton_kernels import launch_on_stream, nearest_code_pass, nearest_code_triton  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 
 from vqdeploy import ResidualVQ, VectorQuantize, export_onnx, runtime
 from vqdeploy.ops import certify
-from vqdeploy.ops.nearest_code import nearest_code_exact
+from vqdeploy.ops.contract import nearest_code_exact
 
 DIM, K = 16, 64
 

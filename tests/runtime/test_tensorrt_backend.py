@@ -205,7 +205,7 @@ def test_polygraphy_runs_the_engine_vqdeploy_builds(tmp_path):
     """Polygraphy's TensorRT runner over vqdeploy's engine (its own loader cannot set PREFER_*)."""
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA device")
-    from vqdeploy.polygraphy_check import compare_with_polygraphy
+    from vqdeploy.parity.polygraphy_adapter import compare_with_polygraphy
 
     module = VectorQuantize(dim=16, codebook_size=32).eval()
     path = export_onnx(module, tmp_path / "p.onnx", part="encode")

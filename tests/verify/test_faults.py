@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 
 from vqdeploy import ResidualVQ, VectorQuantize, export_onnx
 from vqdeploy.export.functions import inline_function
-from vqdeploy.verify import verify
+from vqdeploy.parity import verify
 
 pytestmark = pytest.mark.slow  # ~4 min on 2 cores: 15 exports and ~90 verify runs
 
@@ -239,8 +239,8 @@ def test_missing_stage_is_a_named_layout_violation(trained, tmp_path):
     "fault", ["vq: nudged code", "rvq: nudged code, stage 2", "rvq: stage 1 skipped", "projected: project_out weight"]
 )
 def test_fault_fails_in_polygraphy(trained, fault, tmp_path):
-    from vqdeploy.polygraphy_check import compare_with_polygraphy
-    from vqdeploy.verify import default_inputs
+    from vqdeploy.parity import default_inputs
+    from vqdeploy.parity.polygraphy_adapter import compare_with_polygraphy
 
     module, path = _tampered(trained, fault, tmp_path)
     ok, _ = compare_with_polygraphy(module, path, default_inputs(module, num_samples=NUM_SAMPLES))

@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 
 from vqdeploy import ResidualVQ, VectorQuantize, export_onnx, save_quantizer
-from vqdeploy.verify import default_inputs, verify
+from vqdeploy.parity import default_inputs, verify
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_float16_codebook_is_caught(trained, tmp_path):
 
 def test_polygraphy_comparator_agrees_with_verify(trained, tmp_path):
     """Polygraphy runs the file in a plain ORT session (no re-check): compare with verify on the same path."""
-    from vqdeploy.polygraphy_check import compare_with_polygraphy
+    from vqdeploy.parity.polygraphy_adapter import compare_with_polygraphy
 
     case = trained["rvq"]
     inputs = default_inputs(case["module"], num_samples=256)

@@ -103,7 +103,7 @@ RECHECK_SUFFIX = "__recheck"
 
 def nearest_code_recheck_function(opset: int, dim: int) -> onnx.FunctionProto:
     """NearestCode with a second output, ``recheck`` (bool[M]): the rows whose float32 margin does
-    not prove the token to be the exact argmin (`vqdeploy.ops.nearest_code.recheck_rows`'s test,
+    not prove the token to be the exact argmin (`vqdeploy.ops.contract.recheck_rows`'s test,
     evaluated in float32 with room for its own rounding). vqdeploy's ONNX Runtime runner swaps this
     body in at load time and re-solves the flagged rows; exported files keep the one-output body.
 

@@ -48,20 +48,13 @@ class ExportInfo:
 
 
 def describe_quantizer(module: nn.Module) -> dict[str, Any]:
-    """Kind, sizes and metric of one VectorQuantize or ResidualVQ."""
-    from vqdeploy.nn import ResidualVQ
-
+    """Kind, sizes and metric of one VectorQuantize or ResidualVQ: its I/O spec (`vqdeploy.spec`)
+    plus what the search needs."""
     config = dict(module.config)
-    is_residual = isinstance(module, ResidualVQ)
     return dict(
-        kind=type(module).__name__,
-        num_quantizers=module.num_quantizers if is_residual else 1,
-        codebook_size=module.codebook_size,
-        dim=module.dim,
+        **module.spec.metadata_fields(),
         codebook_dim=module.codebook_dim,
-        heads=1 if is_residual else module.heads,
         metric="cosine" if config.get("use_cosine_sim") else "l2",
-        input_layout=module.input_layout,
         config=config,
     )
 

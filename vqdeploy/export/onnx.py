@@ -33,6 +33,7 @@ from vqdeploy.export.metadata import (
 from vqdeploy.files import atomic_write
 from vqdeploy.nn import ResidualVQ, VectorQuantize
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
+from vqdeploy.spec import QuantizerSpec
 
 IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
 DEFAULT_OPSET = 18
@@ -77,38 +78,12 @@ def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
 
 def _example_input(quantizer: nn.Module, part: str) -> torch.Tensor:
     """A small input with sizes >= 2 on every dynamic axis (torch.export specialises sizes 0 and 1)."""
-    batch, seq, height, width = 2, 3, 3, 5
-    if part == "decode":
-        if isinstance(quantizer, ResidualVQ):
-            return torch.randint(0, quantizer.codebook_size, (quantizer.num_quantizers, batch, seq))
-        shape = (batch, height, width) if quantizer.accept_image_fmap else (batch, seq)
-        return torch.randint(0, quantizer.codebook_size, (*shape, quantizer.heads) if quantizer.heads > 1 else shape)
-    if isinstance(quantizer, ResidualVQ) or quantizer.channel_last and not quantizer.accept_image_fmap:
-        return torch.randn(batch, seq, quantizer.dim)
-    if quantizer.accept_image_fmap:
-        return torch.randn(batch, quantizer.dim, height, width)
-    return torch.randn(batch, quantizer.dim, seq)
-
-
-def _dynamic_axis_names(quantizer: nn.Module, part: str, example: torch.Tensor) -> dict[int, str]:
-    """Axis -> name of the dynamic axes of the part's input: batch and seq, or batch, height and width."""
-    if part == "decode":
-        if isinstance(quantizer, ResidualVQ):
-            return {1: "batch", 2: "seq"}
-        names = ("batch", "height", "width") if quantizer.accept_image_fmap else ("batch", "seq")
-        data_axes = example.ndim - (1 if quantizer.heads > 1 else 0)  # a trailing heads axis is static
-        return dict(enumerate(names[: max(data_axes, 1)]))
-    if not isinstance(quantizer, ResidualVQ) and quantizer.accept_image_fmap:
-        return {0: "batch", 2: "height", 3: "width"}
-    if example.ndim == 2:  # (batch, dim): one token per row
-        return {0: "batch"}
-    channel_last = isinstance(quantizer, ResidualVQ) or quantizer.channel_last
-    return {0: "batch", 1: "seq"} if channel_last else {0: "batch", 2: "seq"}
+    return QuantizerSpec.from_module(quantizer).example_input(part)
 
 
 def _dynamic_axes(quantizer: nn.Module, part: str, example: torch.Tensor) -> dict[int, object]:
     """Batch and sequence (or height and width) axes of the part's input."""
-    return dict.fromkeys(_dynamic_axis_names(quantizer, part, example), Dim.DYNAMIC)
+    return dict.fromkeys(QuantizerSpec.from_module(quantizer).dynamic_axis_names(part, example.ndim), Dim.DYNAMIC)
 
 
 _SYMBOL = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
@@ -269,7 +244,7 @@ def export_onnx(
     if index_dtype == "int32":
         cast_output(proto, "indices", onnx.TensorProto.INT32)
     if is_quantizer:
-        proto = name_dynamic_dims(proto, _dynamic_axis_names(model, part, examples[0]))
+        proto = name_dynamic_dims(proto, QuantizerSpec.from_module(model).dynamic_axis_names(part, examples[0].ndim))
     info = build_info(
         quantizers,
         kind=type(model).__name__ if is_quantizer else "model",

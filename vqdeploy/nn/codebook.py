@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqdeploy.nn import distributed
-from vqdeploy.ops.nearest_code import nearest_code
+from vqdeploy.ops.custom_op import nearest_code
 
 
 def l2norm(t: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ from vqdeploy.nn import conventions as conv
 from vqdeploy.nn import distributed
 from vqdeploy.nn.conventions import SEED, check_conventions
 from vqdeploy.nn.vector_quantize import VectorQuantize
+from vqdeploy.spec import CHANNEL_LAST, QuantizerSpec
 
 # VectorQuantize options that make no sense per stage of a residual quantizer.
 _PER_STAGE_ONLY = ("heads", "separate_codebook_per_head", "accept_image_fmap", "channel_last", "codebook_dim", "dim")
@@ -109,7 +110,13 @@ class ResidualVQ(nn.Module):
 
     @property
     def input_layout(self) -> str:
-        return "b n d"
+        return self.spec.layout.name
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        """What this module takes and returns (`vqdeploy.spec`)."""
+        return QuantizerSpec(type(self).__name__, CHANNEL_LAST, self.dim, self.codebook_size,
+                             num_quantizers=self.num_quantizers, conventions=self.conventions)
 
     def _dropout_last_stage(self, device: torch.device, seed: int | None = None) -> int:
         """The last stage a training forward runs (quantize dropout), or the last stage."""

@@ -24,6 +24,7 @@ from vqdeploy.nn.codebook import EMACodebook
 from vqdeploy.nn.conventions import SEED, check_conventions
 from vqdeploy.nn.gradients import rotation_trick as rotate_to
 from vqdeploy.nn.gradients import straight_through
+from vqdeploy.spec import Layout, QuantizerSpec, layout_for
 
 
 class VectorQuantize(nn.Module):
@@ -142,50 +143,39 @@ class VectorQuantize(nn.Module):
         return embed if self.separate_codebook_per_head else embed[0]
 
     @property
+    def layout(self) -> Layout:
+        """How inputs are laid out (`vqdeploy.spec`): channel last, channel first or image."""
+        return layout_for(self.channel_last, self.accept_image_fmap)
+
+    @property
     def input_layout(self) -> str:
-        if self.accept_image_fmap:
-            return "b d h w"
-        return "b n d" if self.channel_last else "b d n"
+        return self.layout.name
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        """What this module takes and returns (`vqdeploy.spec`)."""
+        return QuantizerSpec(type(self).__name__, self.layout, self.dim, self.codebook_size, heads=self.heads)
 
     # -- layouts ------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
+        layout = self.layout
         check_floating(x, "x")
-        if self.accept_image_fmap:
-            check_rank(x, (4,), "x", "batch, dim, height, width")
-            check_axis_size(x, 1, self.dim, "x", "dim")
-        elif self.channel_last:
-            check_rank(x, (2, 3), "x", "batch, seq, dim or batch, dim")
-            check_axis_size(x, -1, self.dim, "x", "dim")
-        else:
-            check_rank(x, (2, 3), "x", "batch, dim, seq or batch, dim")
-            check_axis_size(x, 1, self.dim, "x", "dim")
+        check_rank(x, layout.ranks, "x", layout.expected())
+        check_axis_size(x, 1 if x.ndim == 2 and not layout.image else layout.feature_axis, self.dim, "x", "dim")
         if eager_checks_enabled():
             check_finite(x, "x")
 
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Any accepted input layout -> (batch, tokens, dim)."""
-        if self.accept_image_fmap:
-            return x.flatten(2).transpose(1, 2)
-        if x.ndim == 2:
-            return x.unsqueeze(1)
-        return x if self.channel_last else x.transpose(1, 2)
+        return self.layout.to_tokens(x)
 
     def _from_tokens(self, t: torch.Tensor, like_shape: torch.Size) -> torch.Tensor:
         """(batch, tokens, ...) -> the layout the input came in (inverse of `_to_tokens`)."""
-        if self.accept_image_fmap:
-            batch, _, height, width = like_shape
-            return t.transpose(1, 2).reshape(batch, t.shape[-1], height, width)
-        if len(like_shape) == 2:
-            return t.squeeze(1)
-        return t if self.channel_last else t.transpose(1, 2)
+        return self.layout.from_tokens(t, like_shape)
 
     def _index_shape(self, like_shape: torch.Size) -> tuple[int, ...]:
         """Shape of the indices for an input of `like_shape` (before the trailing heads axis)."""
-        if self.accept_image_fmap:
-            return (like_shape[0], like_shape[2], like_shape[3])
-        if len(like_shape) == 2:
-            return (like_shape[0],)
-        return (like_shape[0], like_shape[1] if self.channel_last else like_shape[2])
+        return self.layout.index_shape(like_shape)
 
     def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
         """(b, n, heads * d) -> (H, b * n * heads / H, d) rows for the codebook(s)."""

@@ -1,6 +1,6 @@
 """Fused CPU nearest-code search: one GEMM per tile of rows, then a compiled running argmin.
 
-`nearest_code_cpu(x, codebook)` computes the contract of `vqdeploy.ops.nearest_code` on the CPU.
+`nearest_code_cpu(x, codebook)` computes the contract of `vqdeploy.ops.contract` on the CPU.
 
 Why a compiled argmin
 ---------------------
@@ -15,7 +15,7 @@ float32 block of at most SCORE_BLOCK_BYTES (`rows_per_block`, shared with
 `nearest_code_blocked`). The numba kernel then walks the K rows of that block once,
 forms the score ``s_k = ||c_k||^2 - 2 dot_k`` exactly as
 `nearest_code_blocked` does (``fl(n_k - 2 fl(x.c_k))``, so the error bound (1) of
-`vqdeploy.ops.nearest_code` holds) and keeps a running (min, argmin) for every column with a strict
+`vqdeploy.ops.contract` holds) and keeps a running (min, argmin) for every column with a strict
 ``<``, so ties go to the lowest k. Its inner loops run over the R contiguous columns, independent
 from column to column, which the compiler vectorises; the columns are split into one chunk per
 thread (details in `vqdeploy.ops._running_argmin`). Nothing of size M x K is ever allocated.
@@ -35,7 +35,7 @@ import warnings
 import numpy as np
 import torch
 
-from vqdeploy.ops.nearest_code import norm_upper_bound, resolve_near_ties_, rows_per_block, squared_norms
+from vqdeploy.ops.contract import norm_upper_bound, resolve_near_ties_, rows_per_block, squared_norms
 
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
@@ -118,7 +118,7 @@ def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The exact nearest code for every row of x (CPU tensors, any float dtype).
 
     The compiled float32 search also returns each row's margin t_2 - t_b; rows whose margin does
-    not prove the float32 argmin exact are re-solved (`vqdeploy.ops.nearest_code.resolve_near_ties_`).
+    not prove the float32 argmin exact are re-solved (`vqdeploy.ops.contract.resolve_near_ties_`).
     """
     kernel = _kernel()
     if kernel is None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vqdeploy.errors import UnsupportedOptionError
-from vqdeploy.ops.nearest_code import nearest_code_reference, squared_norms
+from vqdeploy.ops.contract import nearest_code_reference, squared_norms
 from vqdeploy.ops.triton_kernels import (
     U_ACC_TC,
     U_FP32,

@@ -1,6 +1,6 @@
 """Fused exact nearest-code kernel in Triton (docs/design.md sections 3 to 5).
 
-`nearest_code_triton(x, codebook, mode)` computes the contract of `vqdeploy.ops.nearest_code`
+`nearest_code_triton(x, codebook, mode)` computes the contract of `vqdeploy.ops.contract`
 (argmin_k ||x - c_k||^2, ties to the lowest k) without writing the M x K matrix: one program per
 tile of BLOCK_M rows loops over tiles of BLOCK_K codes, accumulates x.c over slices of BLOCK_D
 with `tl.dot`, forms the score s_k = ||c_k||^2 - 2 x.c_k in float32 (code norms computed once per
@@ -11,7 +11,7 @@ Passes and modes
 ----------------
 The kernel runs with one of three dot precisions:
 
-* ``ieee``: float32 FMA (CUDA cores). Its scores obey the bound of `vqdeploy.ops.nearest_code`
+* ``ieee``: float32 FMA (CUDA cores). Its scores obey the bound of `vqdeploy.ops.contract`
   (eq. (1), u = 2^-24), so its argmin differs from the float64 argmin only by certified ties.
   Call that argmin the *ieee argmin*. Both modes return the exact argmin on every row that a
   low-precision pass decides, and the ieee argmin on the rows left to ``ieee`` (step 5).
@@ -28,7 +28,7 @@ is needed) are gathered by index and recomputed by the next pass.
 
 In both modes the ``ieee`` pass flags too, with its own bound, and the rows it flags (near ties,
 duplicates, exact midpoints: 0.02-0.14% of random rows, emulated) are re-solved on the host by
-`vqdeploy.ops.nearest_code.exact_nearest`. Every pass certifies the exact argmin of the rows it
+`vqdeploy.ops.contract.exact_nearest`. Every pass certifies the exact argmin of the rows it
 does not flag, so both modes return the exact argmin, row by row, and the same tokens.
 
 `vqdeploy.ops.pass_emulation` emulates the passes on CPU (TF32 rounding, float32 accumulation,
@@ -39,7 +39,7 @@ would cost more (0.038 x 26.6 ms vs 0.038 x 7.9 + 0.007 x 26.6 ms per million ro
 
 Error bound of a pass and the re-check test
 -------------------------------------------
-Notation of `vqdeploy.ops.nearest_code`: gamma_n(u) = n u / (1 - n u); s_k = ||c_k||^2 - 2 x.c_k
+Notation of `vqdeploy.ops.contract`: gamma_n(u) = n u / (1 - n u); s_k = ||c_k||^2 - 2 x.c_k
 the exact score, t_k the score a pass computes; ||.|| the 2-norm; u = 2^-24, v = 2^-11 (TF32
 rounding), w = 2^-23 (tensor-core accumulation, allowing truncation); tf32(v) the TF32 rounding of
 a vector and r(v) = v - tf32(v) its residual; n_k the float32 code norm the kernel loads.
@@ -107,7 +107,6 @@ interpreter on CPU tensors (slow; for tests: it checks the logic, not the GPU's 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,15 +119,13 @@ except ImportError as exc:  # nearest_code.py falls back to the blocked torch pa
     raise ImportError("vqdeploy.ops.triton_kernels needs Triton: pip install triton") from exc
 
 from vqdeploy.errors import DeviceNotAvailableError, InputDtypeError, InputShapeError, UnsupportedOptionError
-from vqdeploy.ops.nearest_code import exact_nearest, squared_norms
+from vqdeploy.ops.contract import exact_nearest, squared_norms
 
 __all__ = [
     "MODES",
-    "AotKernel",
     "ErrorCoefficients",
     "KernelConfig",
     "code_bound_terms",
-    "compile_exact_ptx",
     "launch_on_stream",
     "margin_threshold_coefficients",
     "nearest_code_into",
@@ -455,7 +452,7 @@ def _kernel_for(device: torch.device) -> Any:
     if device.type == "cpu" and not _interpreting():
         raise DeviceNotAvailableError(
             "the Triton kernel needs CUDA tensors; CPU tensors run only in the Triton interpreter "
-            "(set TRITON_INTERPRET=1 before triton is imported). On CPU use vqdeploy.ops.nearest_code."
+            "(set TRITON_INTERPRET=1 before triton is imported). On CPU use vqdeploy.ops.contract."
         )
     return _nearest_code_kernel
 
@@ -623,115 +620,3 @@ def launch_on_stream(
     """Run `nearest_code_into` on the raw CUDA stream handle ``stream`` (e.g. TensorRT's)."""
     with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=x.device)):
         nearest_code_into(x, codebook, out, mode=mode)
-
-
-# ----------------------------------------------------------------------------------------------
-# Ahead-of-time PTX (TensorRT AOT plugin)
-# ----------------------------------------------------------------------------------------------
-
-AOT_CONFIG = KernelConfig(block_m=64, block_k=64, block_d=32, num_warps=4, num_stages=1)
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-@dataclass(frozen=True)
-class AotKernel:
-    """A compiled single-pass kernel: launch with grid (ceil(M / block_m),), block (block_x,).
-
-    Kernel parameters, in order: x_ptr, codebook_ptr, M (i32), K (i32), D (i32), out_ptr (int64).
-    """
-
-    name: str
-    ptx: str
-    block_m: int
-    block_x: int
-    shared_mem: int
-    num_params: int
-
-    def grid_x(self, num_rows: int) -> int:
-        """Programs to launch for ``num_rows`` rows."""
-        return -(-num_rows // self.block_m)
-
-
-def _strip_unused_trailing_params(ptx: str, name: str) -> tuple[str, int]:
-    """Drop trailing kernel parameters the body never reads; returns (ptx, parameters kept).
-
-    Recent Triton appends scratch-pointer parameters (global/profile scratch) that a caller
-    outside Triton, such as TensorRT's AOT launcher, does not pass; unused ones are safe to drop.
-    """
-    match = re.search(r"\.entry\s+" + re.escape(name) + r"\s*\(([^)]*)\)", ptx)
-    if match is None:
-        raise ValueError(f"kernel {name} not found in the PTX")
-    params = [p.strip() for p in match.group(1).split(",") if p.strip()]
-    names = [p.split()[-1] for p in params]
-    body = ptx[match.end() :]
-    keep = len(params)
-    while keep > 0 and not re.search(r"\b" + re.escape(names[keep - 1]) + r"\b", body):
-        keep -= 1
-    new_list = ",\n\t".join(params[:keep])
-    start, end = match.span(1)
-    return ptx[:start] + "\n\t" + new_list + "\n" + ptx[end:], keep
-
-
-def compile_exact_ptx(
-    x_dtype: torch.dtype = torch.float32,
-    codebook_dtype: torch.dtype | None = None,
-    target: Any = None,
-    config: KernelConfig = AOT_CONFIG,
-) -> AotKernel:
-    """PTX of the single-pass ``ieee`` kernel (exact, ties certified) with code norms in-kernel.
-
-    ``target`` is a ``triton.backends.compiler.GPUTarget`` (default: the current GPU); passing
-    one, e.g. ``GPUTarget("cuda", 90, 32)``, compiles without a GPU.
-    """
-    codebook_dtype = codebook_dtype or x_dtype
-    for dtype in (x_dtype, codebook_dtype):
-        if dtype not in _TRITON_DTYPES:
-            raise InputDtypeError(f"AOT kernel inputs must be float32, float16 or bfloat16, got {dtype}")
-    signature = {
-        "x_ptr": "*" + _TRITON_DTYPES[x_dtype],
-        "c_ptr": "*" + _TRITON_DTYPES[codebook_dtype],
-        "cnorm_ptr": "constexpr",
-        "rows_ptr": "constexpr",
-        "bound_ptr": "constexpr",
-        "M": "i32",
-        "K": "i32",
-        "D": "i32",
-        "out_ptr": "*i64",
-        "BLOCK_M": "constexpr",
-        "BLOCK_K": "constexpr",
-        "BLOCK_D": "constexpr",
-        "DOT": "constexpr",
-        "ROUND_TF32": "constexpr",
-        "TRACK_SECOND": "constexpr",
-        "NORMS_IN_KERNEL": "constexpr",
-        "ROWS_INDEXED": "constexpr",
-    }
-    constexprs = {
-        "cnorm_ptr": None,
-        "rows_ptr": None,
-        "bound_ptr": None,
-        "BLOCK_M": config.block_m,
-        "BLOCK_K": config.block_k,
-        "BLOCK_D": config.block_d,
-        "DOT": "ieee",
-        "ROUND_TF32": False,
-        "TRACK_SECOND": False,
-        "NORMS_IN_KERNEL": True,
-        "ROWS_INDEXED": False,
-    }
-    kernel = _nearest_code_kernel
-    if not isinstance(kernel, triton.runtime.JITFunction):
-        raise UnsupportedOptionError("compile_exact_ptx needs the compiled kernel; unset TRITON_INTERPRET")
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": FP_FUSION}
-    compiled = triton.compile(source, target=target, options=options)
-    name = compiled.metadata.name
-    ptx, kept = _strip_unused_trailing_params(compiled.asm["ptx"], name)
-    return AotKernel(
-        name=name,
-        ptx=ptx,
-        block_m=config.block_m,
-        block_x=compiled.metadata.num_warps * 32,
-        shared_mem=int(compiled.metadata.shared),
-        num_params=kept,
-    )

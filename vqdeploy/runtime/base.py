@@ -28,6 +28,7 @@ from vqdeploy.checks import (
 from vqdeploy.errors import BackendOutputError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
+from vqdeploy.spec import QuantizerSpec
 
 # Scores a chunk may hold (float32) where the backend materialises them: 2M values = 8 MiB per
 # score-sized buffer in the backend (ONNX Runtime runs the function body MatMul -> ArgMin).
@@ -48,16 +49,8 @@ def default_chunk_size(info: ExportInfo, materializes_scores: bool = True) -> in
 
 def chunk_shape(info: ExportInfo, tokens: int) -> tuple[int, ...]:
     """Shape of the graph input for a chunk of `tokens` tokens, as `Quantizer` feeds it (batch 1)."""
-    heads = (info.heads,) if info.heads > 1 else ()
-    if info.part == "decode":
-        if info.kind == "ResidualVQ":
-            return (info.num_quantizers, 1, tokens)
-        return (1, 1, tokens, *heads) if info.input_layout == "b d h w" else (1, tokens, *heads)
-    if info.input_layout == "b d h w":
-        return (1, info.dim, 1, tokens)
-    if info.input_layout == "b d n":
-        return (1, info.dim, tokens)
-    return (1, tokens, info.dim)
+    spec = QuantizerSpec.from_info(info)
+    return spec.graph_indices_shape(1, tokens) if info.part == "decode" else spec.input_shape(1, tokens)
 
 
 class Runner(Protocol):
@@ -114,10 +107,11 @@ class Quantizer:
         self.chunk_size = chunk_size or default_chunk_size(info, runner.materializes_scores)
         if self.chunk_size < 1:
             raise UnsupportedOptionError(f"chunk_size must be >= 1, got {chunk_size}")
-        self._channel_first = info.input_layout in ("b d n", "b d h w")
-        self._residual = info.kind == "ResidualVQ"
+        self.spec = QuantizerSpec.from_info(info)
+        self._channel_first = self.spec.layout.channel_first
+        self._residual = self.spec.residual
         # The graph's ResidualVQ indices are (q, b, n); the API speaks the module's conventions.
-        self._conventions = info.config.get("conventions", SEED) if self._residual else SEED
+        self._conventions = self.spec.conventions
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -266,12 +260,11 @@ class Quantizer:
         """Check x and view it as token groups; returns the view and the shape indices come back in."""
         info = self.info
         check_floating(x, "x")
+        layout = self.spec.layout
         if self._residual:
-            check_rank(x, (3,), "x", "batch, seq, dim")
-        elif info.input_layout == "b d h w":
-            check_rank(x, (4,), "x", "batch, dim, height, width")
+            check_rank(x, (3,), "x", layout.describe())
         else:
-            check_rank(x, (2, 3), "x", f"{info.input_layout.replace(' ', ', ')} or batch, dim")
+            check_rank(x, layout.ranks, "x", layout.expected())
         dim_axis = 1 if self._channel_first else -1
         check_axis_size(x, dim_axis, info.dim, "x", "dim")
         check_finite(x, "x")
@@ -285,7 +278,7 @@ class Quantizer:
 
     def _feed_vectors(self, chunk: torch.Tensor) -> torch.Tensor:
         """A chunk in the graph's layout: (1, c, d), (1, d, c) or (1, d, 1, c) for images."""
-        if self.info.input_layout == "b d h w":
+        if self.spec.layout.image:
             chunk = chunk.reshape(1, self.info.dim, 1, -1)
         return chunk.contiguous()
 
@@ -351,7 +344,7 @@ class Quantizer:
             check_axis_size(indices, 0, info.num_quantizers, "indices", "quantizers")
             lead = tuple(indices.shape[1:])
         else:
-            base = 3 if info.input_layout == "b d h w" else 2
+            base = 3 if self.spec.layout.image else 2
             check_rank(indices, (base + len(heads),) if base == 3 else (1 + len(heads), 2 + len(heads)), "indices",
                        "indices as encode returns them")
             if heads:

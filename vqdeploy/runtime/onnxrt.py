@@ -151,7 +151,7 @@ class OnnxRuntimeRunner:
                 # One full-size call now starts the kernel's thread pool and allocates the tile it
                 # keeps between calls (16 MiB) at load time, not inside the first encode that has a
                 # row to re-solve.
-                from vqdeploy.ops.nearest_code import rows_per_block
+                from vqdeploy.ops.contract import rows_per_block
 
                 dim, codes = self._info.codebook_dim, self._info.codebook_size
                 codebook = torch.randn(codes, dim, generator=torch.Generator().manual_seed(0))

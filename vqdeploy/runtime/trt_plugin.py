@@ -328,7 +328,7 @@ def _register(trt: Any, trtp: Any, with_aot: bool) -> None:
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymIntExprs]:
         import torch
 
-        from vqdeploy.ops.triton_kernels import compile_exact_ptx
+        from vqdeploy.ops.triton_aot import compile_exact_ptx
 
         torch_dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
         kernel = compile_exact_ptx(torch_dtypes[x.dtype], torch_dtypes[codebook.dtype])

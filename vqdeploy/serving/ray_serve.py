@@ -34,6 +34,7 @@ import numpy as np
 
 from vqdeploy.errors import BackendNotAvailableError, InputShapeError, UnsupportedOptionError, VQDeployError
 from vqdeploy.export.metadata import ExportInfo
+from vqdeploy.spec import QuantizerSpec
 
 NPY_CONTENT_TYPE = "application/x-npy"
 DEFAULT_MAX_BATCH_TOKENS = 65536
@@ -50,18 +51,15 @@ def _import_serve():
 
 def rows_to_input(info: ExportInfo, rows: np.ndarray) -> np.ndarray:
     """Token rows (T, D) -> an input `Quantizer.encode` takes, holding them as one sequence."""
-    if info.kind == "ResidualVQ":
-        return rows[None]  # (1, T, D)
-    if info.input_layout == "b d h w":
-        return np.ascontiguousarray(rows.T).reshape(1, info.dim, 1, rows.shape[0])
-    return rows  # (T, D): one token per row, in every other layout
+    return QuantizerSpec.from_info(info).rows_to_input(rows)
 
 
 def indices_of_rows(info: ExportInfo, indices: np.ndarray, tokens: int) -> np.ndarray:
     """`Quantizer.encode` of `rows_to_input` -> indices per token: (T[, heads]); ResidualVQ (Q, T)."""
+    per_token = QuantizerSpec.from_info(info).token_major(indices, tokens)
     if info.kind == "ResidualVQ":
-        return indices.reshape(info.num_quantizers, tokens)
-    return indices.reshape(tokens, info.heads) if info.heads > 1 else indices.reshape(tokens)
+        return np.ascontiguousarray(per_token.T)
+    return per_token if info.heads > 1 else per_token.reshape(tokens)
 
 
 def check_rows(info: ExportInfo, x: Any) -> np.ndarray:

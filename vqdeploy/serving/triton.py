@@ -35,6 +35,7 @@ from vqdeploy.errors import NotAVQDeployModelError, OutputExistsError, Unsupport
 from vqdeploy.export import functions
 from vqdeploy.export.metadata import PREFIX, ExportInfo, read_metadata
 from vqdeploy.runtime.base import default_chunk_size
+from vqdeploy.spec import QuantizerSpec
 
 # The ONNX Runtime that Triton's onnxruntime backend is built against in its current releases:
 # build.py's DEFAULT_TRITON_VERSION_MAP went 1.24.4 (26.05) -> 1.27.0 (26.06) -> 1.28.0 -> 1.30.0
@@ -84,13 +85,13 @@ def token_major_graph(model: onnx.ModelProto, info: ExportInfo) -> onnx.ModelPro
     def const(name: str, values: list[int]) -> onnx.NodeProto:
         return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)], values))
 
-    layout = "b n d" if info.kind == "ResidualVQ" else info.input_layout
+    layout = QuantizerSpec.from_info(info).layout
     front: list[onnx.NodeProto] = []
-    if layout == "b d n":
+    if layout.channel_first and not layout.image:
         front += [helper.make_node("Transpose", [INPUT_NAME], ["vqdeploy_triton_xt"], perm=[1, 0]),
                   const("vqdeploy_triton_axes", [0]),
                   helper.make_node("Unsqueeze", ["vqdeploy_triton_xt", "vqdeploy_triton_axes"], [inner_x])]
-    elif layout == "b d h w":
+    elif layout.image:
         front += [helper.make_node("Transpose", [INPUT_NAME], ["vqdeploy_triton_xt"], perm=[1, 0]),
                   const("vqdeploy_triton_axes", [0, 2]),
                   helper.make_node("Unsqueeze", ["vqdeploy_triton_xt", "vqdeploy_triton_axes"], [inner_x])]

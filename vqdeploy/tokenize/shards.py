@@ -241,13 +241,8 @@ def read_shard(shard: Shard, job: JobSpec, dim: int) -> tuple[np.ndarray, Any]:
 
 def encode_rows(quantizer, vectors: np.ndarray) -> np.ndarray:
     """Tokens (n, S) of n vectors: S = stages for a ResidualVQ, heads for a multi-head quantizer, else 1."""
-    info = quantizer.info
-    n = vectors.shape[0]
-    if info.kind == "ResidualVQ":
-        return quantizer.encode(vectors[None]).reshape(info.num_quantizers, n).T
-    if info.input_layout == "b d h w":  # one row of n pixels: (1, d, 1, n)
-        return quantizer.encode(vectors.T[None, :, None, :]).reshape(n, -1)
-    return quantizer.encode(vectors).reshape(n, -1)
+    spec = quantizer.spec
+    return spec.token_major(quantizer.encode(spec.rows_to_input(vectors)), vectors.shape[0])
 
 
 def tokens_per_row(info) -> int:

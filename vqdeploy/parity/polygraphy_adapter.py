@@ -23,7 +23,8 @@ from torch import nn
 
 from vqdeploy.export.metadata import read_metadata
 from vqdeploy.export.onnx import PART_MODULES
-from vqdeploy.verify import StageReport, VectorReport, check_tokens, check_vectors, new_stage_reports
+from vqdeploy.parity.classify import check_tokens, check_vectors, new_stage_reports
+from vqdeploy.parity.report import StageReport, VectorReport
 
 
 class EagerQuantizerRunner(BaseRunner):

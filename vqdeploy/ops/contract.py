@@ -1,4 +1,5 @@
-"""The NearestCode op: one contract, several implementations (docs/design.md section 3).
+"""The NearestCode contract: what every implementation of the op computes, and how it is judged
+(docs/design.md sections 3 and 4). Kernels import from here; this module imports no kernel.
 
 Contract
 --------
@@ -294,48 +295,3 @@ def nearest_code_blocked_with_margin(
             values = torch.topk(block, 2, dim=1, largest=False, sorted=True).values
             margin[start:stop] = values[:, 1] - values[:, 0]
     return out, margin, x_norm
-
-
-def _triton_available() -> bool:
-    try:
-        from vqdeploy.ops import triton_kernels  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@torch.library.custom_op("vqdeploy::nearest_code", mutates_args=())
-def _nearest_code_op(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exact") -> torch.Tensor:
-    from vqdeploy.ops import cpu_kernels  # imports this module
-
-    if x.device.type == "cpu" and codebook.shape[0] > 0 and cpu_kernels.available():
-        return cpu_kernels.nearest_code_cpu(x, codebook)
-    return nearest_code_exact(x, codebook)
-
-
-@_nearest_code_op.register_kernel("cuda")
-def _nearest_code_cuda(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exact") -> torch.Tensor:
-    if _triton_available():
-        from vqdeploy.ops.triton_kernels import nearest_code_triton
-
-        return nearest_code_triton(x, codebook, mode=mode)
-    return nearest_code_exact(x, codebook)
-
-
-@_nearest_code_op.register_fake
-def _nearest_code_fake(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exact") -> torch.Tensor:
-    return x.new_empty((x.shape[0],), dtype=torch.int64)
-
-
-MODES = ("exact", "fast")
-
-
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, mode: str = "exact") -> torch.Tensor:
-    """Index of the nearest code for every row of ``x`` (contract in the module docstring).
-
-    >>> import torch
-    >>> codes = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
-    >>> nearest_code(torch.tensor([[0.9, 0.8], [0.5, 0.5]]), codes).tolist()  # the tie goes to 0
-    [1, 0]
-    """
-    return torch.ops.vqdeploy.nearest_code(x, codebook, mode)
