@@ -1,20 +1,14 @@
 """vqdeploy: train vector quantizers in PyTorch, export them to ONNX, serve them with token parity."""
 
-from importlib.metadata import PackageNotFoundError, version
-
 from vqdeploy import _deprecated
 
 _deprecated.install_aliases()  # `from vqdeploy.verify import verify` and other 0.x paths, with a warning
 
+from vqdeploy._version import __version__  # noqa: E402
 from vqdeploy.errors import VQDeployError  # noqa: E402  (after the aliases: a module below may still use one)
 from vqdeploy.export import export_onnx, read_metadata  # noqa: E402
 from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer  # noqa: E402
 from vqdeploy.parity import ParityReport, verify  # noqa: E402
-
-try:
-    __version__ = version("vqdeploy")
-except PackageNotFoundError:  # running from a source tree that was not installed
-    __version__ = "0.0.0+local"
 
 __all__ = [
     "ParityReport",

@@ -19,6 +19,10 @@ class InputDtypeError(VQDeployError, TypeError):
     """A tensor has a dtype the entry point does not accept."""
 
 
+class InputTypeError(VQDeployError, TypeError):
+    """An argument that should be an array (numpy or torch) is something else."""
+
+
 class NonFiniteInputError(VQDeployError, ValueError):
     """An input holds NaN or infinite values."""
 
@@ -67,8 +71,13 @@ class DeviceNotAvailableError(VQDeployError, RuntimeError):
     """The requested device does not exist on this machine."""
 
 
+class DeviceMismatchError(VQDeployError, ValueError):
+    """Tensors that must be on one device are on different ones."""
+
+
 class ParityError(VQDeployError, AssertionError):
-    """Backend tokens are not at parity with the eager model (docs/design.md section 4)."""
+    """Backend tokens are not at parity with the eager model (docs/design.md section 4); raised by
+    `ParityReport.raise_if_failed()`."""
 
 
 class EngineBuildError(VQDeployError, RuntimeError):

@@ -19,6 +19,7 @@ from vqdeploy.errors import (
     IndexRangeError,
     InputDtypeError,
     InputShapeError,
+    InputTypeError,
     NonFiniteInputError,
     NotAVQDeployModelError,
     UnsupportedOptionError,
@@ -145,7 +146,7 @@ def test_bad_inputs_leave_quantizer_usable(exports):
             quantizer.encode(bad)
         with pytest.raises(UnsupportedOptionError, match="part"):
             quantizer.decode(np.zeros((2, 3), np.int64))
-        with pytest.raises(UnsupportedOptionError):
+        with pytest.raises(InputTypeError, match="numpy array or a torch tensor"):
             quantizer.encode([[0.0] * 64])
         x = torch.randn(2, 3, 64)
         assert torch.equal(quantizer.encode(x), module(x)[1])  # still usable

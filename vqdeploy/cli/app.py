@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog=PROG, description="Export vector quantizers to ONNX, run them on ONNX Runtime, TensorRT "
                     "or torch, and prove the tokens are the eager model's.", epilog=MAIN_EPILOG,
                     formatter_class=formatter, parents=[common])
-    from vqdeploy import __version__
+    from vqdeploy._version import __version__
 
     parser.add_argument("--version", action="version", version=f"vqdeploy {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

@@ -49,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from vqdeploy.export.functions import MIN_OPSET
-    from vqdeploy.export.onnx import DEFAULT_OPSET, PART_MODULES
+    from vqdeploy.export.metadata import PARTS
+    from vqdeploy.export.onnx import DEFAULT_OPSET
 
     parser.add_argument("checkpoint", type=Path, metavar="CHECKPOINT", help="a .safetensors file from save_quantizer")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.onnx", help="the ONNX file to write")
-    parser.add_argument("--part", choices=tuple(PART_MODULES), default="quantize",
+    parser.add_argument("--part", choices=PARTS, default="quantize",
                         help="encode: x -> indices; decode: indices -> vectors; quantize: x -> (vectors, indices) "
                              "(default)")
     parser.add_argument("--unfused", action="store_true",

@@ -63,12 +63,7 @@ def run(args: argparse.Namespace) -> int:
         atomic_write(args.json, lambda tmp: tmp.write_text(report.to_json()), overwrite=args.force)
         print(f"wrote {args.json}")
     if not report.passed:
-        problems = []
-        if report.violations:
-            problems.append(f"{report.violations} token(s) differ beyond float32 rounding")
-        if not report.vectors_ok:
-            problems.append(f"vectors differ by {report.max_vector_rel_diff:.3g} relative")
-        raise CommandFailed("parity check failed: " + "; ".join(problems))
+        raise CommandFailed("parity check failed: " + report.failure_summary())
     return 0
 
 

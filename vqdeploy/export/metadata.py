@@ -63,7 +63,7 @@ def build_info(
     quantizers: dict[str, nn.Module], kind: str, part: str, fused: bool, opset: int, inputs: list[str], outputs: list[str]
 ) -> ExportInfo:
     """ExportInfo for an export of `part`; `quantizers` maps module paths to the quantizers inside."""
-    from vqdeploy import __version__
+    from vqdeploy._version import __version__
 
     described = [dict(path=path, **describe_quantizer(q)) for path, q in quantizers.items()]
     first = described[0]

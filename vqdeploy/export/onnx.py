@@ -32,7 +32,7 @@ from vqdeploy.export.metadata import (
 )
 from vqdeploy.files import atomic_write
 from vqdeploy.nn import ResidualVQ, VectorQuantize
-from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
+from vqdeploy.nn.parts import PART_MODULES
 from vqdeploy.spec import QuantizerSpec
 
 IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
@@ -40,31 +40,6 @@ DEFAULT_OPSET = 18
 INDEX_DTYPES = ("int64", "int32")
 
 
-class _Encode(nn.Module):
-    """The graph of one part. A bare ResidualVQ's graph takes and returns indices (q, b, n) whatever
-    the module's conventions; `vqdeploy.runtime` hands them over in the module's layout."""
-
-    def __init__(self, quantizer: nn.Module):
-        super().__init__()
-        self.quantizer = quantizer
-        self.conventions = getattr(quantizer, "conventions", SEED) if isinstance(quantizer, ResidualVQ) else SEED
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return residual_indices_to_seed(self.conventions, self.quantizer(x)[1])
-
-
-class _Quantize(_Encode):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vectors, indices, _ = self.quantizer(x)[:3]
-        return vectors, residual_indices_to_seed(self.conventions, indices)
-
-
-class _Decode(_Encode):
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.get_output_from_indices(residual_indices_from_seed(self.conventions, indices))
-
-
-PART_MODULES = {"encode": _Encode, "quantize": _Quantize, "decode": _Decode}
 
 
 def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
@@ -140,7 +115,7 @@ def _quiet_exporter():
 def _check_ready(quantizers: dict[str, nn.Module]) -> None:
     for path, quantizer in quantizers.items():
         for module in quantizer.modules():
-            if isinstance(module, VectorQuantize) and not bool(module._codebook.initted):
+            if isinstance(module, VectorQuantize) and not module.initialized:
                 name = path or type(quantizer).__name__
                 raise UninitializedCodebookError(
                     f"{name} uses kmeans_init=True and its codebook was never initialised; "

@@ -103,8 +103,6 @@ def _native_vq_config(
     options: dict[str, Any], kind: str, ignore: tuple[str, ...] = ()
 ) -> tuple[dict[str, Any], list[str]]:
     """Native VectorQuantize config and the eval-only options (as "name=value") for 1.32 options."""
-    from vqdeploy.nn.vector_quantize import VectorQuantize
-
     for name, value in options.items():
         option = conv.VQ_OPTIONS[name]
         if option.status == conv.REFUSED and not option.is_default(value):
@@ -119,11 +117,8 @@ def _native_vq_config(
         "channel_last", "rotation_trick", "freeze_codebook", "ema_update", "layernorm_after_project_in",
     )}
     config["commitment"] = options["commitment_weight"]
-    for name in ("sync_codebook", "sync_kmeans"):
-        if conv.native_accepts(VectorQuantize, name):
-            config[name] = options[name]
-        elif name == "sync_codebook" and options[name]:
-            _refuse(kind, name, True, "this vqdeploy does not synchronise codebooks across processes")
+    for name in ("sync_codebook", "sync_kmeans"):  # vqdeploy.nn.distributed
+        config[name] = options[name]
     return config, eval_only
 
 

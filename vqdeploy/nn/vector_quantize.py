@@ -18,12 +18,13 @@ from vqdeploy.checks import (
     check_rank,
     eager_checks_enabled,
 )
-from vqdeploy.errors import ConfigError, UninitializedCodebookError
+from vqdeploy.errors import ConfigError, UninitializedCodebookError, UnsupportedOptionError
 from vqdeploy.nn import conventions as conv
 from vqdeploy.nn.codebook import EMACodebook
 from vqdeploy.nn.conventions import SEED, check_conventions
 from vqdeploy.nn.gradients import rotation_trick as rotate_to
 from vqdeploy.nn.gradients import straight_through
+from vqdeploy.ops.custom_op import MODES
 from vqdeploy.spec import Layout, QuantizerSpec, layout_for
 
 
@@ -150,6 +151,23 @@ class VectorQuantize(nn.Module):
     @property
     def input_layout(self) -> str:
         return self.layout.name
+
+    @property
+    def initialized(self) -> bool:
+        """False while a k-means initialised codebook has not seen its first training batch."""
+        return bool(self._codebook.initted)
+
+    def mark_initialized_(self) -> None:
+        """Declare the codebook initialised (its codes were loaded from an export or elsewhere)."""
+        self._codebook.initted.fill_(True)
+
+    def set_search_mode(self, mode: str) -> None:
+        """How eval forwards search the codebook: "exact" (default) or "fast" (on CUDA, tensor-core
+        candidates and the same exact re-check: the same tokens). `vqdeploy.runtime` sets it from
+        its precision."""
+        if mode not in MODES:
+            raise UnsupportedOptionError(f"search mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self._codebook.search_mode = mode
 
     @property
     def spec(self) -> QuantizerSpec:

@@ -115,10 +115,16 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError as exc:  # nearest_code.py falls back to the blocked torch path
+except ImportError as exc:  # custom_op.py falls back to the blocked torch path
     raise ImportError("vqdeploy.ops.triton_kernels needs Triton: pip install triton") from exc
 
-from vqdeploy.errors import DeviceNotAvailableError, InputDtypeError, InputShapeError, UnsupportedOptionError
+from vqdeploy.errors import (
+    DeviceMismatchError,
+    DeviceNotAvailableError,
+    InputDtypeError,
+    InputShapeError,
+    UnsupportedOptionError,
+)
 from vqdeploy.ops.contract import exact_nearest, squared_norms
 
 __all__ = [
@@ -470,7 +476,7 @@ def _check_inputs(x: torch.Tensor, codebook: torch.Tensor) -> None:
     if codebook.shape[0] == 0:
         raise InputShapeError("the codebook has no codes (shape [0, D])")
     if x.device != codebook.device:
-        raise InputShapeError(f"x is on {x.device} but the codebook is on {codebook.device}")
+        raise DeviceMismatchError(f"x is on {x.device} but the codebook is on {codebook.device}")
     if x.device.type not in ("cuda", "cpu"):
         raise DeviceNotAvailableError(
             f"the Triton kernel runs on CUDA tensors (or CPU, interpreted), got {x.device}"

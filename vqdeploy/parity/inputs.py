@@ -59,7 +59,7 @@ def _residual_probe(module: ResidualVQ, stage: int, targets: torch.Tensor, base:
     for _ in range(3):
         residual, reconstruction = rows.clone(), torch.zeros_like(rows)
         for layer in module.layers[:stage]:
-            codes = layer.codebook.detach()[nearest_code(layer._codebook.transform_input(residual).float(), layer.codebook.detach())]
+            codes = layer.codebook.detach()[nearest_code(layer.search_rows(residual)[0], layer.codebook.detach())]
             reconstruction += codes
             residual -= codes
         rows = reconstruction + targets

@@ -22,7 +22,7 @@ from polygraphy.comparator import Comparator
 from torch import nn
 
 from vqdeploy.export.metadata import read_metadata
-from vqdeploy.export.onnx import PART_MODULES
+from vqdeploy.nn.parts import PART_MODULES
 from vqdeploy.parity.classify import check_tokens, check_vectors, new_stage_reports
 from vqdeploy.parity.report import StageReport, VectorReport
 

@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from vqdeploy.errors import ParityError
+
 CRITERION_CERTIFIED = "certified ties"  # differing tokens pass when within the float32 bound
 CRITERION_IDENTICAL = "identical"  # vqdeploy's own exact search: every token must be the eager one
 
@@ -81,6 +83,22 @@ class ParityReport:
     @property
     def passed(self) -> bool:
         return self.violations == 0 and self.vectors_ok and not self.problems
+
+    def failure_summary(self) -> str:
+        """What failed, in one line ("" when the report passed)."""
+        failed = []
+        if self.violations:
+            failed.append(f"{self.violations} token(s) differ beyond float32 rounding")
+        if not self.vectors_ok:
+            failed.append(f"vectors differ by {self.max_vector_rel_diff:.3g} relative")
+        failed.extend(self.problems)
+        return "; ".join(failed)
+
+    def raise_if_failed(self) -> ParityReport:
+        """`ParityError` naming what failed unless the report passed; returns the report (for chaining)."""
+        if not self.passed:
+            raise ParityError(f"parity check failed ({self.backend}, part {self.part}): {self.failure_summary()}")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -16,11 +16,10 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from vqdeploy.errors import BackendNotAvailableError, DeviceNotAvailableError, UnsupportedOptionError
+from vqdeploy.errors import BackendNotAvailableError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo, read_metadata
 from vqdeploy.runtime.base import Quantizer, Runner, default_chunk_size
+from vqdeploy.runtime.devices import check_device
 
 PRECISIONS = ("exact", "fast")
 
@@ -28,7 +27,7 @@ PRECISIONS = ("exact", "fast")
 def _ort(path, info: ExportInfo, device: str, precision: str, **options: Any) -> Runner:
     from vqdeploy.runtime.onnxrt import OnnxRuntimeRunner
 
-    return OnnxRuntimeRunner(path, device=device, precision=precision, info=info, **options)
+    return OnnxRuntimeRunner(path, info, device=device, precision=precision, **options)
 
 
 def _trt(path, info: ExportInfo, device: str, precision: str, **options: Any) -> Runner:
@@ -89,20 +88,6 @@ def resolve_backend(backend: str, device: str) -> str:
     return "ort" if is_available("ort") else "torch"
 
 
-def _check_device(device: str) -> None:
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as error:
-        raise DeviceNotAvailableError(f"unknown device {device!r}; use 'cpu' or 'cuda[:N]'") from error
-    if parsed.type not in ("cpu", "cuda"):
-        raise DeviceNotAvailableError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceNotAvailableError(f"device={device!r} was asked for, but no CUDA device is available")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise DeviceNotAvailableError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) exist")
-
-
 def load(
     path: str | os.PathLike | bytes,
     *,
@@ -129,7 +114,7 @@ def load(
     """
     if precision not in PRECISIONS:
         raise UnsupportedOptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    _check_device(device)
+    check_device(device)
     if isinstance(path, bytearray | memoryview):
         path = bytes(path)
     info = read_metadata(path)

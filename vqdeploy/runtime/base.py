@@ -25,7 +25,7 @@ from vqdeploy.checks import (
     check_integer,
     check_rank,
 )
-from vqdeploy.errors import BackendOutputError, UnsupportedOptionError
+from vqdeploy.errors import BackendOutputError, InputTypeError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 from vqdeploy.spec import QuantizerSpec
@@ -189,7 +189,7 @@ class Quantizer:
             return array.detach(), False
         if isinstance(array, np.ndarray):
             return torch.from_numpy(array), True
-        raise UnsupportedOptionError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
+        raise InputTypeError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
 
     def _split_flags(self, outputs: list[torch.Tensor], count: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Strip a runner's trailing ``recheck`` outputs; returns (graph outputs, flagged token positions).

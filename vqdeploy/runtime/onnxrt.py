@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vqdeploy.errors import BackendNotAvailableError, DeviceNotAvailableError
+from vqdeploy.errors import BackendNotAvailableError
 from vqdeploy.export.metadata import ExportInfo
+from vqdeploy.runtime.devices import check_device
 
 _ORT_FLOAT = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
 
@@ -37,9 +38,7 @@ def providers_for(device: str, precision: str) -> list[Any]:
             "Could not find the ONNX Runtime CUDA execution provider. Requested provider was: "
             f"CUDAExecutionProvider, but available providers are: {available}. pip install onnxruntime-gpu"
         )
-    if not torch.cuda.is_available():
-        raise DeviceNotAvailableError("device='cuda' was asked for, but torch sees no CUDA device")
-    index = torch.device(device).index or 0
+    index = check_device(device).index or 0
     options = {"device_id": index, "use_tf32": 0}
     return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
 
@@ -53,12 +52,13 @@ class OnnxRuntimeRunner:
     def __init__(
         self,
         path: str | os.PathLike | bytes,
+        info: ExportInfo | None = None,
+        *,
         device: str = "cpu",
         precision: str = "exact",
         intra_op_num_threads: int | None = None,
         inter_op_num_threads: int | None = None,
         allow_spinning: bool = True,
-        info: ExportInfo | None = None,
         recheck: bool = True,
     ):
         """``recheck`` (default, with ``info``): run the search body that also flags the rows its

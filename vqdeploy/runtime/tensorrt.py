@@ -29,7 +29,6 @@ import torch
 from vqdeploy.errors import (
     BackendNotAvailableError,
     ConfigError,
-    DeviceNotAvailableError,
     EngineBuildError,
     EngineRunError,
     UnsupportedOptionError,
@@ -38,6 +37,7 @@ from vqdeploy.export.metadata import ExportInfo
 from vqdeploy.files import atomic_write
 from vqdeploy.runtime import trt_plugin
 from vqdeploy.runtime.base import chunk_shape
+from vqdeploy.runtime.devices import check_device
 
 DEFAULT_MAX_TOKENS = 262144
 PRECISIONS = ("exact", "fast")
@@ -191,9 +191,7 @@ def build_engine(
 
 def gpu_identity(device: str) -> str:
     """The GPU an engine is built for: its name and compute capability."""
-    if not device.startswith("cuda") or not torch.cuda.is_available():
-        raise DeviceNotAvailableError(f"TensorRT engines are built and run on a CUDA device; got device={device!r}")
-    index = torch.device(device)
+    index = check_device(device, cuda_only="TensorRT engines are built and")
     major, minor = torch.cuda.get_device_capability(index)
     return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
 

@@ -14,10 +14,11 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from vqdeploy.errors import DeviceNotAvailableError, NotAVQDeployModelError, UnsupportedOptionError
+from vqdeploy.errors import NotAVQDeployModelError, UnsupportedOptionError
 from vqdeploy.export.metadata import STATE_PREFIX, ExportInfo
-from vqdeploy.export.onnx import PART_MODULES
 from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.nn.parts import PART_MODULES
+from vqdeploy.runtime.devices import check_device
 
 _KINDS = {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ}
 
@@ -50,7 +51,7 @@ def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
         )
     for sub in module.modules():
         if isinstance(sub, VectorQuantize):
-            sub._codebook.initted.fill_(True)  # export refuses uninitialised codebooks
+            sub.mark_initialized_()  # export refuses uninitialised codebooks
     return module.eval()
 
 
@@ -60,9 +61,8 @@ class TorchRunner:
     name = "torch"
     materializes_scores = False  # the nearest-code op tiles its own search
 
-    def __init__(self, path: str | os.PathLike | bytes, info: ExportInfo, device: str = "cpu", precision: str = "exact"):
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise DeviceNotAvailableError("device='cuda' was asked for, but torch sees no CUDA device")
+    def __init__(self, path: str | os.PathLike | bytes, info: ExportInfo, *, device: str = "cpu", precision: str = "exact"):
+        check_device(device)
         if isinstance(path, bytes | bytearray | memoryview):
             model = onnx.load_model_from_string(bytes(path))
         else:
@@ -70,7 +70,7 @@ class TorchRunner:
         self.quantizer = rebuild_quantizer(model, info).to(device)
         for sub in self.quantizer.modules():
             if isinstance(sub, VectorQuantize):
-                sub._codebook.search_mode = "exact" if precision == "exact" else "fast"
+                sub.set_search_mode(precision)
         self.graph = PART_MODULES[info.part](self.quantizer).eval()
         self.device = device
         self.float_dtype = next(p.dtype for p in self.quantizer.state_dict().values() if p.is_floating_point())

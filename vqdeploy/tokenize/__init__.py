@@ -68,7 +68,7 @@ class TokenizeReport:
 
 def provenance_of(model: bytes, info, name: str, backend: str) -> dict[str, Any]:
     """The facts every output file carries about the tokenizer that produced it."""
-    from vqdeploy import __version__
+    from vqdeploy._version import __version__
 
     return dict(
         model_sha256=sha256_of(model),

@@ -1,0 +1,38 @@
+"""The computation of each export part, as a module: what the exporter traces and the torch
+backend runs. Indices of a bare ResidualVQ are (quantizer, batch, seq) here, whatever the module's
+conventions (`vqdeploy.runtime` hands them over in the module's layout)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
+from vqdeploy.nn.residual_vq import ResidualVQ
+
+
+class EncodePart(nn.Module):
+    """The graph of one part. A bare ResidualVQ's graph takes and returns indices (q, b, n) whatever
+    the module's conventions; `vqdeploy.runtime` hands them over in the module's layout."""
+
+    def __init__(self, quantizer: nn.Module):
+        super().__init__()
+        self.quantizer = quantizer
+        self.conventions = getattr(quantizer, "conventions", SEED) if isinstance(quantizer, ResidualVQ) else SEED
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return residual_indices_to_seed(self.conventions, self.quantizer(x)[1])
+
+
+class QuantizePart(EncodePart):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vectors, indices, _ = self.quantizer(x)[:3]
+        return vectors, residual_indices_to_seed(self.conventions, indices)
+
+
+class DecodePart(EncodePart):
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.quantizer.get_output_from_indices(residual_indices_from_seed(self.conventions, indices))
+
+
+PART_MODULES = {"encode": EncodePart, "quantize": QuantizePart, "decode": DecodePart}
