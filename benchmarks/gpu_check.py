@@ -94,30 +94,22 @@ def format_table(size: tuple[int, int, int], results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def unfused_onnx_model(codebook: np.ndarray, opset: int = 17) -> Any:
-    """x[N, D] -> ArgMin(MatMul(x, -2 c^T) + ||c||^2): the unfused graph, codebook as initializers."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+def unfused_onnx_model(codebook: np.ndarray) -> bytes:
+    """The unfused encode graph vqdeploy itself exports for a VectorQuantize holding `codebook`
+    (x[1, N, D] -> indices[1, N]), as bytes: the graph the package ships, not one built here."""
+    import tempfile
+    from pathlib import Path
 
-    codebook = codebook.astype(np.float32)
-    neg2_ct = numpy_helper.from_array((-2.0 * codebook.T).astype(np.float32), "neg2_ct")  # exact scaling
-    norms = numpy_helper.from_array((codebook * codebook).sum(axis=1).astype(np.float32), "code_norms")
-    nodes = [
-        helper.make_node("MatMul", ["x", "neg2_ct"], ["dots"]),
-        helper.make_node("Add", ["dots", "code_norms"], ["scores"]),
-        helper.make_node("ArgMin", ["scores"], ["indices"], axis=1, keepdims=0, select_last_index=0),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "nearest_code_unfused",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", codebook.shape[1]])],
-        [helper.make_tensor_value_info("indices", TensorProto.INT64, ["N"])],
-        initializer=[neg2_ct, norms],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 10  # ONNX Runtime 1.31 rejects the IR version 14 that onnx 1.23 writes
-    onnx.checker.check_model(model)
-    return model
+    from vqdeploy import VectorQuantize, export_onnx
+
+    k, d = codebook.shape
+    vq = VectorQuantize(dim=d, codebook_size=k).eval()
+    state = vq.state_dict()
+    state["_codebook.embed"] = torch.from_numpy(codebook.astype(np.float32))[None]
+    vq.load_state_dict(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_onnx(vq, Path(tmp) / "encode_unfused.onnx", part="encode", fused=False)
+        return path.read_bytes()
 
 
 # -- GPU measurement ----------------------------------------------------------------------------
@@ -211,11 +203,11 @@ def onnxruntime_cuda(
     model = unfused_onnx_model(codebook.cpu().numpy())
     device_id = codebook.device.index or 0
     providers = [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": int(use_tf32)})]
-    session = ort.InferenceSession(model.SerializeToString(), providers=providers)
+    session = ort.InferenceSession(model, providers=providers)
 
     def run(x: torch.Tensor) -> Any:
         binding = session.io_binding()
-        binding.bind_input("x", "cuda", device_id, np.float32, tuple(x.shape), x.data_ptr())
+        binding.bind_input("x", "cuda", device_id, np.float32, (1, *x.shape), x.data_ptr())
         binding.bind_output("indices", "cuda", device_id)
         session.run_with_iobinding(binding)
         return binding.get_outputs()[0]
@@ -297,7 +289,7 @@ def check_size(
         run, used_bytes = ort_run
         torch.cuda.synchronize()
         before = used_bytes()
-        res = measure(name, lambda run=run: run(x), reference, repeats, lambda v: v.numpy())
+        res = measure(name, lambda run=run: run(x), reference, repeats, lambda v: v.numpy().reshape(-1))
         res.extra_mib = None if res.ms is None else max(0, used_bytes() - before) / MIB
         res.note = (res.note + " memory: cudaMemGetInfo growth (arena)").strip()
         results.append(res)

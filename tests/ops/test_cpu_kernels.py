@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-from certify import assert_tokens_certified
+from token_assertions import assert_tokens_certified
 
 from vqdeploy.ops import cpu_kernels, nearest_code, nearest_code_reference
 

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 import torch
-from certify import assert_tokens_certified
+from token_assertions import assert_tokens_certified
 
 from vqdeploy.ops import (
     nearest_code,

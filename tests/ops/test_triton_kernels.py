@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from certify import assert_tokens_certified
+from token_assertions import assert_tokens_certified
 
 pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 

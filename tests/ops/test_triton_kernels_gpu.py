@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from certify import assert_tokens_certified
+from token_assertions import assert_tokens_certified
 
 pytestmark = [
     pytest.mark.gpu,

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from trt_parity import assert_tokens_certified
+from token_assertions import assert_tokens_certified
 
 from vqdeploy import ResidualVQ, VectorQuantize, export_onnx, read_metadata, runtime
 from vqdeploy.errors import (

@@ -240,7 +240,7 @@ def test_registration_retries_after_a_half_failed_one() -> None:
 def test_engine_with_the_plugin_matches_float64(prefer_aot: bool) -> None:
     import tensorrt as trt
     import torch
-    from trt_parity import assert_tokens_certified
+    from token_assertions import assert_tokens_certified
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")

@@ -1,4 +1,5 @@
-"""The parity assertion the ops tests share, on the project's one tie rule (`vqdeploy.ops.certify`)."""
+"""Token assertions every test module shares (importable as `token_assertions`: tests/ is on the path),
+on the project's one tie rule, `vqdeploy.ops.certify`."""
 
 from __future__ import annotations
 
