@@ -142,3 +142,39 @@ def test_op_without_numba_is_exact(tmp_path):
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def _big_integer_argmin(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """The exact argmin in Python integers on the 2^-149 scale (ties to the lowest index): slow, obvious."""
+    scale = 2.0**149
+    codes_int = [[int(v) for v in row] for row in (codes.double().numpy() * scale)]
+    out = []
+    for row in x.double().numpy() * scale:
+        xi = [int(v) for v in row]
+        distances = [sum((a - b) ** 2 for a, b in zip(xi, ci, strict=True)) for ci in codes_int]
+        out.append(min(range(len(distances)), key=lambda k: (distances[k], k)))
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("case", ["ties", "duplicates", "tiny", "equidistant"])
+def test_exact_nearest_equals_big_integer_arithmetic_where_ties_abound(case):
+    from vqdeploy.ops.contract import exact_nearest
+
+    g = torch.Generator().manual_seed(["ties", "duplicates", "tiny", "equidistant"].index(case))
+    codes = torch.randint(-3, 4, (40, 9), generator=g).float() / 4  # few values: many exact ties
+    x = torch.randint(-3, 4, (60, 9), generator=g).float() / 8
+    if case == "duplicates":
+        codes[20:] = codes[:20].clone()  # identical codes: the lowest index must win
+    if case == "tiny":  # products far below float32's range: exact only in float64 / integers
+        codes, x = codes * 2.0**-120, x * 2.0**-120
+    if case == "equidistant":  # every code at the same exact distance from x = 0
+        codes = torch.cat([torch.eye(9), -torch.eye(9)]) * 0.75
+        x = torch.zeros(5, 9)
+    x[::3] += torch.randn(x[::3].shape, generator=g) * 1e-7 * float(x.abs().max() + 2.0**-140)
+    assert torch.equal(exact_nearest(x, codes), _big_integer_argmin(x, codes))
+
+
+def test_a_codebook_of_identical_codes_resolves_to_the_first():
+    from vqdeploy.ops.contract import exact_nearest
+
+    assert exact_nearest(torch.randn(50, 32), torch.zeros(300, 32)).tolist() == [0] * 50

@@ -53,3 +53,17 @@ def test_custom_op_is_one_node_under_torch_export():
     assert targets == ["vqdeploy.nearest_code.default"]
     fake = torch.ops.vqdeploy.nearest_code(torch.empty(5, 4, device="meta"), torch.empty(3, 4, device="meta"))
     assert fake.shape == (5,) and fake.dtype == torch.int64
+
+
+def test_certify_names_its_arithmetic_and_keeps_the_old_keyword():
+    from vqdeploy.errors import UnsupportedOptionError
+    from vqdeploy.ops import certify
+
+    x, codebook = torch.randn(50, 8), torch.randn(20, 8)
+    tokens = nearest_code(x, codebook)
+    new = certify(x, codebook, tokens, arithmetic="tf32")
+    with pytest.warns(DeprecationWarning, match="arithmetic"):
+        old = certify(x, codebook, tokens, precision="tf32")
+    assert torch.equal(new.tau, old.tau) and not torch.equal(new.tau, certify(x, codebook, tokens).tau)
+    with pytest.raises(UnsupportedOptionError, match="arithmetic"):
+        certify(x, codebook, tokens, arithmetic="exact")  # the runtime's precision is not an arithmetic

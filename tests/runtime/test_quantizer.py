@@ -170,6 +170,11 @@ def test_load_errors(exports, tmp_path):
         runtime.load(path, backend="tensorflow")
     with pytest.raises(UnsupportedOptionError, match="precision"):
         runtime.load(path, precision="sloppy")
+    for bad in (0, -4, 2.5, True):  # 0 used to mean "the default" without a word
+        with pytest.raises(UnsupportedOptionError, match="chunk_size"):
+            runtime.load(path, chunk_size=bad)
+    with runtime.load(path, chunk_size=np.int64(300)) as quantizer:
+        assert quantizer.chunk_size == 300
     with pytest.raises(DeviceNotAvailableError):
         runtime.load(path, device="tpu")
     if not torch.cuda.is_available():

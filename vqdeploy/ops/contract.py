@@ -35,9 +35,13 @@ its own u in the same formula.
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+
+from vqdeploy.errors import UnsupportedOptionError
 
 UNIT_ROUNDOFF = {
     "float32": 2.0**-24,
@@ -94,10 +98,16 @@ def tie_tolerance(
     codebook: torch.Tensor,
     index_a: torch.Tensor,
     index_b: torch.Tensor,
-    precision: str = "float32",
+    arithmetic: str = "float32",
+    *,
+    precision: str | None = None,
 ) -> torch.Tensor:
-    """tau(x; a, b) of equation (2) in the module docstring, in float64, one value per row."""
-    u = UNIT_ROUNDOFF[precision]
+    """tau(x; a, b) of equation (2) in the module docstring, in float64, one value per row.
+
+    arithmetic: the float format the scores were computed in (a key of UNIT_ROUNDOFF). Not to be
+    confused with the runtime's precision ("exact" / "fast"); `precision=` is its deprecated name.
+    """
+    u = UNIT_ROUNDOFF[_arithmetic(arithmetic, precision)]
     dim = x.shape[-1]
     gamma = (dim + 3) * u / (1 - (dim + 3) * u)
     x_norm = x.detach().double().norm(dim=-1)
@@ -126,7 +136,21 @@ class Certificate:
         return float(ratio.max()) if ratio.numel() else 0.0
 
 
-def certify(x: torch.Tensor, codebook: torch.Tensor, tokens: torch.Tensor, precision: str = "float32") -> Certificate:
+def _arithmetic(arithmetic: str, precision: str | None) -> str:
+    if precision is not None:
+        warnings.warn("precision= of certify / tie_tolerance is deprecated; it is called arithmetic= (the float "
+                      "format of the scores), as the runtime's precision means exact/fast", DeprecationWarning,
+                      stacklevel=3)
+        arithmetic = precision
+    if arithmetic not in UNIT_ROUNDOFF:
+        raise UnsupportedOptionError(f"arithmetic must be one of {', '.join(UNIT_ROUNDOFF)}, got {arithmetic!r}")
+    return arithmetic
+
+
+def certify(
+    x: torch.Tensor, codebook: torch.Tensor, tokens: torch.Tensor, arithmetic: str = "float32", *,
+    precision: str | None = None,
+) -> Certificate:
     """The one certified-tie rule of the project (equation (2) of the module docstring).
 
     A token is certified when d(x, c_token) - min_k d(x, c_k) <= tau(x; argmin, token), with the
@@ -141,7 +165,7 @@ def certify(x: torch.Tensor, codebook: torch.Tensor, tokens: torch.Tensor, preci
     safe = torch.where(in_range, tokens, reference)
     gap = squared_distances64(rows, codebook, safe) - squared_distances64(rows, codebook, reference)
     gap = torch.where(in_range, gap, torch.full_like(gap, float("inf")))
-    tau = tie_tolerance(rows, codebook, reference, safe, precision=precision)
+    tau = tie_tolerance(rows, codebook, reference, safe, _arithmetic(arithmetic, precision))
     return Certificate(reference=reference, gap=gap, tau=tau)
 
 
@@ -180,18 +204,53 @@ def recheck_rows(
     return torch.nonzero(~(margin.detach().double().cpu() > threshold * RECHECK_SAFETY)).squeeze(1)
 
 
-def _exact_integers(values: torch.Tensor) -> list[list[int]]:
-    """Float32 values as exact integers on the common scale 2^-149 (the least float32 subnormal)."""
-    scaled = values.detach().double().cpu().numpy() * 2.0**149  # exact: a power-of-two scale
-    return [[int(v) for v in row] for row in scaled]
+def _exact_differences(x: torch.Tensor, codes: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """||x - c_j||^2 - ||x - ref||^2 for every row c_j of `codes`, each correctly rounded (so its
+    sign, and whether it is 0, are exact).
+
+    x, codes and ref hold float32 values in float64. Every term of
+    sum_i (c_i^2 - 2 x_i c_i) - sum_i (r_i^2 - 2 x_i r_i) is exact in float64 (a product of two
+    24-bit significands has 48 bits; no float32 square overflows or underflows float64), and
+    math.fsum returns the correctly rounded sum of its terms.
+    """
+    against = torch.cat([-(ref * ref), 2.0 * x * ref]).tolist()
+    terms = torch.cat([codes * codes, -2.0 * x * codes], 1).tolist()
+    return [math.fsum(row + against) for row in terms]
+
+
+def _exact_nearest_among(x: torch.Tensor, codes: torch.Tensor, candidates: list[int]) -> int:
+    """The exact argmin of ||x - c_k||^2 over `candidates` (ascending; ties to the lowest k).
+
+    x and codes are float64 tensors holding float32 values. Every candidate is compared with the
+    lowest-index one in one pass of exact differences; those strictly better and tied with each
+    other in their rounded difference are compared again among themselves (rare). Identical codes
+    count once (their lowest index). O(len(candidates) D) in C loops whatever the ties, so a
+    codebook of identical or equidistant codes does not make a row cost a Python loop over K D.
+    """
+    index = torch.tensor(candidates)
+    pool = codes[index]
+    if len(candidates) > 8:  # many candidates: identical codes (dead or never-trained ones) are one
+        pool, inverse = torch.unique(pool, dim=0, return_inverse=True)
+        lowest = torch.full((pool.shape[0],), torch.iinfo(torch.int64).max, dtype=torch.int64)
+        index = lowest.scatter_reduce_(0, inverse, index, reduce="amin")
+        order = torch.argsort(index)
+        pool, index = pool[order], index[order]
+    while pool.shape[0] > 1:
+        diffs = _exact_differences(x, pool[1:], pool[0])
+        least = min(diffs)
+        if least >= 0:  # nothing is closer than the lowest-index candidate: it wins its ties
+            break
+        better = torch.tensor([d == least for d in diffs])
+        pool, index = pool[1:][better], index[1:][better]
+    return int(index[0])
 
 
 def exact_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The exact argmin of ||x - c_k||^2 over the float32 values (ties to the lowest k), per row.
 
     Distances in float64 first; codes whose float64 distance lies within float64 rounding of the
-    best are compared again in exact integer arithmetic. For the few rows a float32 search cannot
-    prove (`recheck_rows`): cost O(rows K D) in float64.
+    best are compared again exactly (`_exact_nearest_among`: exact float64 terms, math.fsum). For
+    the few rows a float32 search cannot prove (`recheck_rows`): cost O(rows K D).
     """
     rows = x.detach().to(torch.float32).double().cpu()
     codes = codebook.detach().to(torch.float32).double().cpu()
@@ -213,9 +272,7 @@ def exact_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         out[start : start + block.shape[0]] = best
         for r in torch.nonzero(within.sum(1) > 1).squeeze(1).tolist():  # float64 cannot separate them
             candidates = torch.nonzero(within[r]).squeeze(1).tolist()
-            (xi,) = _exact_integers(block[r : r + 1])
-            exact = [sum((a - b) ** 2 for a, b in zip(xi, ci, strict=True)) for ci in _exact_integers(codes[candidates])]
-            out[start + r] = candidates[min(range(len(candidates)), key=lambda j: (exact[j], candidates[j]))]
+            out[start + r] = _exact_nearest_among(block[r], codes, candidates)
     return out
 
 

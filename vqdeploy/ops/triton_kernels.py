@@ -93,7 +93,7 @@ The bounds assume no overflow or underflow.
    ``ieee`` pass decides the rest. The exact re-check that follows it (the exact-tokens issue)
    makes every mode return the exact argmin, so ``fast`` and ``exact`` agree row by row. Without
    that re-check the ``ieee`` pass returns its own argmin, which differs from the exact one only
-   by a tie certified by ``tie_tolerance(..., precision="float32")``; the two modes can then
+   by a tie certified by ``tie_tolerance(..., arithmetic="float32")``; the two modes can then
    differ only on such rows (a row the ``tf32`` pass certified and the ``tf32x3`` pass did not).
 
 Other entry points: `nearest_code_into` (write into a given int64 buffer), `launch_on_stream`

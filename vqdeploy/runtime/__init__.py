@@ -122,9 +122,11 @@ def load(
     if isinstance(path, bytes) and backend == "auto" and name == "trt":
         name = resolve_backend("ort" if is_available("ort") else "torch", device)
     runner = BACKENDS[name][0](path, info, device, precision, **options)
-    if chunk_size is None and name == "trt":
-        chunk_size = runner.max_tokens
-    return Quantizer(info, runner, chunk_size=chunk_size)
+    try:
+        return Quantizer(info, runner, chunk_size=chunk_size)
+    except BaseException:
+        runner.close()
+        raise
 
 
 __all__ = ["BACKENDS", "Quantizer", "available_backends", "default_chunk_size", "load", "resolve_backend"]

@@ -10,6 +10,7 @@ so the extra memory of a call is bounded by the chunk, not by N.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -60,6 +61,7 @@ class Runner(Protocol):
     device: str
     float_dtype: torch.dtype  # dtype of the graph's float input / output vectors
     materializes_scores: bool  # whether one call holds all N x K scores (sets the default chunk)
+    # optional: max_tokens, the largest chunk the runner takes (the default chunk where it is set)
 
     def infer(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]: ...
 
@@ -104,9 +106,12 @@ class Quantizer:
     def __init__(self, info: ExportInfo, runner: Runner, chunk_size: int | None = None):
         self.info = info
         self._runner = runner
-        self.chunk_size = chunk_size or default_chunk_size(info, runner.materializes_scores)
-        if self.chunk_size < 1:
-            raise UnsupportedOptionError(f"chunk_size must be >= 1, got {chunk_size}")
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                       or chunk_size < 1):
+            raise UnsupportedOptionError(f"chunk_size must be a whole number >= 1 (or None for the default), got {chunk_size!r}")
+        # A runner with a fixed largest input (a TensorRT engine's profile) says so in max_tokens.
+        self.chunk_size = chunk_size or getattr(runner, "max_tokens", None) or default_chunk_size(
+            info, runner.materializes_scores)
         self.spec = QuantizerSpec.from_info(info)
         self._channel_first = self.spec.layout.channel_first
         self._residual = self.spec.residual
