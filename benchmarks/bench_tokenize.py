@@ -15,19 +15,27 @@ The reference is the single-process encode: ``Quantizer.encode`` on the same row
 default threads, allow_spinning=False as the engines use it), parquet reading excluded, timed
 before the first engine, between engines and after the last; each engine's ratio divides by the
 mean of the two encodes on either side of it (the machine is shared and its load drifts). The
-default-loaded encode (spinning on) is timed once and printed for context. Every engine's tokens are checked
-equal to the reference's.
+default-loaded encode (spinning on) is timed once with --default-encode and printed for context. Every
+engine's tokens are checked equal to the reference's. `local-serial` is the local engine with
+prefetch=0 (read, encode, write one after another, as before the read-ahead thread), for comparison.
+--rounds R repeats the engines R times (each between two encodes) and reports medians of the
+per-round ratios. CPU s/M: CPU seconds of this process per million vectors (user + system, all
+threads; the reference counts its encode calls only; Ray's actors run elsewhere: n/a). On a shared
+machine, wall-clock ratios follow the load (a run with more threads gets a bigger share of a busy
+CPU); the CPU seconds do not, and the load average is printed with each engine.
 
     python benchmarks/bench_tokenize.py                    # 10M x 64, K=1024, workers 2
-    python benchmarks/bench_tokenize.py --n 1000000 --engines local,dask
+    python benchmarks/bench_tokenize.py --n 1000000 --engines local,local-serial,dask --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tempfile
 import threading
@@ -66,18 +74,25 @@ def write_corpus(path: Path, n: int, dim: int, seed: int = 0) -> None:
             writer.write_table(pa.table({"id": np.arange(start, start + rows), "emb": emb}, schema=schema))
 
 
-def reference_encode(model: Path, corpus: Path, **options) -> tuple[float, np.ndarray]:
-    """Seconds of Quantizer.encode over every row group (reading excluded), and the tokens."""
+def cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def reference_encode(model: Path, corpus: Path, **options) -> tuple[float, np.ndarray, float]:
+    """Seconds of Quantizer.encode over every row group (reading excluded), the tokens, and the CPU
+    seconds of those encode calls."""
     file = pq.ParquetFile(str(corpus))
-    tokens, seconds = [], 0.0
+    tokens, seconds, cpu = [], 0.0, 0.0
     with runtime.load(model, backend="ort", **options) as quantizer:
         for group in range(file.num_row_groups):
             column = file.read_row_group(group, columns=["emb"]).column("emb").combine_chunks()
             x = column.flatten().to_numpy().reshape(len(column), -1)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             tokens.append(quantizer.encode(x))
             seconds += time.perf_counter() - start
-    return seconds, np.concatenate(tokens)
+            cpu += cpu_seconds() - start_cpu
+    return seconds, np.concatenate(tokens), cpu
 
 
 class PssSampler:
@@ -136,6 +151,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-rows", type=int, default=ROW_GROUP)
     parser.add_argument("--workdir", type=Path, default=None, help="where the corpus goes (default: a temp dir)")
+    parser.add_argument("--rounds", type=int, default=1, help="times to run the engines, each between two encodes")
+    parser.add_argument("--default-encode", action="store_true", help="also time the encode with ORT's default options")
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="vqtok"))
@@ -146,39 +163,68 @@ def main() -> None:
     corpus = workdir / "corpus.parquet"
     start = time.perf_counter()
     write_corpus(corpus, args.n, args.dim)
-    print(f"# {datetime.date.today()}  CPU: {cpu_model()}, {psutil.cpu_count()} logical CPUs; "
-          f"N={args.n:,} D={args.dim} K={args.codebook_size} ({args.n * args.dim * 4 / GIB:.2f} GiB float32), "
-          f"corpus written in {time.perf_counter() - start:.0f} s")
+    print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  CPU: {cpu_model()}, {psutil.cpu_count()} "
+          f"logical CPUs; N={args.n:,} D={args.dim} K={args.codebook_size} ({args.n * args.dim * 4 / GIB:.2f} GiB "
+          f"float32), corpus written in {time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.1f}",
+          flush=True)
 
-    default_s, reference = reference_encode(model, corpus)
-    baselines = [reference_encode(model, corpus, allow_spinning=False)[0]]
-    rows = []
-    for engine in args.engines.split(","):
-        out = workdir / f"out_{engine}"
-        shutil.rmtree(out, ignore_errors=True)
-        with PssSampler() as sampler:
-            report = tokenize_corpus(model, [corpus], out, engine=engine, workers=args.workers, id_column="id",
-                                     shard_rows=args.shard_rows)
-        same = np.array_equal(read_tokens(out), reference)
-        shutil.rmtree(out, ignore_errors=True)
-        baselines.append(reference_encode(model, corpus, allow_spinning=False)[0])  # the engine sits between two
-        first_t = report.finished[0][0]
-        after_rows = sum(r for _, r in report.finished[1:])
-        steady = after_rows / (report.finished[-1][0] - first_t) if len(report.finished) > 1 else float("nan")
-        peak, count = sampler.worker_peak(engine)
-        base = args.n / ((baselines[-2] + baselines[-1]) / 2)
-        rows.append((engine, report.seconds, steady, base, report.seconds - args.n / steady, peak, count, same))
-    print(f"single-process Quantizer.encode, ort default threads: {args.n / default_s / 1e6:.3f}M vec/s as loaded by "
-          "default; with allow_spinning=False, before/between/after the engines: "
-          + ", ".join(f"{args.n / s / 1e6:.3f}M" for s in baselines) + " vec/s\n")
-    print("| engine | workers | total s | vec/s after start-up | encode vec/s (adjacent) | vs encode | start-up s | "
-          "peak PSS per worker | tokens == encode |")
-    print("|:---|---:|---:|---:|---:|---:|---:|---:|:---|")
-    for engine, total, steady, base, startup, peak, count, same in rows:
-        workers = 1 if engine == "local" else args.workers
+    if args.default_encode:
+        default_s = reference_encode(model, corpus)[0]
+        print(f"single-process Quantizer.encode as ORT loads it by default (spinning on): {args.n / default_s / 1e6:.3f}M "
+              "vec/s", flush=True)
+    seconds, reference, cpu = reference_encode(model, corpus, allow_spinning=False)
+    baselines, reference_cpu = [seconds], [cpu]
+    runs: dict[str, list[tuple]] = {}
+    engines = args.engines.split(",")
+    for round_ in range(args.rounds):
+        for engine in engines:
+            out = workdir / f"out_{engine}"
+            shutil.rmtree(out, ignore_errors=True)
+            load_before, cpu_before = os.getloadavg()[0], cpu_seconds()
+            with PssSampler() as sampler:
+                report = tokenize_corpus(model, [corpus], out, engine="local" if engine == "local-serial" else engine,
+                                         workers=args.workers, id_column="id", shard_rows=args.shard_rows,
+                                         prefetch=0 if engine == "local-serial" else 1)
+            engine_cpu = cpu_seconds() - cpu_before
+            load = (load_before, os.getloadavg()[0])
+            same = np.array_equal(read_tokens(out), reference)
+            shutil.rmtree(out, ignore_errors=True)
+            seconds, _, cpu = reference_encode(model, corpus, allow_spinning=False)  # the engine sits between two
+            baselines.append(seconds)
+            reference_cpu.append(cpu)
+            first_t = report.finished[0][0]
+            after_rows = sum(r for _, r in report.finished[1:])
+            steady = after_rows / (report.finished[-1][0] - first_t) if len(report.finished) > 1 else float("nan")
+            peak, count = sampler.worker_peak(engine)
+            base = args.n / ((baselines[-2] + baselines[-1]) / 2)
+            runs.setdefault(engine, []).append((report.seconds, steady, base, report.seconds - args.n / steady, peak,
+                                                count, same, None if engine == "ray" else engine_cpu, load))
+            print(f"round {round_ + 1} {engine}: {steady / base:.2f}x ({steady / 1e6:.3f}M vs {base / 1e6:.3f}M vec/s), "
+                  f"load {load[0]:.1f}->{load[1]:.1f}", flush=True)
+    per_m = args.n / 1e6
+    print("\nsingle-process Quantizer.encode (allow_spinning=False), before/between/after the engines: "
+          + ", ".join(f"{args.n / s / 1e6:.3f}M" for s in baselines) + " vec/s; its CPU s/M: "
+          + ", ".join(f"{c / per_m:.2f}" for c in reference_cpu) + "\n")
+    print("| engine | workers | rounds | total s | vec/s after start-up | encode vec/s (adjacent) | vs encode (range) | "
+          "start-up s | CPU s/M (encode's) | peak PSS per worker | load avg | tokens == encode |")
+    print("|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---|")
+    encode_cpu = statistics.median(reference_cpu) / per_m
+    def med(results: list[tuple], i: int) -> float:
+        return statistics.median(r[i] for r in results)
+
+    for engine, results in runs.items():
+        ratios = [steady / base for _, steady, base, *_ in results]
+        peak = max(r[4] for r in results)
+        count = results[0][5]
+        cpus = [r[7] for r in results if r[7] is not None]
+        cpu = f"{statistics.median(cpus) / per_m:.2f} ({encode_cpu:.2f})" if cpus else "n/a"
+        loads = f"{min(r[8][0] for r in results):.1f}-{max(r[8][1] for r in results):.1f}"
+        workers = 1 if engine.startswith("local") else args.workers
         seen = f" ({count} actors)" if engine == "ray" else ""
-        print(f"| {engine} | {workers} | {total:.1f} | {steady / 1e6:.3f}M | {base / 1e6:.3f}M | {steady / base:.2f}x | "
-              f"{startup:.1f} | {peak / 2**20:.0f} MiB{seen} | {'yes' if same else 'NO'} |")
+        spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
+        print(f"| {engine} | {workers} | {len(results)} | {med(results, 0):.1f} | {med(results, 1) / 1e6:.3f}M | {med(results, 2) / 1e6:.3f}M | "
+              f"{statistics.median(ratios):.2f}x{spread} | {med(results, 3):.1f} | {cpu} | {peak / 2**20:.0f} MiB{seen} | {loads} | "
+              f"{'yes' if all(r[6] for r in results) else 'NO'} |")
     if args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
 

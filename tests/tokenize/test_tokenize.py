@@ -192,6 +192,108 @@ def test_killed_job_restarts_where_it_stopped(corpus, tmp_path, engine):
     check_output(corpus, out, id_column=None)
 
 
+# -- the local engine's read-ahead / write-behind pipeline -----------------------------------------
+def tokenize_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("vqdeploy-tokenize")]
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 3])
+def test_local_prefetch_gives_the_same_files_in_shard_order(corpus, tmp_path, prefetch):
+    seen: list[int] = []
+    report = tokenize_corpus(corpus["model"], [corpus["parquet"]], tmp_path / "out", id_column="key",
+                             shard_rows=SHARD_ROWS, prefetch=prefetch, on_shard=lambda index, rows: seen.append(index))
+    assert seen == [0, 1, 2, 3] and report.shards_written == 4
+    check_output(corpus, tmp_path / "out")
+    assert read_provenance(tmp_path / "out" / "part-00002.parquet")["rows"] == [100_000, 150_000]
+    assert tokenize_threads() == []
+
+
+def test_prefetch_must_not_be_negative(corpus, tmp_path):
+    with pytest.raises(UnsupportedOptionError, match="prefetch must be >= 0, got -1"):
+        tokenize_corpus(corpus["model"], [corpus["npy"]], tmp_path / "out", prefetch=-1)
+
+
+def test_a_read_error_ahead_stops_the_job_after_the_shards_before_it(corpus, tmp_path):
+    """Shard 3's vectors hold a null: the reader thread's error surfaces as the typed error, after
+    shards 0-2 were written whole, and no thread of the pipeline is left running."""
+    x = corpus["x"][:4000]
+    vectors = pa.array([None if i == 3500 else row for i, row in enumerate(x.tolist())], type=pa.list_(pa.float32(), D))
+    pq.write_table(pa.table({"emb": vectors}), tmp_path / "nulls.parquet", row_group_size=1000)
+    with pytest.raises(InputShapeError, match="rows 3000-4000: 1 row"):
+        tokenize_corpus(corpus["model"], [tmp_path / "nulls.parquet"], tmp_path / "out", shard_rows=1000, prefetch=2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("part-*")) == [f"part-0000{i}.parquet" for i in range(3)]
+    assert not list((tmp_path / "out").glob(".*.tmp")) and tokenize_threads() == []
+    _, tokens = read_output(tmp_path / "out")
+    np.testing.assert_array_equal(tokens, corpus["tokens"][:3000])
+
+
+def test_a_failing_consumer_stops_the_pipeline_with_whole_shards(corpus, tmp_path):
+    out = tmp_path / "out"
+
+    def stop(index, rows):
+        raise KeyboardInterrupt  # as Ctrl-C in the driver while reads and writes are in flight
+
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_corpus(corpus["model"], [corpus["npy"]], out, shard_rows=10_000, prefetch=3, on_shard=stop)
+    assert tokenize_threads() == []
+    kept = sorted(out.glob("part-*.parquet"))
+    assert 1 <= len(kept) <= 3 and not list(out.glob(".*.tmp"))  # shard 0, and the writes in flight finished
+    for part in kept:
+        assert pq.read_metadata(part).num_rows == 10_000
+    report = tokenize_corpus(corpus["model"], [corpus["npy"]], out, shard_rows=10_000)
+    assert (report.shards_skipped, report.shards_written) == (len(kept), 20 - len(kept))
+    check_output(corpus, out, id_column=None)
+
+
+STALLED_WRITE_JOB = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import vqdeploy.tokenize.shards as shards
+    from vqdeploy.tokenize import tokenize_corpus
+
+    real_write = shards.write_shard
+
+    def write_shard(table, final):  # shard 2's write dies half-way: half a temp file, never linked
+        if final.name != "part-00002.parquet":
+            return real_write(table, final)
+        real_write(table, final.with_name("whole.parquet"))
+        data = final.with_name("whole.parquet").read_bytes()
+        final.with_name("whole.parquet").unlink()
+        final.with_name(f".{final.name}.123.abcd.tmp").write_bytes(data[: len(data) // 2])
+        print("stalled", flush=True)
+        time.sleep(600)
+
+    shards.write_shard = write_shard
+    tokenize_corpus(sys.argv[1], [sys.argv[2]], sys.argv[3], shard_rows=10_000, prefetch=2)
+""")
+
+
+def test_job_killed_with_a_write_in_flight_resumes_without_half_shards(corpus, tmp_path):
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", STALLED_WRITE_JOB, str(corpus["model"]), str(corpus["npy"]), str(out)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        line = child.stdout.readline()  # shard 2 is half on disk; the encoder has moved on
+        assert line.strip() == "stalled", f"the job printed {line!r}"
+        child.send_signal(signal.SIGKILL)
+        assert child.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert [p.name for p in out.glob(".*.tmp")] == [".part-00002.parquet.123.abcd.tmp"]
+    kept = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("part-*.parquet")}
+    assert "part-00002.parquet" not in kept and {"part-00000.parquet", "part-00001.parquet"} <= set(kept)
+    report = tokenize_corpus(corpus["model"], [corpus["npy"]], out, shard_rows=10_000, prefetch=2)
+    assert report.shards_skipped == len(kept) and report.shards_written == 20 - len(kept)
+    assert not list(out.glob(".*.tmp"))
+    for name, stamp in kept.items():
+        assert ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stamp
+    check_output(corpus, out, id_column=None)
+
+
 def test_restart_with_other_settings_is_refused(corpus, tmp_path):
     tokenize_corpus(corpus["model"], [corpus["npy"]], tmp_path / "out", shard_rows=100_000)
     with pytest.raises(ResumeMismatchError, match="shards differ"):

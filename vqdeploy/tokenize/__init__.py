@@ -19,6 +19,7 @@ where it stopped (see `vqdeploy.tokenize.shards`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -123,6 +124,7 @@ def tokenize_corpus(
     on_shard: Callable[[int, int], None] | None = None,
     ray_init: dict[str, Any] | None = None,
     seed: int = 0,
+    prefetch: int = 1,
 ) -> TokenizeReport:
     """Tokenize `inputs` (parquet files with a list-of-floats column, or (N, D) .npy arrays) into `output`.
 
@@ -132,10 +134,14 @@ def tokenize_corpus(
     local: the backend's default). verify_sample: re-encode that many random rows here after the
     job and raise `TokensDifferError` on any difference. on_shard(index, rows) is called in this
     process as each shard is written. ray_init: extra `ray.init` arguments for a private Ray.
+    prefetch (local engine): shards read ahead in a thread while this one encodes, the finished one
+    written in another (0: read, encode and write one after another).
     """
     check_engine(engine, address)
     if verify_sample < 0:
         raise UnsupportedOptionError(f"verify_sample must be >= 0, got {verify_sample}")
+    if prefetch < 0:
+        raise UnsupportedOptionError(f"prefetch must be >= 0, got {prefetch}")
     if workers is not None and workers < 1:
         raise UnsupportedOptionError(f"workers must be >= 1, got {workers}")
     from vqdeploy import runtime
@@ -183,14 +189,16 @@ def tokenize_corpus(
     with _progress_bar(report.rows, done_rows, progress) as bar:
         if pending:
             results = RUNNERS[engine](model_bytes, provenance["model_sha256"], backend, pending, job, threads,
-                                      workers=count, address=address, ray_init=ray_init)
-            for index, shard_rows_done, written in results:
-                report.finished.append((time.perf_counter() - start, shard_rows_done))
-                report.shards_written += int(written)
-                report.shards_skipped += int(not written)
-                bar.update(shard_rows_done)
-                if on_shard is not None:
-                    on_shard(index, shard_rows_done)
+                                      workers=count, address=address, ray_init=ray_init, prefetch=prefetch)
+            # closing: an error here (on_shard's, say) stops the engine now, its writes in flight finished
+            with contextlib.closing(results):
+                for index, shard_rows_done, written in results:
+                    report.finished.append((time.perf_counter() - start, shard_rows_done))
+                    report.shards_written += int(written)
+                    report.shards_skipped += int(not written)
+                    bar.update(shard_rows_done)
+                    if on_shard is not None:
+                        on_shard(index, shard_rows_done)
     missing = [s.output for s in shards if not (output_dir / s.output).exists()]
     if missing:
         raise ShardsMissingError(f"{len(missing)} shard(s) were not written (first: {missing[0]}); run the job again")

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from vqdeploy.errors import BackendNotAvailableError, UnsupportedOptionError
-from vqdeploy.tokenize.shards import JobSpec, Shard, encode_shard
+from vqdeploy.tokenize.shards import JobSpec, Shard, encode_shard, encode_shards_pipelined
 
 ENGINES = ("local", "dask", "ray")
 # CPU Ray keeps free for its own tasks when it sizes the actor pool: actors asking 1 CPU each on
@@ -60,11 +60,11 @@ def _encode_with_shared(model: bytes, sha256: str, backend: str, threads: int | 
 
 # -- local -----------------------------------------------------------------------------------------
 def run_local(model: bytes, sha256: str, backend: str, shards: Sequence[Shard], job: JobSpec, threads: int | None,
-              **_: Any) -> Iterator[Result]:
-    """Shards one after another in this process (the backend's own threads use the cores)."""
+              prefetch: int = 1, **_: Any) -> Iterator[Result]:
+    """Shards one after another in this process (the backend's own threads use the cores), the next
+    shard read and the last one written in two threads while this one encodes."""
     quantizer = shared_quantizer(model, sha256, backend, threads)
-    for shard in shards:
-        yield encode_shard(quantizer, shard, job)
+    yield from encode_shards_pipelined(quantizer, shards, job, prefetch)
 
 
 # -- dask ------------------------------------------------------------------------------------------

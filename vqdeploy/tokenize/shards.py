@@ -16,8 +16,8 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -280,6 +280,12 @@ def write_shard(table, final: Path) -> bool:
     return True
 
 
+def shard_table(tokens: np.ndarray, ids, shard: Shard, job: JobSpec):
+    """The output table of one shard: its tokens and ids, the job's provenance plus the shard's source rows."""
+    provenance = dict(job.provenance, source=shard.source, rows=[shard.start, shard.stop], shard=shard.index)
+    return token_table(tokens, ids, replace(job, provenance=provenance), job.id_column or DEFAULT_ID_COLUMN)
+
+
 def encode_shard(quantizer, shard: Shard, job: JobSpec) -> tuple[int, int, bool]:
     """Read, encode and write one shard; (index, rows, written). Skips a shard already on disk."""
     final = Path(job.output_dir) / shard.output
@@ -287,10 +293,79 @@ def encode_shard(quantizer, shard: Shard, job: JobSpec) -> tuple[int, int, bool]
         return shard.index, shard.rows, False
     vectors, ids = read_shard(shard, job, quantizer.info.dim)
     tokens = encode_rows(quantizer, vectors)
-    provenance = dict(job.provenance, source=shard.source, rows=[shard.start, shard.stop], shard=shard.index)
-    table = token_table(tokens, ids, JobSpec(**{**asdict(job), "provenance": provenance}),
-                        job.id_column or DEFAULT_ID_COLUMN)
-    return shard.index, shard.rows, write_shard(table, final)
+    return shard.index, shard.rows, write_shard(shard_table(tokens, ids, shard, job), final)
+
+
+def encode_shards_pipelined(quantizer, shards: Sequence[Shard], job: JobSpec, prefetch: int = 1,
+                            ) -> Iterator[tuple[int, int, bool]]:
+    """`encode_shard` over `shards`, with reading and writing overlapped with the encode.
+
+    A reader thread reads up to `prefetch` shards ahead and a writer thread writes each encoded
+    shard while this thread encodes the next (pyarrow's parquet reader and writer, like ONNX
+    Runtime's and torch's kernels, release the GIL). At most `prefetch` shards wait read and two
+    wait written, so memory stays at a few shards. Yields ``(index, rows, written)`` in shard order,
+    each once its file is in place. prefetch=0: one shard after another in this thread.
+
+    Closing the generator early (the consumer raised, or stopped) cancels the reads not started and
+    waits for the writes in flight; a write is whole or absent either way (`write_shard`), so a
+    killed or stopped job leaves only whole shards, which a restart skips.
+    """
+    if prefetch < 0:
+        raise UnsupportedOptionError(f"prefetch must be >= 0, got {prefetch}")
+    if prefetch == 0:
+        for shard in shards:
+            yield encode_shard(quantizer, shard, job)
+        return
+    from collections import deque
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    output_dir = Path(job.output_dir)
+    dim = quantizer.info.dim
+
+    def read(shard: Shard):
+        if (output_dir / shard.output).exists():  # written meanwhile (another job on the same folder)
+            return None
+        return read_shard(shard, job, dim)
+
+    def write(shard: Shard, table) -> tuple[int, int, bool]:
+        return shard.index, shard.rows, write_shard(table, output_dir / shard.output)
+
+    reader = ThreadPoolExecutor(1, thread_name_prefix="vqdeploy-tokenize-read")
+    writer = ThreadPoolExecutor(1, thread_name_prefix="vqdeploy-tokenize-write")
+    reads: deque = deque()
+    writes: deque[Future] = deque()
+    upcoming = iter(shards)
+    try:
+        for shard in upcoming:
+            reads.append((shard, reader.submit(read, shard)))
+            if len(reads) == prefetch:
+                break
+        while reads:
+            shard, future = reads.popleft()
+            data = future.result()  # a read error surfaces here, in shard order
+            for following in upcoming:  # keep `prefetch` reads queued behind this encode
+                reads.append((following, reader.submit(read, following)))
+                break
+            if data is None:
+                skipped: Future = Future()
+                skipped.set_result((shard.index, shard.rows, False))
+                writes.append(skipped)
+            else:
+                vectors, ids = data
+                del data
+                table = shard_table(encode_rows(quantizer, vectors), ids, shard, job)
+                del vectors, ids
+                while len(writes) >= 2:
+                    yield writes.popleft().result()
+                writes.append(writer.submit(write, shard, table))
+                del table
+            while writes and writes[0].done():
+                yield writes.popleft().result()
+        while writes:
+            yield writes.popleft().result()
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True)
 
 
 # -- the job file --------------------------------------------------------------------------------------
