@@ -149,6 +149,6 @@ def test_bad_options_raise_typed_errors() -> None:
     with pytest.raises(UnsupportedOptionError, match="bound"):
         emulate_pass(x, codebook, "tf32", bound="loose")
     with pytest.raises(UnsupportedOptionError, match="dot"):
-        emulate_pass(x, codebook, "bf16")
+        emulate_pass(x, codebook, "fp8")
     with pytest.raises(UnsupportedOptionError, match="final"):
         emulate_chain(x, codebook, final="float64")
