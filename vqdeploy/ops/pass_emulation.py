@@ -56,6 +56,7 @@ from vqdeploy.ops.triton_kernels import (
     BOUND_DOTS,
     U_ACC_TC,
     U_FP32,
+    V_BF16,
     V_TF32,
     _gamma,
     code_bound_terms,
@@ -117,8 +118,9 @@ def legacy_threshold_coefficients(dot: str, dim: int) -> tuple[float, float]:
     def delta(d: str) -> float:
         if d == "ieee":
             return _gamma(dim, u)
-        if d == "tf32":
-            return (1.0 + V_TF32) ** 2 * (1.0 + _gamma(dim, U_ACC_TC)) - 1.0
+        if d in ("tf32", "bf16"):
+            v = V_BF16 if d == "bf16" else V_TF32
+            return (1.0 + v) ** 2 * (1.0 + _gamma(dim, U_ACC_TC)) - 1.0
         v = V_TF32
         return 12 * v**2 + 16 * v**3 + _gamma(3 * dim, U_ACC_TC) * ((1 + 2 * v) ** 2 + 4 * v * (1 + 2 * v))
 
