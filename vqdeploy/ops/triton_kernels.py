@@ -23,6 +23,10 @@ A low-precision pass also flags every row whose best-vs-second margin is within 
 bound (step 4 below); flagged rows (returned as ``-1 - index`` by the kernel, so no extra buffer
 is needed) are gathered by index and recomputed by the next pass.
 
+The error model also covers ``bf16`` (`BOUND_DOTS`; 2^-8 rounding, residual norms as for
+``tf32``), a pass only `vqdeploy.ops.pass_emulation` runs so far, with candidate lists
+(docs/design.md section 10).
+
 * ``exact``: a ``tf32x3`` pass, then ``ieee`` on its flagged rows.
 * ``fast``: a ``tf32`` pass, then ``tf32x3`` on its flagged rows, then ``ieee`` on those it flags.
 
