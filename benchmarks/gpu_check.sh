@@ -26,7 +26,8 @@ timeout 150 "$py" benchmarks/gpu_check.py "$@" 2>&1 | tee "$log/gpu_check.log"
 bench_rc=${PIPESTATUS[0]}
 
 # Informational: the fast mode's flag shares on this GPU next to the CPU emulation's.
-timeout 120 "$py" benchmarks/bench_pass_bounds.py --quick --gpu --data random,digits 2>&1 | tee "$log/pass_bounds.log"
+timeout 120 "$py" benchmarks/bench_pass_bounds.py --quick --gpu --data random,digits \
+  --chains "before: tf32 > tf32x3 > ieee,after: bf16[3] > tf32[3] > tf32x3 > ieee" 2>&1 | tee "$log/pass_bounds.log"
 
 echo "gpu tests: exit $tests_rc; gpu_check.py: exit $bench_rc"
 [ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -336,8 +336,14 @@ def test_margin_threshold_orders_the_passes() -> None:
         # tf32: the input rounding goes to the residual terms (2 ||r(x)|| ||c|| + 2 ||x|| ||r(c)||).
         assert tf32.row_residual >= 2 and tf32.code_residual >= 2 and tf32.cross > ieee.cross
         assert x3.row_residual == x3.code_residual == 0
+        # bf16 (an error model only): the tf32 form, with 2^-8 in place of 2^-11.
+        bf16 = margin_threshold_coefficients("bf16", dim)
+        assert bf16.row_residual == tf32.row_residual and bf16.code_residual > tf32.code_residual
+        assert bf16.cross > tf32.cross and bf16.square == tf32.square
     with pytest.raises(UnsupportedOptionError):
-        margin_threshold_coefficients("bf16", 8)
+        margin_threshold_coefficients("fp8", 8)
+    with pytest.raises(UnsupportedOptionError, match="dot precision"):
+        nearest_code_pass(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1), torch.zeros(1, dtype=torch.int64), "bf16")
 
 
 def test_threshold_is_infinite_where_no_bound_exists() -> None:

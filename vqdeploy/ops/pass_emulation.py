@@ -24,6 +24,18 @@ value whichever tile holds it), so on the same float32 products the flags are id
 interpreted kernel is checked against this in ``tests/ops/test_triton_kernels.py``
 (``test_interpreted_flags_equal_emulation``, on data whose dots are exact in any order).
 
+``bf16`` (not a pass of the kernel yet; docs/design.md, "Fast mode with a bf16 first pass"):
+both operands rounded to bf16 with the same bit trick (8-bit significands, round to nearest,
+ties away), products exact in float32, float32 accumulation; its bound is the ``tf32`` one with
+2^-8 rounding and bf16 residual norms.
+
+Candidate lists (``candidates=L``): a flagged row's possible exact argmins are the codes with
+t_k - e_k <= t_b + e_b (every other code has s_k >= t_k - e_k > t_b + e_b >= s_b). A pass that
+keeps the L smallest t_k - e_k of a row, with their codes, and the (L+1)-th value, knows that set
+completely when that value exceeds t_b + e_b; `resolve_candidates` then decides the row from the
+float64 distances of at most L codes, and only rows whose candidate set is larger go on to the
+next pass (``PassResult.listed``).
+
 ``bound="legacy"`` evaluates the kernel's former test, ``second - best <= A ||x|| C + B C^2``
 (C the largest code norm), and ``bound="per-code"`` the new test without residual norms
 (Cauchy-Schwarz on ||x|| ||c_k||), for comparison in ``benchmarks/bench_pass_bounds.py``.
@@ -39,13 +51,16 @@ from dataclasses import dataclass, field
 import torch
 
 from vqdeploy.errors import UnsupportedOptionError
-from vqdeploy.ops.contract import nearest_code_reference, squared_norms
+from vqdeploy.ops.contract import exact_nearest, squared_norms
 from vqdeploy.ops.triton_kernels import (
+    BOUND_DOTS,
     U_ACC_TC,
     U_FP32,
+    V_BF16,
     V_TF32,
     _gamma,
     code_bound_terms,
+    round_bf16,
     round_tf32,
 )
 
@@ -56,10 +71,15 @@ __all__ = [
     "emulate_chain",
     "emulate_pass",
     "legacy_threshold_coefficients",
+    "resolve_candidates",
 ]
 
 BOUNDS = ("residual", "per-code", "legacy")
 CHUNK_SCORES = 2**22  # float32 scores per block of rows (16 MiB)
+# Candidate lists need no overflow anywhere in the pass: |x~.c~| and its partial sums stay below
+# (1 + 2^-8)^2 ||x|| max_k ||c_k|| <= 2^121 when the host-checkable ||x|| max ||c_k|| <= 2^120.
+CANDIDATE_NORM_LIMIT = 2.0**120
+U_FP64 = 2.0**-53
 
 
 @dataclass
@@ -68,11 +88,19 @@ class PassResult:
 
     tokens: torch.Tensor  # int64 [rows]
     flagged: torch.Tensor  # bool [rows]
+    # With candidates=L: per row the codes that may be the exact argmin (-1 pads), complete where
+    # ``listed`` (a flagged row whose candidate set has at most L codes).
+    candidates: torch.Tensor | None = None  # int64 [rows, L]
+    listed: torch.Tensor | None = None  # bool [rows]
 
 
 @dataclass
 class ChainResult:
-    """A chain of passes: final tokens and, per pass, how many rows entered it."""
+    """A chain of passes: final tokens and, per pass, how many rows entered it.
+
+    ``entered`` also counts ``"candidates"`` (rows decided from their candidate lists, all passes
+    together) and ``"exact"`` (rows re-solved by the exact re-check on the host).
+    """
 
     tokens: torch.Tensor
     entered: dict[str, int] = field(default_factory=dict)
@@ -90,8 +118,9 @@ def legacy_threshold_coefficients(dot: str, dim: int) -> tuple[float, float]:
     def delta(d: str) -> float:
         if d == "ieee":
             return _gamma(dim, u)
-        if d == "tf32":
-            return (1.0 + V_TF32) ** 2 * (1.0 + _gamma(dim, U_ACC_TC)) - 1.0
+        if d in ("tf32", "bf16"):
+            v = V_BF16 if d == "bf16" else V_TF32
+            return (1.0 + v) ** 2 * (1.0 + _gamma(dim, U_ACC_TC)) - 1.0
         v = V_TF32
         return 12 * v**2 + 16 * v**3 + _gamma(3 * dim, U_ACC_TC) * ((1 + 2 * v) ** 2 + 4 * v * (1 + 2 * v))
 
@@ -108,6 +137,8 @@ def _dot(x: torch.Tensor, codebook: torch.Tensor, dot: str, interpreted: bool) -
     """x @ codebook.T in float32 as the pass computes it (``interpreted``: as the Triton interpreter)."""
     if dot == "tf32":  # the kernel rounds its operands itself, interpreted or not
         return round_tf32(x) @ round_tf32(codebook).T
+    if dot == "bf16":  # products of 8-bit significands: exact in float32
+        return round_bf16(x) @ round_bf16(codebook).T
     if dot == "ieee" or (dot == "tf32x3" and interpreted):
         return x @ codebook.T
     if dot == "tf32x3":
@@ -117,7 +148,7 @@ def _dot(x: torch.Tensor, codebook: torch.Tensor, dot: str, interpreted: bool) -
         acc += x_hi @ c_lo.T
         acc += x_hi @ c_hi.T
         return acc
-    raise UnsupportedOptionError(f"dot precision must be one of ('ieee', 'tf32x3', 'tf32'), got {dot!r}")
+    raise UnsupportedOptionError(f"dot precision must be one of {BOUND_DOTS}, got {dot!r}")
 
 
 def emulate_pass(
@@ -128,26 +159,44 @@ def emulate_pass(
     code_norms: torch.Tensor | None = None,
     track: bool | None = None,
     interpreted: bool = False,
+    candidates: int = 0,
+    slack_scale: float = 1.0,
 ) -> PassResult:
     """One pass of the kernel over every row of ``x``: tokens and re-check flags.
 
     ``track`` (default: every pass but ``ieee``) computes the flags; on ``ieee`` they mark the
     rows whose margin is within that pass's own bound, the rows an exact re-check has to see.
     ``interpreted=True`` computes the dots as the Triton interpreter does (plain float32 for
-    ``tf32x3``), to compare with the interpreted kernel.
+    ``tf32x3``), to compare with the interpreted kernel. ``candidates=L > 0`` also returns, per
+    flagged row, its candidate list (module docstring) and whether it is complete. ``slack_scale``
+    multiplies every e_k: 1 is the proven bound; other values exist to test that the tests catch
+    a bound that is too tight.
     """
     if bound not in BOUNDS:
         raise UnsupportedOptionError(f"bound must be one of {BOUNDS}, got {bound!r}")
+    if dot not in BOUND_DOTS:
+        raise UnsupportedOptionError(f"dot precision must be one of {BOUND_DOTS}, got {dot!r}")
+    if candidates < 0 or (candidates and bound == "legacy"):
+        raise UnsupportedOptionError(
+            f"candidates must be >= 0 and needs a per-code bound, got {candidates} with bound {bound!r}"
+        )
     x = x.detach().float().contiguous()
     codebook = codebook.detach().float().contiguous()
     norms = squared_norms(codebook) if code_norms is None else code_norms.float()
     dim, num_codes = codebook.shape[1], codebook.shape[0]
     tokens = torch.empty(x.shape[0], dtype=torch.int64)
     flagged = torch.zeros(x.shape[0], dtype=torch.bool)
+    width = min(candidates, num_codes)
+    cand = torch.full((x.shape[0], width), -1, dtype=torch.int64) if candidates else None
+    listed = torch.zeros(x.shape[0], dtype=torch.bool) if candidates else None
     track = dot != "ieee" if track is None else track
     if track and bound != "legacy":
         g, h, q = code_bound_terms(codebook, dot, code_norms=norms, residual=bound == "residual")
-        use_residual = dot == "tf32" and bound == "residual"
+        if slack_scale != 1.0:
+            g, h, q = (t * slack_scale for t in (g, h, q))
+        use_residual = dot in ("tf32", "bf16") and bound == "residual"
+        rounding = round_bf16 if dot == "bf16" else round_tf32
+        c_max = float(torch.linalg.vector_norm(codebook, dim=1, dtype=torch.float64).max())
     if track and bound == "legacy":
         thr_a, thr_b = (torch.tensor(c, dtype=torch.float32) for c in legacy_threshold_coefficients(dot, dim))
         c_max_sq = norms.max()
@@ -169,14 +218,74 @@ def emulate_pass(
             continue
         err = x_norm[:, None] * g[None, :]
         if use_residual:
-            r = xb - round_tf32(xb)
+            r = xb - rounding(xb)
             r_norm = torch.sqrt(torch.sum(r * r, dim=1))
             err = err + r_norm[:, None] * h[None, :]
         err = err + q[None, :]
         best_err = err[torch.arange(xb.shape[0]), best_idx]
-        other_lo = torch.where(is_best, torch.inf, scores - err).min(dim=1).values
-        flagged[start : start + step] = ~(other_lo > best + best_err)
-    return PassResult(tokens=tokens, flagged=flagged)
+        lo = scores - err
+        other_lo = torch.where(is_best, torch.inf, lo).min(dim=1).values
+        hi = best + best_err
+        row_flagged = ~(other_lo > hi)
+        flagged[start : start + step] = row_flagged
+        if candidates:
+            # The kernel would keep the L smallest lo of the row and the (L+1)-th value.
+            top = torch.topk(lo, min(width + 1, num_codes), dim=1, largest=False, sorted=True)
+            complete = top.values[:, width] > hi if num_codes > width else torch.ones_like(row_flagged)
+            # Rigour needs finite scores and bounds: no overflow (host-checkable norm limit), no NaN.
+            sane = torch.isfinite(hi) & ~torch.isnan(lo).any(dim=1)
+            sane &= x_norm.double() * c_max <= CANDIDATE_NORM_LIMIT
+            near = top.values[:, :width] <= hi[:, None]
+            cand[start : start + step] = torch.where(near, top.indices[:, :width], -1)
+            listed[start : start + step] = row_flagged & complete & sane
+    return PassResult(tokens=tokens, flagged=flagged, candidates=cand, listed=listed)
+
+
+def _float64_separation(dim: int) -> float:
+    """F with: fl64(d_j) * F < fl64(d_k) (F's product rounded) proves d_j < d_k (exact values).
+
+    Each float64 distance of float32 rows, sum of D squared float64 differences, errs by at most
+    gamma_{D+2}(2^-53) of itself (all terms are >= 0), so d_j <= fl(d_j) / (1 - g) and
+    d_k >= fl(d_k) / (1 + g); F = (1 + g) / (1 - g), widened to cover its own and the product's
+    rounding.
+    """
+    g = _gamma(dim + 2, U_FP64)
+    return (1.0 + g) / (1.0 - g) * (1.0 + 2.0**-50)
+
+
+def resolve_candidates(
+    x: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decide rows from complete candidate lists: (tokens, decided), both [rows].
+
+    ``candidates`` [rows, L] holds, per row, every code that can be the exact argmin (-1 pads).
+    The float64 distances of those codes decide the row when the smallest is below every other
+    by more than float64 rounding (`_float64_separation`); the token is then the exact argmin
+    (the codes outside the list are strictly farther). Undecided rows (exact or float64 ties)
+    need the exact re-check. Cost O(rows L D): what a gathered GPU pass over the listed codes
+    only would do.
+    """
+    x = x.detach().float()
+    codebook = codebook.detach().float()
+    rows, width = candidates.shape
+    tokens = torch.full((rows,), -1, dtype=torch.int64)
+    decided = torch.zeros(rows, dtype=torch.bool)
+    if rows == 0 or width == 0:
+        return tokens, decided
+    factor = _float64_separation(codebook.shape[1])
+    codes64 = codebook.double()
+    step = max(1, 2**22 // max(width * codebook.shape[1], 1))  # float64 temporaries near 32 MiB
+    for start in range(0, rows, step):
+        idx = candidates[start : start + step]
+        diff = x[start : start + step].double()[:, None, :] - codes64[idx.clamp(min=0)]
+        dist = torch.where(idx >= 0, (diff * diff).sum(-1), torch.inf)
+        best, pos = dist.min(dim=1)
+        others = dist.clone()
+        others[torch.arange(idx.shape[0]), pos] = torch.inf
+        decided[start : start + step] = (best * factor < others.min(dim=1).values) & torch.isfinite(best)
+        tokens[start : start + step] = idx[torch.arange(idx.shape[0]), pos]
+    tokens[~decided] = -1
+    return tokens, decided
 
 
 def emulate_chain(
@@ -185,13 +294,18 @@ def emulate_chain(
     chain: tuple[str, ...] = ("tf32", "tf32x3", "ieee"),
     bound: str = "residual",
     final: str = "exact",
+    candidates: int = 0,
+    slack_scale: float = 1.0,
 ) -> ChainResult:
     """Run ``chain`` as `_run_mode` does: each pass recomputes only the rows the last one flagged.
 
-    ``final="exact"`` models the exact re-check of the exact-tokens issue after the last
-    ``ieee`` pass: that pass flags the rows within its own bound and those get the exact argmin
-    (float64, the truth of the contract); ``entered["exact"]`` counts them. ``final="ieee"``
-    keeps the ``ieee`` pass's argmin on every row that reaches it.
+    ``final="exact"`` models the exact re-check of the exact-tokens issue after the last pass:
+    the rows that pass flags (an ``ieee`` pass flags those within its own bound) get the exact
+    argmin (`exact_nearest`); ``entered["exact"]`` counts them. ``final="ieee"`` keeps the last
+    pass's argmin on every row that reaches it (meant for chains ending with ``ieee``).
+    ``candidates=L`` gives every pass candidate lists: flagged rows whose list is complete are
+    decided by `resolve_candidates` (undecided ones join the exact re-check) and only the others
+    go on to the next pass.
     """
     if final not in ("exact", "ieee"):
         raise UnsupportedOptionError(f"final must be 'exact' or 'ieee', got {final!r}")
@@ -201,16 +315,38 @@ def emulate_chain(
     tokens = torch.empty(x.shape[0], dtype=torch.int64)
     result = ChainResult(tokens=tokens, rows=x.shape[0])
     rows = torch.arange(x.shape[0])
-    for dot in chain:
+    to_exact: list[torch.Tensor] = []
+    result.entered["candidates"] = 0
+    for i, dot in enumerate(chain):
         result.entered[dot] = int(rows.numel())
         if rows.numel() == 0:
             continue
-        track = dot != "ieee" or final == "exact"
-        passed = emulate_pass(x[rows], codebook, dot, bound=bound, code_norms=norms, track=track)
+        last = i == len(chain) - 1
+        track = dot != "ieee" or (final == "exact" and last)
+        passed = emulate_pass(
+            x[rows],
+            codebook,
+            dot,
+            bound=bound,
+            code_norms=norms,
+            track=track,
+            candidates=candidates if track else 0,
+            slack_scale=slack_scale,
+        )
         tokens[rows] = passed.tokens
-        rows = rows[passed.flagged]
-    if final == "exact" and chain[-1] == "ieee":
-        result.entered["exact"] = int(rows.numel())
-        if rows.numel():
-            tokens[rows] = nearest_code_reference(x[rows], codebook)
+        if passed.listed is not None and bool(passed.listed.any()):
+            listed_rows = rows[passed.listed]
+            got, decided = resolve_candidates(x[listed_rows], codebook, passed.candidates[passed.listed])
+            result.entered["candidates"] += int(listed_rows.numel())
+            tokens[listed_rows[decided]] = got[decided]
+            to_exact.append(listed_rows[~decided])
+            rows = rows[passed.flagged & ~passed.listed]
+        else:
+            rows = rows[passed.flagged]
+    if final == "exact":
+        to_exact.append(rows)
+        pending = torch.cat(to_exact)
+        result.entered["exact"] = int(pending.numel())
+        if pending.numel():
+            tokens[pending] = exact_nearest(x[pending], codebook)
     return result

@@ -23,6 +23,10 @@ A low-precision pass also flags every row whose best-vs-second margin is within 
 bound (step 4 below); flagged rows (returned as ``-1 - index`` by the kernel, so no extra buffer
 is needed) are gathered by index and recomputed by the next pass.
 
+The error model also covers ``bf16`` (`BOUND_DOTS`; 2^-8 rounding, residual norms as for
+``tf32``), a pass only `vqdeploy.ops.pass_emulation` runs so far, with candidate lists
+(docs/design.md section 10).
+
 * ``exact``: a ``tf32x3`` pass, then ``ieee`` on its flagged rows.
 * ``fast``: a ``tf32`` pass, then ``tf32x3`` on its flagged rows, then ``ieee`` on those it flags.
 
@@ -137,6 +141,7 @@ __all__ = [
     "nearest_code_into",
     "nearest_code_pass",
     "nearest_code_triton",
+    "round_bf16",
     "round_tf32",
     "score_error_coefficients",
     "select_config",
@@ -144,11 +149,15 @@ __all__ = [
 
 MODES = ("exact", "fast")
 DOTS = ("ieee", "tf32x3", "tf32")
+# Precisions with an error model (steps 1 to 4): the kernel's, and bf16, which only
+# `vqdeploy.ops.pass_emulation` runs so far (docs/design.md, "Fast mode with a bf16 first pass").
+BOUND_DOTS = DOTS + ("bf16",)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 U_FP32 = 2.0**-24  # unit roundoff of float32, round to nearest
 U_ACC_TC = 2.0**-23  # tensor-core accumulation, allowing truncation
 V_TF32 = 2.0**-11  # unit roundoff of the TF32 conversion, round to nearest
+V_BF16 = 2.0**-8  # unit roundoff of the bf16 conversion (8-bit significand), round to nearest
 # FMA contraction only merges roundings, so every bound above holds with or without it; pinned
 # so that the kernel does not change when Triton changes its default (3.10 turns it off).
 FP_FUSION = True
@@ -201,14 +210,16 @@ def _dot_error(dot: str, dim: int) -> tuple[float, float, float]:
     v = V_TF32
     if dot == "ieee":
         return _gamma(dim, U_FP32), 0.0, 0.0
-    if dot == "tf32":
+    if dot in ("tf32", "bf16"):
         # x.c - x~.c~ = r(x).c + x~.r(c) exactly; ||x~|| <= (1 + v)||x||, ||c~|| <= (1 + v)||c||.
+        # Products of two TF32 (11-bit) or bf16 (8-bit) significands are exact in float32.
+        v = V_BF16 if dot == "bf16" else V_TF32
         return _gamma(dim, U_ACC_TC) * (1.0 + v) ** 2, 1.0 + v, 1.0
     if dot == "tf32x3":
         rho = 12 * v**2 + 16 * v**3
         growth = (1 + 2 * v) ** 2 + 4 * v * (1 + 2 * v)
         return rho + _gamma(3 * dim, U_ACC_TC) * growth, 0.0, 0.0
-    raise UnsupportedOptionError(f"dot precision must be one of {DOTS}, got {dot!r}")
+    raise UnsupportedOptionError(f"dot precision must be one of {BOUND_DOTS}, got {dot!r}")
 
 
 def score_error_coefficients(dot: str, dim: int) -> ErrorCoefficients:
@@ -248,6 +259,18 @@ def round_tf32(values: torch.Tensor) -> torch.Tensor:
     return ((bits + 0x1000) & -8192).view(torch.float32)
 
 
+def round_bf16(values: torch.Tensor) -> torch.Tensor:
+    """float32 -> nearest bf16 value (ties away from zero), as float32: the same bit trick with 8 bits.
+
+    |round_bf16(a) - a| <= 2^-8 |a| for normal a, and a - round_bf16(a) is exact in float32.
+    """
+    bits = values.float().contiguous().view(torch.int32)
+    return ((bits + 0x8000) & -65536).view(torch.float32)
+
+
+_ROUNDING = {"tf32": round_tf32, "bf16": round_bf16}
+
+
 def code_bound_terms(
     codebook: torch.Tensor, dot: str, code_norms: torch.Tensor | None = None, residual: bool = True
 ) -> torch.Tensor:
@@ -256,8 +279,9 @@ def code_bound_terms(
     g_k = cross ||c_k|| + code_residual ||r(c_k)||, h_k = row_residual ||c_k||,
     q_k = square ||c_k||^2 + norm |n_k - ||c_k||^2|, computed in float64 from the float32 codes and
     rounded up to float32. ``code_norms`` are the n_k the kernel loads (float32); without them
-    the norm error is bounded by gamma_D(2^-24) ||c_k||^2. ``residual=False`` bounds the TF32
-    residual terms by ||r(v)|| <= 2^-11 ||v|| (no ||r(x)|| needed; for comparison in
+    the norm error is bounded by gamma_D(2^-24) ||c_k||^2. r is the pass's own rounding residual
+    (TF32 for ``"tf32"``, bf16 for ``"bf16"``). ``residual=False`` bounds the residual terms by
+    ||r(v)|| <= v ||v|| (2^-11, or 2^-8 for bf16; no ||r(x)|| needed; for comparison in
     `vqdeploy.ops.pass_emulation`).
     """
     dim = codebook.shape[1]
@@ -269,8 +293,9 @@ def code_bound_terms(
     for start in range(0, codes.shape[0], step):
         block = codes[start : start + step].float()
         norms[start : start + step] = torch.linalg.vector_norm(block, dim=1, dtype=torch.float64)
-        if dot == "tf32":
-            res[start : start + step] = torch.linalg.vector_norm(block - round_tf32(block), dim=1, dtype=torch.float64)
+        if dot in _ROUNDING:
+            rounded = _ROUNDING[dot](block)
+            res[start : start + step] = torch.linalg.vector_norm(block - rounded, dim=1, dtype=torch.float64)
     sq = norms.square()
     if code_norms is None:
         norm_err = _gamma(dim, U_FP32) * sq
@@ -281,7 +306,8 @@ def code_bound_terms(
         g = coef.cross * norms + coef.code_residual * res
         h = coef.row_residual * norms
     else:
-        g = (coef.cross + (coef.code_residual + coef.row_residual) * V_TF32) * norms
+        v = V_BF16 if dot == "bf16" else V_TF32
+        g = (coef.cross + (coef.code_residual + coef.row_residual) * v) * norms
         h = torch.zeros_like(norms)
     q = coef.square * sq + coef.norm * norm_err
     terms = torch.nan_to_num(torch.stack([g, h, q]).mul_(1.0 + 2.0**-30), nan=math.inf)
