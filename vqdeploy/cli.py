@@ -203,6 +203,9 @@ def _shape_text(shape: list[Any]) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     path = _existing_file(args.model, "ONNX file")
     described = describe_onnx(path)
+    from vqdeploy.ops import gemm
+
+    described["cpu_gemm"] = gemm.describe_current()
     if args.json:
         print(json.dumps(described, indent=2))
         return 0
@@ -235,6 +238,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     else:
         print("NearestCode nodes: none (unfused: the nearest-code search is inlined in standard ONNX ops)")
         print("Tokens: ArgMin in ONNX Runtime: certified ties (the exact re-check needs a fused file)")
+    print(described["cpu_gemm"])
     return 0
 
 
@@ -465,6 +469,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"{path}: {info.kind} {info.part}, N={args.n} vectors of dim {info.dim}, K={info.codebook_size}, "
           f"best of {args.repeats}")
     print(format_table(("backend", "device", "call", "vectors/s", "vs eager", "vs faiss"), rows, right=(3, 4, 5)))
+    if args.device == "cpu":
+        from vqdeploy.ops import gemm
+
+        print(gemm.describe_current(measure_now=True))
     if module is None:
         print("(pass --checkpoint CKPT for the ratio against eager PyTorch)")
     if faiss_time is None and info.part != "decode":

@@ -30,23 +30,15 @@ buffer (at most SCORE_BLOCK_BYTES) stays allocated between calls, for the next o
 from __future__ import annotations
 
 import functools
-import os
 import threading
 import types
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads, tile_product
-from vqdeploy.ops.nearest_code import (
-    SCORE_BLOCK_BYTES,
-    norm_upper_bound,
-    resolve_near_ties_,
-    rows_per_block,
-    squared_norms,
-)
+from vqdeploy.ops.nearest_code import norm_upper_bound, resolve_near_ties_, rows_per_block, squared_norms
 
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
@@ -137,29 +129,6 @@ def _serial_kernel():
     return _compile(_serial_copy(running_argmin_over_codes), parallel=False)
 
 
-class _Workers:
-    """A small pool of Python threads for the numpy path, made again after a fork (its threads do
-    not survive one) or when the thread count changes."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._key: tuple[int, int] | None = None
-
-    def get(self, threads: int) -> ThreadPoolExecutor:
-        key = (os.getpid(), threads)
-        with self._lock:
-            if self._pool is None or self._key != key:
-                if self._pool is not None and self._key is not None and self._key[0] == os.getpid():
-                    self._pool.shutdown(wait=False)
-                self._pool = ThreadPoolExecutor(threads, thread_name_prefix="vqdeploy-nearest-code")
-                self._key = key
-            return self._pool
-
-
-_WORKERS = _Workers()
-
-
 def available() -> bool:
     """Whether the compiled CPU kernel can run here (compiles it on first call)."""
     return _kernel() is not None
@@ -229,6 +198,30 @@ def _search_torch(
     return x_norm
 
 
+def _run_on_threads(work, count: int) -> None:
+    """work(0) on this thread and work(1..count-1) on new ones; re-raises the first error.
+
+    Threads are started per call (tens of microseconds, against milliseconds of work): nothing
+    outlives a call, so nothing is left broken by a fork (a pool's threads do not survive one).
+    """
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            work(index)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller below
+            errors.append(error)
+
+    helpers = [threading.Thread(target=guarded, args=(i,), name="vqdeploy-nearest-code") for i in range(1, count)]
+    for helper in helpers:
+        helper.start()
+    guarded(0)
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+
+
 def _search_numpy(
     x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, margin: np.ndarray,
     threads: int, block_bytes: int | None,
@@ -239,8 +232,7 @@ def _search_numpy(
     GEMM, the op took up to 4x as long). The tile budget is split between the workers."""
     kernel = _serial_kernel()
     num_rows, num_codes = x.shape[0], codes.shape[0]
-    budget = (SCORE_BLOCK_BYTES if block_bytes is None else block_bytes) // threads
-    step = min(rows_per_block(num_codes, budget), num_rows)
+    step = min(rows_per_block(num_codes, block_bytes, parts=threads), num_rows)
     starts = list(range(0, num_rows, step))
     workers = min(threads, len(starts))
     buffer = _WORKSPACE.take(workers * num_codes * step)
@@ -259,11 +251,7 @@ def _search_numpy(
 
     try:
         with numpy_blas_threads(1):
-            if workers == 1:
-                work(0)
-            else:
-                for future in [_WORKERS.get(workers).submit(work, w) for w in range(workers)]:
-                    future.result()
+            _run_on_threads(work, workers)
     finally:
         _WORKSPACE.give(buffer)
     dim = codes.shape[1]

@@ -229,14 +229,14 @@ def tile_product(library: str, codes: torch.Tensor, tile: torch.Tensor, out: tor
 
 
 # -- measuring -------------------------------------------------------------------------------------------
-def measure(shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES, rounds: int = PROBE_ROUNDS) -> dict[str, dict[str, float]]:
+def measure(shapes: tuple[tuple[int, int, int], ...] | None = None, rounds: int | None = None) -> dict[str, dict[str, float]]:
     """Median seconds of the CPU op (`nearest_code_cpu`) with each library, per (N, D, K), the two
     libraries interleaved per round: the GEMM as the op runs it (threads, tiles, the argmin after it)."""
     from vqdeploy.ops.cpu_kernels import nearest_code_cpu
 
     generator = torch.Generator().manual_seed(0)
     seconds: dict[str, dict[str, list[float]]] = {lib: {} for lib in LIBRARIES}
-    for rows, dim, num_codes in shapes:
+    for rows, dim, num_codes in PROBE_SHAPES if shapes is None else shapes:
         name = f"{rows}x{dim}x{num_codes}"
         x = torch.randn(rows, dim, generator=generator)
         codes = torch.randn(num_codes, dim, generator=generator)
@@ -244,7 +244,7 @@ def measure(shapes: tuple[tuple[int, int, int], ...] = PROBE_SHAPES, rounds: int
             nearest_code_cpu(x[:64], codes, gemm=lib)
             nearest_code_cpu(x, codes, gemm=lib)
             seconds[lib][name] = []
-        for _ in range(rounds):
+        for _ in range(PROBE_ROUNDS if rounds is None else rounds):
             for lib in LIBRARIES:
                 start = time.perf_counter()
                 nearest_code_cpu(x, codes, gemm=lib)
@@ -297,14 +297,27 @@ _LOCK = threading.Lock()
 def gemm_choice() -> GemmChoice:
     """The library of the op's tile product here: forced, read from the cache, or measured and cached.
 
+    Cheap after the first call of a process (the op asks on every call).
+
     >>> gemm_choice().library in ("torch", "numpy")
     True
     """
-    forced = forced_library()
-    key = choice_key()
-    if forced is not None:
-        return GemmChoice(forced, f"forced ({ENV_GEMM})", key)
-    return _cached_choice(json.dumps(key, sort_keys=True), str(cache_dir()))
+    state = (torch.get_num_threads(), os.environ.get(ENV_GEMM), os.environ.get(ENV_CACHE_DIR),
+             os.environ.get("XDG_CACHE_HOME"), tuple(os.environ.get(name) for name in KERNEL_ENV))
+    found = _LAST.get(state)
+    if found is None:
+        forced = forced_library()
+        key = choice_key()
+        if forced is not None:
+            found = GemmChoice(forced, f"forced ({ENV_GEMM})", key)
+        else:
+            found = _cached_choice(json.dumps(key, sort_keys=True), str(cache_dir()))
+        _LAST[state] = found
+    return found
+
+
+# What gemm_choice answered for each (threads, environment) seen in this process.
+_LAST: dict[tuple[Any, ...], GemmChoice] = {}
 
 
 @functools.cache
@@ -330,9 +343,30 @@ def _cached_choice(key_text: str, directory: str) -> GemmChoice:
         return GemmChoice(library, "measured", key, seconds, str(path))
 
 
+def peek_choice() -> GemmChoice | None:
+    """The choice without measuring: forced, this process's, or the cache file's; None where none
+    was made on this machine yet (the first CPU encode makes it)."""
+    forced = forced_library()
+    key = choice_key()
+    if forced is not None:
+        return GemmChoice(forced, f"forced ({ENV_GEMM})", key)
+    if _cached_choice.cache_info().currsize:
+        return gemm_choice()
+    return _read(cache_path(key), key)
+
+
+def describe_current(measure_now: bool = False) -> str:
+    """The line `vqdeploy inspect` / `bench` print about the CPU tile GEMM."""
+    choice = gemm_choice() if measure_now else peek_choice()
+    if choice is None:
+        return "CPU tile GEMM: not chosen yet on this machine (the first CPU encode measures torch vs numpy)"
+    return choice.describe()
+
+
 def forget_cached_choice() -> None:
     """Drop this process's memory of the choice (the file stays): the next call reads or measures again."""
     _cached_choice.cache_clear()
+    _LAST.clear()
 
 
 def as_dict(choice: GemmChoice) -> dict[str, Any]:
