@@ -111,7 +111,8 @@ def test_demo_quick_runs_every_cpu_backend_and_keeps_files_only_with_force(tmp_p
 def test_inspect_shows_metadata_io_and_nearest_code_nodes(exported: Path) -> None:
     proc = run_cli("inspect", exported.name, cwd=exported.parent)
     assert_ok(proc)
-    for text in ("VectorQuantize", "encode", "b d h w", "codebook_size", "input", "indices", "NearestCode nodes: 1"):
+    for text in ("VectorQuantize", "encode", "b d h w", "codebook_size", "input", "indices", "NearestCode nodes: 1",
+                 "CPU tile GEMM: "):
         assert text in proc.stdout
 
     as_json = run_cli("inspect", exported.name, "--json", cwd=exported.parent)
@@ -121,6 +122,7 @@ def test_inspect_shows_metadata_io_and_nearest_code_nodes(exported: Path) -> Non
     assert described["nearest_code_nodes"] == 1 and described["nearest_code_function"] is True
     assert [v["name"] for v in described["inputs"]] == ["x"]
     assert described["outputs"][0]["dtype"] == "int64"
+    assert described["cpu_gemm"].startswith("CPU tile GEMM: ")
 
 
 def test_verify_passes_prints_the_table_and_writes_json_only_with_force(exported: Path, capsys, monkeypatch) -> None:
@@ -160,6 +162,7 @@ def test_bench_prints_throughput_and_ratios(exported: Path) -> None:
     assert any(line.startswith("ort ") and "x" in line for line in lines)
     assert any(line.startswith("torch ") for line in lines)
     assert any(line.startswith("eager torch") and "1.00x" in line for line in lines)
+    assert any(line.startswith("CPU tile GEMM: ") and ("torch.mm" in line or "numpy.matmul" in line) for line in lines)
     pytest.importorskip("faiss")
     assert any(line.startswith("faiss IndexFlatL2") for line in lines)
 

@@ -76,9 +76,11 @@ def squared_norms(rows: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rows_per_block(num_codes: int) -> int:
-    """Rows of x scored at once so that a float32 block of scores stays within SCORE_BLOCK_BYTES."""
-    return max(16, min(MAX_BLOCK_ROWS, SCORE_BLOCK_BYTES // (4 * max(num_codes, 1))))
+def rows_per_block(num_codes: int, block_bytes: int | None = None, parts: int = 1) -> int:
+    """Rows of x scored at once so that a float32 block of scores stays within SCORE_BLOCK_BYTES
+    (or ``block_bytes``), or within a share of it where ``parts`` blocks live at once."""
+    budget = (SCORE_BLOCK_BYTES if block_bytes is None else block_bytes) // max(parts, 1)
+    return max(16, min(MAX_BLOCK_ROWS, budget // (4 * max(num_codes, 1))))
 
 
 def nearest_code_reference(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ loop per row, about twice the time of the GEMM itself (benchmarks/RESULTS.md, 26
 
 How
 ---
-For each tile of R rows, ``torch.mm`` (MKL) writes ``dots = codebook @ x_tile^T`` as a (K, R)
+For each tile of R rows, the faster SGEMM of the machine (torch's MKL or numpy's OpenBLAS, measured
+once and cached: `vqdeploy.ops.gemm`) writes ``dots = codebook @ x_tile^T`` as a (K, R)
 float32 block of at most SCORE_BLOCK_BYTES (`rows_per_block`, shared with
 `nearest_code_blocked`). The numba kernel then walks the K rows of that block once,
 forms the score ``s_k = ||c_k||^2 - 2 dot_k`` exactly as
@@ -30,12 +31,14 @@ from __future__ import annotations
 
 import functools
 import threading
+import types
 import warnings
 
 import numpy as np
 import torch
 
 from vqdeploy.ops.contract import norm_upper_bound, resolve_near_ties_, rows_per_block, squared_norms
+from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads, tile_product
 
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
@@ -77,22 +80,37 @@ _WORKSPACE = _Workspace()
 _SIGNATURE = "void(float32[:, ::1], float32[::1], int64[::1], float32[::1], int64)"
 
 
+def _compile(function, parallel: bool):
+    import numba
+
+    options = dict(parallel=parallel, nogil=True, boundscheck=False, fastmath=False)
+    try:
+        return numba.njit(_SIGNATURE, cache=True, **options)(function)
+    except Exception:  # noqa: BLE001 - e.g. no writable cache directory: compile without the cache
+        return numba.njit(_SIGNATURE, cache=False, **options)(function)
+
+
+def _serial_copy(function):
+    """The same Python function under another name: numba's on-disk cache keys a function by its
+    qualified name and bytecode, not by its compile flags, so a serial and a parallel build of one
+    function would load each other's machine code."""
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__ + "_serial",
+                              function.__defaults__, function.__closure__)
+    copy.__qualname__ = function.__qualname__ + "_serial"
+    copy.__module__ = function.__module__
+    return copy
+
+
 @functools.cache
 def _kernel():
-    """The compiled kernel, or None where numba is missing or cannot compile it."""
+    """The compiled kernel (its column chunks on numba's threads), or None where numba is missing or
+    cannot compile it."""
     try:
-        import numba
-
         from vqdeploy.ops._running_argmin import running_argmin_over_codes
     except ImportError:
         return None
-    options = dict(parallel=True, nogil=True, boundscheck=False, fastmath=False)
     try:
-        return numba.njit(_SIGNATURE, cache=True, **options)(running_argmin_over_codes)
-    except Exception:  # noqa: BLE001 - e.g. no writable cache directory: compile without the cache
-        pass
-    try:
-        return numba.njit(_SIGNATURE, cache=False, **options)(running_argmin_over_codes)
+        return _compile(running_argmin_over_codes, parallel=True)
     except Exception as error:  # noqa: BLE001 - any numba failure leaves the portable path in charge
         warnings.warn(
             f"vqdeploy: the numba nearest-code kernel did not compile ({error}); "
@@ -101,6 +119,14 @@ def _kernel():
             stacklevel=3,
         )
         return None
+
+
+@functools.cache
+def _serial_kernel():
+    """The same kernel compiled for one thread: the numpy path runs one per worker thread."""
+    from vqdeploy.ops._running_argmin import running_argmin_over_codes
+
+    return _compile(_serial_copy(running_argmin_over_codes), parallel=False)
 
 
 def available() -> bool:
@@ -114,42 +140,120 @@ def _thread_count() -> int:
     return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
 
 
-def nearest_code_cpu(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def nearest_code_cpu(
+    x: torch.Tensor, codebook: torch.Tensor, gemm: str | None = None, block_bytes: int | None = None
+) -> torch.Tensor:
     """The exact nearest code for every row of x (CPU tensors, any float dtype).
 
     The compiled float32 search also returns each row's margin t_2 - t_b; rows whose margin does
     not prove the float32 argmin exact are re-solved (`vqdeploy.ops.contract.resolve_near_ties_`).
+    ``gemm`` ("torch" / "numpy") overrides the library `vqdeploy.ops.gemm.gemm_choice` picks for
+    the tile product, ``block_bytes`` the tile budget (SCORE_BLOCK_BYTES); both for benchmarks and tests.
     """
     kernel = _kernel()
     if kernel is None:
         raise RuntimeError("the numba nearest-code kernel is not available; check available() first")
-    num_rows, num_codes = x.shape[0], codebook.shape[0]
+    num_rows = x.shape[0]
     out = torch.empty(num_rows, dtype=torch.int64)
     if num_rows == 0:
         return out
     codes = codebook.detach().to(torch.float32).contiguous()
+    library = gemm or gemm_choice().library
+    threads = _thread_count()
     norms = squared_norms(codes).numpy()
-    x = x.detach()
-    step = min(rows_per_block(num_codes), num_rows)
+    margin = np.empty(num_rows, dtype=np.float32)
+    if library == "numpy":
+        x_norm = _search_numpy(x.detach(), codes, norms, out.numpy(), margin, threads, block_bytes)
+    else:
+        x_norm = _search_torch(x.detach(), codes, norms, out.numpy(), margin, threads, block_bytes)
+    resolve_near_ties_(x, codebook, out, torch.from_numpy(margin), x_norm=x_norm,
+                       code_norm=norm_upper_bound(codes))
+    return out
+
+
+def _search_torch(
+    x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, margin: np.ndarray,
+    threads: int, block_bytes: int | None,
+) -> torch.Tensor:
+    """torch.mm (MKL, torch's threads) into each tile, then the kernel on numba's threads."""
+    kernel = _kernel()
+    num_rows, num_codes = x.shape[0], codes.shape[0]
+    step = min(rows_per_block(num_codes, block_bytes), num_rows)
     buffer = _WORKSPACE.take(num_codes * step)
     block = torch.from_numpy(buffer)
-    out_array = out.numpy()
-    margin = np.empty(num_rows, dtype=np.float32)
     x_norm = torch.empty(num_rows, dtype=torch.float64)
-    threads = _thread_count()
     try:
         for start in range(0, num_rows, step):
             stop = min(start + step, num_rows)
             width = stop - start
             dots = block[: num_codes * width].view(num_codes, width)  # contiguous for every width
             tile = x[start:stop].to(torch.float32)
-            torch.mm(codes, tile.t(), out=dots)
+            tile_product("torch", codes, tile, dots)
             x_norm[start:stop] = norm_upper_bound(tile)
             chunks = max(1, min(threads, width // MIN_COLUMNS_PER_THREAD))
             with _KERNEL_LOCK:
-                kernel(dots.numpy(), norms, out_array[start:stop], margin[start:stop], chunks)
+                kernel(dots.numpy(), norms, out[start:stop], margin[start:stop], chunks)
     finally:
         _WORKSPACE.give(buffer)
-    resolve_near_ties_(x, codebook, out, torch.from_numpy(margin), x_norm=x_norm,
-                       code_norm=norm_upper_bound(codes))
-    return out
+    return x_norm
+
+
+def _run_on_threads(work, count: int) -> None:
+    """work(0) on this thread and work(1..count-1) on new ones; re-raises the first error.
+
+    Threads are started per call (tens of microseconds, against milliseconds of work): nothing
+    outlives a call, so nothing is left broken by a fork (a pool's threads do not survive one).
+    """
+    errors: list[BaseException] = []
+
+    def guarded(index: int) -> None:
+        try:
+            work(index)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller below
+            errors.append(error)
+
+    helpers = [threading.Thread(target=guarded, args=(i,), name="vqdeploy-nearest-code") for i in range(1, count)]
+    for helper in helpers:
+        helper.start()
+    guarded(0)
+    for helper in helpers:
+        helper.join()
+    if errors:
+        raise errors[0]
+
+
+def _search_numpy(
+    x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, margin: np.ndarray,
+    threads: int, block_bytes: int | None,
+) -> torch.Tensor:
+    """Each of `threads` worker threads takes every threads-th tile and runs, on its own core, a
+    one-thread OpenBLAS GEMM and the one-thread kernel on it: no thread pool hands the cores to
+    another between the two steps (with OpenBLAS's own threads, whose workers spin after each
+    GEMM, the op took up to 4x as long). The tile budget is split between the workers."""
+    kernel = _serial_kernel()
+    num_rows, num_codes = x.shape[0], codes.shape[0]
+    step = min(rows_per_block(num_codes, block_bytes, parts=threads), num_rows)
+    starts = list(range(0, num_rows, step))
+    workers = min(threads, len(starts))
+    buffer = _WORKSPACE.take(workers * num_codes * step)
+    codes_array = codes.numpy()
+    x_sq = np.empty(num_rows, dtype=np.float32)
+
+    def work(worker: int) -> None:
+        dots_all = buffer[worker * num_codes * step : (worker + 1) * num_codes * step]
+        for start in starts[worker::workers]:
+            stop = min(start + step, num_rows)
+            dots = dots_all[: num_codes * (stop - start)].reshape(num_codes, stop - start)
+            tile = x[start:stop].to(torch.float32).resolve_neg().numpy()
+            np.matmul(codes_array, tile.T, out=dots)
+            np.einsum("ij,ij->i", tile, tile, out=x_sq[start:stop])
+            kernel(dots, norms, out[start:stop], margin[start:stop], 1)
+
+    try:
+        with numpy_blas_threads(1):
+            _run_on_threads(work, workers)
+    finally:
+        _WORKSPACE.give(buffer)
+    dim = codes.shape[1]
+    # An upper bound of ||x|| from a float32 sum of squares in any order (as `norm_upper_bound`).
+    return torch.from_numpy(np.sqrt(x_sq.astype(np.float64))) * (1.0 + (dim + 4) * 2.0**-23)

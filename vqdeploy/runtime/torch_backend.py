@@ -55,6 +55,27 @@ def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
     return module.eval()
 
 
+class _EncodeIndices(nn.Module):
+    """The encode graph of a bare VectorQuantize: the indices alone, as its forward returns them.
+
+    The full forward also gathers the codes and applies project_out for the quantized vectors an
+    encode throws away (at D = 32 that took as long as the search). Inputs come checked and
+    chunked by `vqdeploy.runtime.base.Quantizer`, so the module's own input checks are not run again.
+    """
+
+    def __init__(self, quantizer: VectorQuantize):
+        super().__init__()
+        self.quantizer = quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vq = self.quantizer
+        tokens = vq._to_tokens(x)
+        b, n, _ = tokens.shape
+        indices = vq._merge_heads(vq._codebook.nearest(vq._rows(tokens)), b, n)
+        indices = indices if vq.heads > 1 else indices.squeeze(-1)
+        return indices.reshape(*vq._index_shape(x.shape), *indices.shape[2:])
+
+
 class TorchRunner:
     """Runs the part's computation with vqdeploy's own modules."""
 
@@ -71,7 +92,10 @@ class TorchRunner:
         for sub in self.quantizer.modules():
             if isinstance(sub, VectorQuantize):
                 sub.set_search_mode(precision)
-        self.graph = PART_MODULES[info.part](self.quantizer).eval()
+        if info.part == "encode" and isinstance(self.quantizer, VectorQuantize):
+            self.graph = _EncodeIndices(self.quantizer).eval()
+        else:
+            self.graph = PART_MODULES[info.part](self.quantizer).eval()
         self.device = device
         self.float_dtype = next(p.dtype for p in self.quantizer.state_dict().values() if p.is_floating_point())
 
