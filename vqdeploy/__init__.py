@@ -4,7 +4,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from vqdeploy.errors import VQDeployError
 from vqdeploy.export import export_onnx, read_metadata
-from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer
+from vqdeploy.nn import (
+    GroupedResidualVQ,
+    ResidualVQ,
+    TrainingOptions,
+    VectorQuantize,
+    load_quantizer,
+    save_quantizer,
+)
 from vqdeploy.verify import ParityReport, verify  # noqa: E402  (the function shadows the module name on purpose)
 
 try:
@@ -13,8 +20,10 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+local"
 
 __all__ = [
+    "GroupedResidualVQ",
     "ParityReport",
     "ResidualVQ",
+    "TrainingOptions",
     "VQDeployError",
     "VectorQuantize",
     "__version__",
