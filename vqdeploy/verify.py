@@ -36,7 +36,7 @@ from torch import nn
 
 from vqdeploy.errors import BackendOutputError, UnsupportedOptionError, VQDeployError
 from vqdeploy.export.metadata import read_metadata
-from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize, load_quantizer
 from vqdeploy.nn.conventions import residual_indices_from_seed, residual_indices_to_seed
 from vqdeploy.ops.nearest_code import certify, nearest_code
 
@@ -169,6 +169,8 @@ class ParityReport:
 
 # -- searches ---------------------------------------------------------------------------------------
 def _stage_names(module: nn.Module) -> list[str]:
+    if isinstance(module, GroupedResidualVQ):
+        return [f"group {g} stage {s}" for g in range(module.groups) for s in range(module.num_quantizers)]
     if isinstance(module, ResidualVQ):
         return [f"stage {s}" for s in range(module.num_quantizers)]
     return [f"head {h}" for h in range(module.heads)] if module.heads > 1 else ["codebook"]
@@ -178,14 +180,15 @@ def _search_codebook(module: nn.Module, search: int) -> torch.Tensor:
     """The eager (K, d) codebook of one search (a stage, or a head)."""
     if isinstance(module, ResidualVQ):
         return module.layers[search].codebook.detach()
-    codebook = module.codebook.detach()
+    codebook = module.effective_codebook.detach()
     return codebook[search] if codebook.ndim == 3 else codebook
 
 
 def new_stage_reports(module: nn.Module) -> list[StageReport]:
     """One empty `StageReport` per search of the module, named as the report names them."""
     names = _stage_names(module)
-    return [StageReport(name, codebook_size=module.codebook_size) for name in names]
+    sizes = list(module.codebook_sizes) * getattr(module, "groups", 1) if hasattr(module, "codebook_sizes") else None
+    return [StageReport(name, codebook_size=sizes[i] if sizes else module.codebook_size) for i, name in enumerate(names)]
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -203,8 +206,12 @@ def _codebook_space_to_input(module: nn.Module, rows: torch.Tensor) -> torch.Ten
 
 def _tokens_to_layout(module: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """(T, dim) tokens -> one input in the module's layout (batch 1)."""
-    if isinstance(module, ResidualVQ) or (module.channel_last and not module.accept_image_fmap):
+    if isinstance(module, ResidualVQ) or (
+        module.channel_last and not module.accept_image_fmap and not module.accept_3d_fmap
+    ):
         return tokens[None]
+    if module.accept_3d_fmap:
+        return tokens.T.reshape(1, module.dim, 1, 1, -1)
     if module.accept_image_fmap:
         return tokens.T.reshape(1, module.dim, 1, -1)
     return tokens.T[None]
@@ -254,7 +261,15 @@ def _residual_probe(module: ResidualVQ, stage: int, targets: torch.Tensor, base:
 def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) -> list[torch.Tensor]:
     """verify's inputs: a real-data sample (scikit-learn digits mapped to dim), random normal data,
     then, for every search (each residual stage; all heads at once), its exact midpoints, graded
-    near-ties, on-code and spread probes (`_probe_targets`). The first search's midpoints are ``[2]``."""
+    near-ties, on-code and spread probes (`_probe_targets`). The first search's midpoints are ``[2]``.
+    A GroupedResidualVQ's inputs put each group's own probes side by side on the feature axis."""
+    if isinstance(module, GroupedResidualVQ):
+        per_group = [default_inputs(rvq, num_samples, seed + g) for g, rvq in enumerate(module.rvqs)]
+        joined = []
+        for parts in zip(*per_group, strict=True):
+            rows = min(part.shape[1] for part in parts)
+            joined.append(torch.cat([part[:, :rows] for part in parts], dim=-1))
+        return joined
     generator = torch.Generator().manual_seed(seed)
     dim = module.dim
     codebook = _search_codebook(module, 0)
@@ -289,15 +304,20 @@ def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) ->
 
 def decode_probes(module: nn.Module) -> torch.Tensor:
     """Indices that ask a decode export for every code of every search (in the module's layout)."""
+    if isinstance(module, GroupedResidualVQ):
+        return torch.stack([decode_probes(rvq) for rvq in module.rvqs])
     k = module.codebook_size
     if isinstance(module, ResidualVQ):
         generator = torch.Generator().manual_seed(0)
-        probes = torch.stack([torch.randperm(k, generator=generator) for _ in range(module.num_quantizers)])[:, None]
+        k = max(module.codebook_sizes)
+        probes = torch.stack([torch.randperm(k, generator=generator) % size for size in module.codebook_sizes])[:, None]
         return residual_indices_from_seed(module.conventions, probes)
     codes = torch.arange(k)
     if module.heads > 1:
         codes = torch.stack([torch.roll(codes, h) for h in range(module.heads)], dim=-1)
     codes = codes[None]
+    if module.accept_3d_fmap:
+        return codes[:, None, None]
     return codes[:, None] if module.accept_image_fmap else codes
 
 
@@ -354,6 +374,17 @@ def check_tokens(
             stage.violations += eager.numel() // len(stages)
         return
     served = served.long()
+    if isinstance(module, GroupedResidualVQ):  # each group as the ResidualVQ it is, on its slice of x
+        if tuple(served.shape) != tuple(eager.shape):
+            problems.append(f"indices of shape {tuple(served.shape)}, expected {tuple(eager.shape)}")
+            for stage in stages:
+                stage.tokens += eager[0].numel() // module.num_quantizers
+                stage.violations += eager[0].numel() // module.num_quantizers
+            return
+        q = module.num_quantizers
+        for g, (rvq, part) in enumerate(zip(module.rvqs, x.chunk(module.groups, dim=-1), strict=True)):
+            check_tokens(rvq, part, eager[g], served[g], stages[g * q : (g + 1) * q], problems, identical_only)
+        return
     if isinstance(module, ResidualVQ):
         # Both in the module's layout; judged as (quantizer, batch, seq).
         eager = residual_indices_to_seed(module.conventions, eager)
@@ -398,13 +429,29 @@ def check_tokens(
 
 def check_vectors(module: nn.Module, got: torch.Tensor, indices: torch.Tensor, report: VectorReport) -> None:
     """Compare served vectors with the eager decode of ``indices`` (the served tokens), row by row."""
+    if isinstance(module, GroupedResidualVQ):  # each group's slice of the vectors, with its indices
+        got, indices = torch.as_tensor(got).cpu(), torch.as_tensor(indices).cpu()
+        if got.shape[-1:] != (module.dim,) or indices.ndim != 4 or indices.shape[0] != module.groups:
+            rows = max(1, got.numel() // module.dim)
+            report.rows, report.violations = report.rows + rows, report.violations + rows
+            report.max_abs_diff = report.max_rel_diff = float("inf")
+            return
+        for rvq, part, part_indices in zip(module.rvqs, got.chunk(module.groups, dim=-1), indices, strict=True):
+            check_vectors(rvq, part, part_indices, report)
+        return
     report.tolerance = 1e-6 if module.has_projections else 0.0
     got = torch.as_tensor(got).cpu()
     indices = torch.as_tensor(indices).cpu()
     rvq = isinstance(module, ResidualVQ)
     try:
         indices = indices.long()
-        valid = (indices >= 0) & (indices < module.codebook_size)
+        limit: Any = module.codebook_size
+        if rvq and not module.uniform_codebook_size and indices.ndim == 3:  # one size per stage
+            sizes = torch.tensor(module.codebook_sizes)
+            limit = residual_indices_from_seed(module.conventions, sizes[:, None, None].expand(-1, *indices.shape[1:])
+                                               if module.conventions != "vector_quantize_pytorch"
+                                               else sizes[:, None, None].expand(-1, *indices.shape[:2]))
+        valid = (indices >= 0) & (indices < limit)
         if rvq:
             valid = valid | (indices == -1)  # a dropped stage decodes to zeros
         with torch.no_grad():
@@ -414,7 +461,8 @@ def check_vectors(module: nn.Module, got: torch.Tensor, indices: torch.Tensor, r
         report.rows, report.violations = report.rows + rows, report.violations + rows
         report.max_abs_diff = report.max_rel_diff = float("inf")
         return
-    channel_first = not rvq and (module.accept_image_fmap or not module.channel_last) and want.ndim > 2
+    channel_first = not rvq and (module.accept_image_fmap or module.accept_3d_fmap or not module.channel_last) \
+        and want.ndim > 2
     if channel_first:
         want = want.movedim(1, -1)
         got = got.movedim(1, -1) if got.ndim == want.ndim else got
@@ -460,8 +508,10 @@ def verify(
     from vqdeploy import runtime
 
     module = load_quantizer(model) if isinstance(model, str | os.PathLike) else model
-    if not isinstance(module, VectorQuantize | ResidualVQ):
-        raise UnsupportedOptionError(f"verify takes a VectorQuantize or ResidualVQ (or its checkpoint), got {type(module).__name__}")
+    if not isinstance(module, VectorQuantize | ResidualVQ | GroupedResidualVQ):
+        raise UnsupportedOptionError(
+            f"verify takes a VectorQuantize, ResidualVQ or GroupedResidualVQ (or its checkpoint), got {type(module).__name__}"
+        )
     info = read_metadata(onnx_path)
     if info.kind != type(module).__name__:
         raise UnsupportedOptionError(f"{onnx_path} holds a {info.kind} export, but the model is a {type(module).__name__}")
@@ -503,8 +553,12 @@ def _exact_like_eager(module: nn.Module, quantizer: Any) -> bool:
     normalisation, whose float32 results may differ between runtimes). Those are held to identity;
     every other path (TensorRT, CUDA, ONNX Runtime without the re-check) to certified ties.
     """
+    if isinstance(module, GroupedResidualVQ):
+        return all(_exact_like_eager(rvq, quantizer) for rvq in module.rvqs)
     cosine = module.use_cosine_sim if isinstance(module, VectorQuantize) else module.layers[0].use_cosine_sim
     plain_rows = isinstance(module.project_in, nn.Identity) and not cosine
+    if isinstance(module, VectorQuantize) and module._codebook.affine is not None:
+        plain_rows = False  # the searched codebook is computed in the graph
     if quantizer.backend == "torch":
         return quantizer.search_is_exact
     return quantizer.backend == "ort" and plain_rows and quantizer.search_is_exact
@@ -517,12 +571,16 @@ def _compare_one(module: nn.Module, quantizer: Any, part: str, x: torch.Tensor, 
         if str(error) not in report.problems:
             report.problems.append(str(error))
         if part == "decode":
-            rows = x.numel() // (module.num_quantizers if isinstance(module, ResidualVQ) else module.heads)
+            residual = isinstance(module, ResidualVQ | GroupedResidualVQ)
+            rows = x.numel() // (module.num_quantizers if residual else module.heads)
             report.vectors.rows += rows
             report.vectors.violations += rows
             return
         eager = module(x)[1]
-        tokens = eager[0].numel() if isinstance(module, ResidualVQ) else eager.numel() // module.heads
+        if isinstance(module, GroupedResidualVQ):
+            tokens = eager[0].numel() // module.num_quantizers
+        else:
+            tokens = eager[0].numel() if isinstance(module, ResidualVQ) else eager.numel() // module.heads
         for stage in report.stages:
             stage.tokens += tokens
             stage.violations += tokens

@@ -27,7 +27,7 @@ class ExportInfo:
 
     version: str
     part: str
-    kind: str  # "VectorQuantize", "ResidualVQ", or "model" for a user model that contains quantizers
+    kind: str  # "VectorQuantize", "ResidualVQ", "GroupedResidualVQ", or "model" for a user model with quantizers
     num_quantizers: int
     codebook_size: int
     dim: int
@@ -48,15 +48,20 @@ class ExportInfo:
 
 
 def describe_quantizer(module: nn.Module) -> dict[str, Any]:
-    """Kind, sizes and metric of one VectorQuantize or ResidualVQ."""
-    from vqdeploy.nn import ResidualVQ
+    """Kind, sizes and metric of one VectorQuantize, ResidualVQ or GroupedResidualVQ.
+
+    A GroupedResidualVQ counts groups x stages searches in `num_quantizers` (the graph's first index
+    axis); with one codebook size per stage, `codebook_size` is the largest.
+    """
+    from vqdeploy.nn import GroupedResidualVQ, ResidualVQ
 
     config = dict(module.config)
-    is_residual = isinstance(module, ResidualVQ)
+    is_residual = isinstance(module, ResidualVQ | GroupedResidualVQ)
+    stages = module.num_quantizers * getattr(module, "groups", 1) if is_residual else 1
     return dict(
         kind=type(module).__name__,
-        num_quantizers=module.num_quantizers if is_residual else 1,
-        codebook_size=module.codebook_size,
+        num_quantizers=stages,
+        codebook_size=max(module.codebook_sizes) if is_residual else module.codebook_size,
         dim=module.dim,
         codebook_dim=module.codebook_dim,
         heads=1 if is_residual else module.heads,

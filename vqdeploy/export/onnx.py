@@ -31,35 +31,51 @@ from vqdeploy.export.metadata import (
     write_metadata,
 )
 from vqdeploy.files import atomic_write
-from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
+from vqdeploy.nn.grouped_residual_vq import grouped_indices_from_flat, grouped_indices_to_flat
 
 IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
 DEFAULT_OPSET = 18
 INDEX_DTYPES = ("int64", "int32")
 
 
+QUANTIZERS = (VectorQuantize, ResidualVQ, GroupedResidualVQ)  # what export_onnx takes bare
+RESIDUAL = (ResidualVQ, GroupedResidualVQ)  # inputs (batch, seq, dim); indices (stages, batch, seq) in the graph
+
+
 class _Encode(nn.Module):
     """The graph of one part. A bare ResidualVQ's graph takes and returns indices (q, b, n) whatever
-    the module's conventions; `vqdeploy.runtime` hands them over in the module's layout."""
+    the module's conventions, a GroupedResidualVQ's (groups * q, b, n); `vqdeploy.runtime` hands
+    them over in the module's layout."""
 
     def __init__(self, quantizer: nn.Module):
         super().__init__()
         self.quantizer = quantizer
-        self.conventions = getattr(quantizer, "conventions", SEED) if isinstance(quantizer, ResidualVQ) else SEED
+        self.conventions = getattr(quantizer, "conventions", SEED) if isinstance(quantizer, RESIDUAL) else SEED
+        self.grouped = isinstance(quantizer, GroupedResidualVQ)
+
+    def to_graph(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.grouped:
+            return grouped_indices_to_flat(self.conventions, indices)
+        return residual_indices_to_seed(self.conventions, indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return residual_indices_to_seed(self.conventions, self.quantizer(x)[1])
+        return self.to_graph(self.quantizer(x)[1])
 
 
 class _Quantize(_Encode):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vectors, indices, _ = self.quantizer(x)[:3]
-        return vectors, residual_indices_to_seed(self.conventions, indices)
+        return vectors, self.to_graph(indices)
 
 
 class _Decode(_Encode):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.grouped:
+            return self.quantizer.get_output_from_indices(
+                grouped_indices_from_flat(self.conventions, indices, self.quantizer.groups)
+            )
         return self.quantizer.get_output_from_indices(residual_indices_from_seed(self.conventions, indices))
 
 
@@ -67,10 +83,10 @@ PART_MODULES = {"encode": _Encode, "quantize": _Quantize, "decode": _Decode}
 
 
 def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> VectorQuantize / ResidualVQ inside `model` (stages of a ResidualVQ not listed)."""
+    """Module path -> VectorQuantize / ResidualVQ / GroupedResidualVQ inside `model` (their parts not listed)."""
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
-        if isinstance(module, VectorQuantize | ResidualVQ) and not any(path.startswith(p + ".") for p in found if p):
+        if isinstance(module, QUANTIZERS) and not any(path.startswith(p + ".") for p in found if p):
             found[path] = module
     return found
 
@@ -79,12 +95,18 @@ def _example_input(quantizer: nn.Module, part: str) -> torch.Tensor:
     """A small input with sizes >= 2 on every dynamic axis (torch.export specialises sizes 0 and 1)."""
     batch, seq, height, width = 2, 3, 3, 5
     if part == "decode":
-        if isinstance(quantizer, ResidualVQ):
-            return torch.randint(0, quantizer.codebook_size, (quantizer.num_quantizers, batch, seq))
+        if isinstance(quantizer, RESIDUAL):
+            stages = quantizer.num_quantizers * getattr(quantizer, "groups", 1)
+            return torch.randint(0, min(quantizer.codebook_sizes), (stages, batch, seq))
         shape = (batch, height, width) if quantizer.accept_image_fmap else (batch, seq)
+        shape = (batch, 2, height, width) if quantizer.accept_3d_fmap else shape
         return torch.randint(0, quantizer.codebook_size, (*shape, quantizer.heads) if quantizer.heads > 1 else shape)
-    if isinstance(quantizer, ResidualVQ) or quantizer.channel_last and not quantizer.accept_image_fmap:
+    if isinstance(quantizer, RESIDUAL) or (
+        quantizer.channel_last and not quantizer.accept_image_fmap and not quantizer.accept_3d_fmap
+    ):
         return torch.randn(batch, seq, quantizer.dim)
+    if quantizer.accept_3d_fmap:
+        return torch.randn(batch, quantizer.dim, 2, height, width)
     if quantizer.accept_image_fmap:
         return torch.randn(batch, quantizer.dim, height, width)
     return torch.randn(batch, quantizer.dim, seq)
@@ -93,16 +115,19 @@ def _example_input(quantizer: nn.Module, part: str) -> torch.Tensor:
 def _dynamic_axis_names(quantizer: nn.Module, part: str, example: torch.Tensor) -> dict[int, str]:
     """Axis -> name of the dynamic axes of the part's input: batch and seq, or batch, height and width."""
     if part == "decode":
-        if isinstance(quantizer, ResidualVQ):
+        if isinstance(quantizer, RESIDUAL):
             return {1: "batch", 2: "seq"}
         names = ("batch", "height", "width") if quantizer.accept_image_fmap else ("batch", "seq")
+        names = ("batch", "depth", "height", "width") if quantizer.accept_3d_fmap else names
         data_axes = example.ndim - (1 if quantizer.heads > 1 else 0)  # a trailing heads axis is static
         return dict(enumerate(names[: max(data_axes, 1)]))
-    if not isinstance(quantizer, ResidualVQ) and quantizer.accept_image_fmap:
+    if not isinstance(quantizer, RESIDUAL) and quantizer.accept_3d_fmap:
+        return {0: "batch", 2: "depth", 3: "height", 4: "width"}
+    if not isinstance(quantizer, RESIDUAL) and quantizer.accept_image_fmap:
         return {0: "batch", 2: "height", 3: "width"}
     if example.ndim == 2:  # (batch, dim): one token per row
         return {0: "batch"}
-    channel_last = isinstance(quantizer, ResidualVQ) or quantizer.channel_last
+    channel_last = isinstance(quantizer, RESIDUAL) or quantizer.channel_last
     return {0: "batch", 1: "seq"} if channel_last else {0: "batch", 2: "seq"}
 
 
@@ -165,6 +190,12 @@ def _quiet_exporter():
 def _check_ready(quantizers: dict[str, nn.Module]) -> None:
     for path, quantizer in quantizers.items():
         for module in quantizer.modules():
+            if isinstance(module, ResidualVQ) and module.implicit_neural_codebook:
+                raise UnsupportedOptionError(
+                    f"{path or type(quantizer).__name__} uses implicit_neural_codebook: each position searches a "
+                    "codebook of its own (an MLP of the running sum), which the NearestCode export does not express; "
+                    "run it eagerly"
+                )
             if isinstance(module, VectorQuantize) and not bool(module._codebook.initted):
                 name = path or type(quantizer).__name__
                 raise UninitializedCodebookError(
@@ -186,7 +217,7 @@ def export_onnx(
 ) -> Path:
     """Export a quantizer, or a model that contains quantizers, to an ONNX file at `path`.
 
-    For a bare VectorQuantize / ResidualVQ, `part` picks ``"encode"`` (x -> indices),
+    For a bare VectorQuantize / ResidualVQ / GroupedResidualVQ (one graph for all its groups), `part` picks ``"encode"`` (x -> indices),
     ``"decode"`` (indices -> vectors) or ``"quantize"`` (x -> vectors, indices). Any other module
     is exported whole (its forward) and needs `example_input`. Batch and sequence axes (image:
     batch, height, width) are dynamic. With ``fused=True`` every nearest-code search is one
@@ -212,10 +243,12 @@ def export_onnx(
     if opset < functions.MIN_OPSET:
         raise UnsupportedOptionError(f"opset must be >= {functions.MIN_OPSET}, got {opset}")
 
-    is_quantizer = isinstance(model, VectorQuantize | ResidualVQ)
+    is_quantizer = isinstance(model, QUANTIZERS)
     quantizers = {"": model} if is_quantizer else find_quantizers(model)
     if not quantizers:
-        raise UnsupportedOptionError(f"{type(model).__name__} contains no vqdeploy VectorQuantize or ResidualVQ")
+        raise UnsupportedOptionError(
+            f"{type(model).__name__} contains no vqdeploy VectorQuantize, ResidualVQ or GroupedResidualVQ"
+        )
     _check_ready(quantizers)
 
     if index_dtype != "int64" and not (is_quantizer and part in ("encode", "quantize")):

@@ -334,7 +334,7 @@ class EMACodebook(nn.Module):
         total = self.cluster_size.sum(dim=-1, keepdim=True)
         smoothed = laplace_smoothing(self.cluster_size, self.codebook_size, self.eps) * total
         embed = self.embed_avg / smoothed[..., None]
-        self.embed.copy_(l2norm(embed) if self.use_cosine_sim else embed)
+        self.embed.data.copy_(l2norm(embed) if self.use_cosine_sim else embed)
 
     @torch.no_grad()
     def expire_dead_codes_(self, flat: torch.Tensor, segments: int = 1) -> None:
@@ -355,7 +355,7 @@ class EMACodebook(nn.Module):
             if dead.numel() > flat.shape[1]:  # more dead codes than samples: replace some now, the rest later
                 dead = dead[torch.randperm(dead.numel(), device=dead.device)[: flat.shape[1]]]
             samples = sample_rows(self.transform_input(flat[h]), dead.numel()).to(self.embed.dtype)
-            self.embed[h, dead] = samples
+            self.embed.data[h, dead] = samples
             self.cluster_size[h, dead] = self.threshold_ema_dead_code
             self.embed_avg[h, dead] = samples * self.threshold_ema_dead_code
 
@@ -399,7 +399,7 @@ class EMACodebook(nn.Module):
                 continue
             samples = rows[start : start + size]
             start += size
-            self.embed[h, dead] = samples
+            self.embed.data[h, dead] = samples
             self.cluster_size[h, dead] = self.threshold_ema_dead_code
             self.embed_avg[h, dead] = samples * self.threshold_ema_dead_code
 

@@ -112,7 +112,7 @@ VQ_OPTIONS = _options(
     ("manual_ema_update", False, NATIVE, "statistics tracked; the caller refreshes with _codebook.update_ema()"),
     ("learnable_codebook", None, NATIVE, "an nn.Parameter codebook learnt by gradient (with ema_update=False)"),
     ("in_place_codebook_optimizer", None, REFUSED, "an optimizer stepped (loss.backward()) inside forward; "
-     "not implemented: train a learnable_codebook with your own optimizer"),
+     "not implemented: learn the codebook by gradient with your own optimizer"),
     ("manual_in_place_optimizer_update", False, INERT, "acts only with in_place_codebook_optimizer"),
     ("affine_param", False, NATIVE, "statistics tracked in training only: unlike 1.32, an eval forward does not "
      "update them, so eval output is a fixed function of the input (and exports)"),

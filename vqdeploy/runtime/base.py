@@ -36,6 +36,7 @@ CHUNK_SCORE_BUDGET = 2 * 2**20
 # = 4 MiB per vector-sized buffer; the search adds its own bounded tile (vqdeploy.ops.cpu_kernels).
 CHUNK_VECTOR_BUDGET = 2**20
 MIN_CHUNK = 256
+RESIDUAL_KINDS = ("ResidualVQ", "GroupedResidualVQ")  # graphs with indices (stages, batch, seq)
 
 
 def default_chunk_size(info: ExportInfo, materializes_scores: bool = True) -> int:
@@ -50,9 +51,13 @@ def chunk_shape(info: ExportInfo, tokens: int) -> tuple[int, ...]:
     """Shape of the graph input for a chunk of `tokens` tokens, as `Quantizer` feeds it (batch 1)."""
     heads = (info.heads,) if info.heads > 1 else ()
     if info.part == "decode":
-        if info.kind == "ResidualVQ":
+        if info.kind in RESIDUAL_KINDS:
             return (info.num_quantizers, 1, tokens)
+        if info.input_layout == "b d f h w":
+            return (1, 1, 1, tokens, *heads)
         return (1, 1, tokens, *heads) if info.input_layout == "b d h w" else (1, tokens, *heads)
+    if info.input_layout == "b d f h w":
+        return (1, info.dim, 1, 1, tokens)
     if info.input_layout == "b d h w":
         return (1, info.dim, 1, tokens)
     if info.input_layout == "b d n":
@@ -114,10 +119,12 @@ class Quantizer:
         self.chunk_size = chunk_size or default_chunk_size(info, runner.materializes_scores)
         if self.chunk_size < 1:
             raise UnsupportedOptionError(f"chunk_size must be >= 1, got {chunk_size}")
-        self._channel_first = info.input_layout in ("b d n", "b d h w")
-        self._residual = info.kind == "ResidualVQ"
-        # The graph's ResidualVQ indices are (q, b, n); the API speaks the module's conventions.
+        self._channel_first = info.input_layout in ("b d n", "b d h w", "b d f h w")
+        self._residual = info.kind in RESIDUAL_KINDS
+        # The graph's ResidualVQ indices are (q, b, n), a GroupedResidualVQ's (groups * q, b, n); the API
+        # speaks the module's conventions.
         self._conventions = info.config.get("conventions", SEED) if self._residual else SEED
+        self._groups = int(info.config.get("groups", 1)) if info.kind == "GroupedResidualVQ" else 0
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -130,7 +137,8 @@ class Quantizer:
 
     def encode(self, x: Any) -> Any:
         """Indices of the nearest codes: (b, n[, heads]); images (b, h, w[, heads]); ResidualVQ (q, b, n),
-        or (b, n, q) for a module with vector-quantize-pytorch's conventions (as the eager module)."""
+        or (b, n, q) for a module with vector-quantize-pytorch's conventions (as the eager module);
+        GroupedResidualVQ (g, q, b, n), or (g, b, n, q) with 1.32's conventions."""
         self._require("encode", ("encode", "quantize"))
         return self._to_module_layout(self._run_vectors(x, want_vectors=False)[1])
 
@@ -143,7 +151,9 @@ class Quantizer:
     def decode(self, indices: Any) -> Any:
         """Vectors for indices (in the layout encode returns), as the eager module's `get_output_from_indices`."""
         self._require("decode", ("decode",))
-        if self._conventions != SEED:
+        if self._groups:
+            indices = self._grouped_to_graph(indices)
+        elif self._conventions != SEED:
             tensor, as_numpy = self._as_tensor(indices, "indices")
             check_rank(tensor, (3,), "indices", "batch, seq, quantizer (vector-quantize-pytorch's layout)")
             check_axis_size(tensor, 2, self.info.num_quantizers, "indices", "quantizers")
@@ -151,7 +161,29 @@ class Quantizer:
             indices = indices.numpy() if as_numpy else indices
         return self._run_decode(indices)
 
+    def _grouped_to_graph(self, indices: Any) -> Any:
+        """GroupedResidualVQ indices in the module's layout -> the graph's (groups * q, b, n)."""
+        tensor, as_numpy = self._as_tensor(indices, "indices")
+        stages = self.info.num_quantizers // self._groups
+        if self._conventions != SEED:
+            check_rank(tensor, (4,), "indices", "groups, batch, seq, quantizer (vector-quantize-pytorch's layout)")
+            check_axis_size(tensor, 3, stages, "indices", "quantizers")
+            tensor = tensor.movedim(-1, 1)
+        else:
+            check_rank(tensor, (4,), "indices", "groups, quantizer, batch, seq")
+            check_axis_size(tensor, 1, stages, "indices", "quantizers")
+        check_axis_size(tensor, 0, self._groups, "indices", "groups")
+        tensor = tensor.reshape(-1, *tensor.shape[2:])
+        return tensor.numpy() if as_numpy else tensor
+
     def _to_module_layout(self, indices: Any) -> Any:
+        if self._groups:
+            grouped = indices.reshape(self._groups, -1, *indices.shape[1:])  # (g, q, b, n)
+            if self._conventions == SEED:
+                return grouped
+            if isinstance(grouped, np.ndarray):
+                return np.ascontiguousarray(np.moveaxis(grouped, 1, -1))
+            return grouped.movedim(1, -1).contiguous()
         if self._conventions == SEED:
             return indices
         if isinstance(indices, np.ndarray):
@@ -268,6 +300,8 @@ class Quantizer:
         check_floating(x, "x")
         if self._residual:
             check_rank(x, (3,), "x", "batch, seq, dim")
+        elif info.input_layout == "b d f h w":
+            check_rank(x, (5,), "x", "batch, dim, depth, height, width")
         elif info.input_layout == "b d h w":
             check_rank(x, (4,), "x", "batch, dim, height, width")
         else:
@@ -284,8 +318,10 @@ class Quantizer:
         return _TokenView(view, x.shape[0], view.shape[2]), (x.shape[0], *x.shape[2:])
 
     def _feed_vectors(self, chunk: torch.Tensor) -> torch.Tensor:
-        """A chunk in the graph's layout: (1, c, d), (1, d, c) or (1, d, 1, c) for images."""
-        if self.info.input_layout == "b d h w":
+        """A chunk in the graph's layout: (1, c, d), (1, d, c), (1, d, 1, c) for images, (1, d, 1, 1, c) for 3-d maps."""
+        if self.info.input_layout == "b d f h w":
+            chunk = chunk.reshape(1, self.info.dim, 1, 1, -1)
+        elif self.info.input_layout == "b d h w":
             chunk = chunk.reshape(1, self.info.dim, 1, -1)
         return chunk.contiguous()
 
@@ -351,8 +387,8 @@ class Quantizer:
             check_axis_size(indices, 0, info.num_quantizers, "indices", "quantizers")
             lead = tuple(indices.shape[1:])
         else:
-            base = 3 if info.input_layout == "b d h w" else 2
-            check_rank(indices, (base + len(heads),) if base == 3 else (1 + len(heads), 2 + len(heads)), "indices",
+            base = {"b d h w": 3, "b d f h w": 4}.get(info.input_layout, 2)
+            check_rank(indices, (base + len(heads),) if base > 2 else (1 + len(heads), 2 + len(heads)), "indices",
                        "indices as encode returns them")
             if heads:
                 check_axis_size(indices, -1, info.heads, "indices", "heads")

@@ -17,9 +17,9 @@ from torch import nn
 from vqdeploy.errors import DeviceNotAvailableError, NotAVQDeployModelError, UnsupportedOptionError
 from vqdeploy.export.metadata import STATE_PREFIX, ExportInfo
 from vqdeploy.export.onnx import PART_MODULES
-from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
-_KINDS = {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ}
+_KINDS = {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}
 
 
 def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
@@ -36,8 +36,8 @@ def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
     }
     missing, unexpected = module.load_state_dict(state, strict=False)
     embeds = [k for k in module.state_dict() if k.endswith("_codebook.embed")]
-    if info.kind == "ResidualVQ" and info.config.get("shared_codebook"):
-        embeds = embeds[:1]  # one tensor serves every stage
+    if info.kind in ("ResidualVQ", "GroupedResidualVQ") and info.config.get("shared_codebook"):
+        embeds = [k for k in embeds if k.endswith("layers.0._codebook.embed")]  # one tensor serves every stage
     needed = set(embeds)
     if info.part != "decode":
         needed |= {k for k in module.state_dict() if k.startswith("project_in.")}
