@@ -63,3 +63,27 @@ def usage_histogram(indices_per_codebook: list[tuple[str, torch.Tensor]], codebo
     figure.savefig(path, dpi=80)
     plt.close(figure)
     return path
+
+
+def health_curves(health: list[tuple[int, dict[str, list[float]]]], codebook_size: int, path: Path,
+                  title: str) -> Path | None:
+    """Codebook health during training: perplexity and dead codes of each codebook against the step."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    steps = [step for step, _ in health]
+    names = list(health[0][1]) if health else []
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 4.2), sharex=True)
+    for name in names:
+        top.plot(steps, [values[name][0] for _, values in health], label=name)
+        bottom.plot(steps, [values[name][1] for _, values in health], label=name)
+    top.axhline(codebook_size, color="gray", linewidth=0.8, linestyle="--")
+    top.set_ylabel("perplexity", fontsize=8)
+    bottom.set_ylabel("dead codes", fontsize=8)
+    bottom.set_xlabel("training step", fontsize=8)
+    top.legend(fontsize=7, ncol=max(1, len(names) // 2))
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return path

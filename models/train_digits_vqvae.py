@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = DigitsVQVAE()
     start = time.perf_counter()
-    fit(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    health: list = []
+    fit(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, health=health)
     seconds = time.perf_counter() - start
 
     model.eval()
@@ -77,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                       args.out / "digits_vqvae_usage.png",
                                       f"DigitsVQVAE: code usage over {test.shape[0]} test digits x 16 tokens"),
             ]
+        written.append(plots.health_curves(health, model.vq.codebook_size, args.out / "digits_vqvae_health.png",
+                                           f"{type(model).__name__}: codebook health during training (EMA sizes)"))
         if None in written:
             print("matplotlib is not installed: no plots (pip install matplotlib)")
         else:

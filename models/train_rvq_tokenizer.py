@@ -43,14 +43,17 @@ def main(argv: list[str] | None = None) -> int:
 
     model = DigitsRVQTokenizer()
     start = time.perf_counter()
-    fit(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    health: list = []
+    fit(model, train, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, health=health)
     seconds = time.perf_counter() - start
 
     model.eval()
     stages = model.rvq.num_quantizers
     with torch.inference_mode():
         _, indices = model(test)
-        by_stages = [(q, model.decode(indices[:q])) for q in range(1, stages + 1)]
+        # the first q stages; the others marked dropped (-1), which decodes to zeros
+        by_stages = [(q, model.decode(torch.cat([indices[:q], torch.full_like(indices[q:], -1)])))
+                     for q in range(1, stages + 1)]
     print(f"trained in {seconds:.1f} s")
     for q, reconstruction in by_stages:
         print(f"  first {q} stage(s): test MSE {float(torch.mean((reconstruction - test) ** 2)):.5f}")
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
                                   args.out / "digits_rvq_usage.png",
                                   "DigitsRVQTokenizer: code usage per stage (test digits)"),
         ]
+        written.append(plots.health_curves(health, model.rvq.codebook_size, args.out / "digits_rvq_health.png",
+                                           f"{type(model).__name__}: codebook health during training (EMA sizes)"))
         if None in written:
             print("matplotlib is not installed: no plots (pip install matplotlib)")
         else:

@@ -69,6 +69,17 @@ def test_eval_path_is_torch_export_clean(cls: type, images: torch.Tensor) -> Non
     assert torch.equal(got[1], want[1]) and torch.allclose(got[0], want[0])
 
 
+@pytest.mark.parametrize("cls, names", [(DigitsVQVAE, ["codebook"]), (DigitsRVQTokenizer, ["stage 0", "stage 1"])])
+def test_fit_records_codebook_health(cls: type, names: list[str], images: torch.Tensor) -> None:
+    model = cls(codebook_size=8, hidden=8, **({"num_quantizers": 2} if cls is DigitsRVQTokenizer else {}))
+    health: list = []
+    fit(model, images[:64], steps=4, batch_size=32, progress=False, health=health, health_every=2)
+    assert [step for step, _ in health] == [0, 2, 3]
+    for _, values in health:
+        assert list(values) == names
+        assert all(1.0 <= perplexity <= 8.0 + 1e-6 and 0 <= dead <= 8 for perplexity, dead in values.values())
+
+
 def test_example_checkpoint_round_trip_and_refusals(tmp_path: Path, images: torch.Tensor) -> None:
     model = DigitsRVQTokenizer(num_quantizers=2, codebook_size=8, hidden=8)
     fit(model, images[:64], steps=2, batch_size=32, progress=False)

@@ -7,12 +7,21 @@ _deprecated.install_aliases()  # `from vqdeploy.verify import verify` and other 
 from vqdeploy._version import __version__  # noqa: E402
 from vqdeploy.errors import VQDeployError  # noqa: E402  (after the aliases: a module below may still use one)
 from vqdeploy.export import export_onnx, read_metadata  # noqa: E402
-from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer  # noqa: E402
+from vqdeploy.nn import (  # noqa: E402
+    GroupedResidualVQ,
+    ResidualVQ,
+    TrainingOptions,
+    VectorQuantize,
+    load_quantizer,
+    save_quantizer,
+)
 from vqdeploy.parity import ParityReport, verify  # noqa: E402
 
 __all__ = [
+    "GroupedResidualVQ",
     "ParityReport",
     "ResidualVQ",
+    "TrainingOptions",
     "VQDeployError",
     "VectorQuantize",
     "__version__",

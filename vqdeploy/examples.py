@@ -181,9 +181,22 @@ class DigitsRVQTokenizer(nn.Module):
 EXAMPLES: dict[str, type[nn.Module]] = {"DigitsVQVAE": DigitsVQVAE, "DigitsRVQTokenizer": DigitsRVQTokenizer}
 
 
+def codebook_health(model: nn.Module) -> dict[str, list[float]]:
+    """Perplexity and dead codes of every codebook of the model's quantizer (`codebook_usage`), by name."""
+    quantizer = model.quantizer if hasattr(model, "quantizer") else model
+    usages = quantizer.codebook_usage()
+    usages = usages if isinstance(usages, list) else [usages]
+    names = [f"stage {s}" for s in range(len(usages))] if len(usages) > 1 else ["codebook"]
+    return {name: [usage.perplexity[0], float(usage.dead_codes[0])] for name, usage in zip(names, usages, strict=True)}
+
+
 def fit(model: nn.Module, images: torch.Tensor, steps: int = 1500, batch_size: int = 128, lr: float = 3e-3,
-        seed: int = 0, progress: bool = True) -> list[float]:
-    """Train `model` on `images` with Adam for `steps` batches; returns the loss of every step."""
+        seed: int = 0, progress: bool = True, health: list[tuple[int, dict[str, list[float]]]] | None = None,
+        health_every: int = 25) -> list[float]:
+    """Train `model` on `images` with Adam for `steps` batches; returns the loss of every step.
+
+    With a `health` list, (step, `codebook_health(model)`) is appended every `health_every` steps:
+    perplexity and dead-code count of each codebook as training goes (the scripts plot them)."""
     from tqdm.auto import tqdm
 
     generator = torch.Generator().manual_seed(seed)
@@ -201,6 +214,8 @@ def fit(model: nn.Module, images: torch.Tensor, steps: int = 1500, batch_size: i
         optimizer.step()
         schedule.step()
         history.append(losses["loss"].item())
+        if health is not None and (step % health_every == 0 or step == steps - 1):
+            health.append((step, codebook_health(model)))
         if step % 20 == 0:
             bar.set_postfix(recon=f"{losses['reconstruction'].item():.4f}", commit=f"{losses['commitment'].item():.4f}")
     return history

@@ -35,8 +35,18 @@ class Layout:
 
     name: str  # the einops pattern, as stored in the metadata
     channel_first: bool  # the feature axis is axis 1, tokens after it
-    image: bool  # two token axes (height, width)
     axes: tuple[str, ...]  # what each input axis is, for messages
+
+    @property
+    def token_axes(self) -> tuple[str, ...]:
+        """The axes that hold tokens (besides batch): ("seq",), ("height", "width")..."""
+        return tuple(a for a in self.axes if a not in ("batch", "dim"))
+
+    @property
+    def image(self) -> bool:
+        """A feature map: two or more token axes after the feature axis (images, volumes); inputs
+        of exactly this rank."""
+        return len(self.token_axes) >= 2
 
     def describe(self) -> str:
         """The axes, for messages: "batch, seq, dim"."""
@@ -45,7 +55,7 @@ class Layout:
     @property
     def ranks(self) -> tuple[int, ...]:
         """Accepted input ranks: sequences may also come as (batch, dim), one token per row."""
-        return (4,) if self.image else (2, 3)
+        return (len(self.axes),) if self.image else (2, 3)
 
     @property
     def feature_axis(self) -> int:
@@ -66,8 +76,7 @@ class Layout:
     def from_tokens(self, t: torch.Tensor, like_shape: torch.Size) -> torch.Tensor:
         """(batch, tokens, ...) -> this layout, shaped like the input of `like_shape` (inverse of `to_tokens`)."""
         if self.image:
-            batch, _, height, width = like_shape
-            return t.transpose(1, 2).reshape(batch, t.shape[-1], height, width)
+            return t.transpose(1, 2).reshape(like_shape[0], t.shape[-1], *like_shape[2:])
         if len(like_shape) == 2:
             return t.squeeze(1)
         return t.transpose(1, 2) if self.channel_first else t
@@ -75,46 +84,62 @@ class Layout:
     def index_shape(self, like_shape: torch.Size) -> tuple[int, ...]:
         """Shape of the indices for an input of `like_shape` (before a trailing heads axis)."""
         if self.image:
-            return (like_shape[0], like_shape[2], like_shape[3])
+            return (like_shape[0], *like_shape[2:])
         if len(like_shape) == 2:
             return (like_shape[0],)
         return (like_shape[0], like_shape[2] if self.channel_first else like_shape[1])
 
-
-CHANNEL_LAST = Layout("b n d", channel_first=False, image=False, axes=("batch", "seq", "dim"))
-CHANNEL_FIRST = Layout("b d n", channel_first=True, image=False, axes=("batch", "dim", "seq"))
-IMAGE = Layout("b d h w", channel_first=True, image=True, axes=("batch", "dim", "height", "width"))
-LAYOUTS = {layout.name: layout for layout in (CHANNEL_LAST, CHANNEL_FIRST, IMAGE)}
+    def token_row_shape(self, tokens: int) -> tuple[int, ...]:
+        """The token axes of an input holding `tokens` tokens in one row: (tokens,), (1, tokens)..."""
+        return (*(1,) * (len(self.token_axes) - 1), tokens)
 
 
-def layout_for(channel_last: bool, image: bool) -> Layout:
-    """The layout of a module built with `channel_last` / `accept_image_fmap`."""
+CHANNEL_LAST = Layout("b n d", channel_first=False, axes=("batch", "seq", "dim"))
+CHANNEL_FIRST = Layout("b d n", channel_first=True, axes=("batch", "dim", "seq"))
+IMAGE = Layout("b d h w", channel_first=True, axes=("batch", "dim", "height", "width"))
+VOLUME = Layout("b d f h w", channel_first=True, axes=("batch", "dim", "depth", "height", "width"))
+LAYOUTS = {layout.name: layout for layout in (CHANNEL_LAST, CHANNEL_FIRST, IMAGE, VOLUME)}
+# Kinds whose indices are (stages, batch, seq) in the graph (a GroupedResidualVQ's: groups * stages).
+RESIDUAL_KINDS = ("ResidualVQ", "GroupedResidualVQ")
+
+
+def layout_for(channel_last: bool, image: bool, volume: bool = False) -> Layout:
+    """The layout of a module built with `channel_last` / `accept_image_fmap` / `accept_3d_fmap`."""
+    if volume:
+        return VOLUME
     if image:
         return IMAGE
     return CHANNEL_LAST if channel_last else CHANNEL_FIRST
 
 
+def _permute(array: Any, order: tuple[int, ...]) -> Any:
+    """Axes of a torch tensor or a numpy array in `order`."""
+    return array.permute(*order) if isinstance(array, torch.Tensor) else array.transpose(order)
+
+
 # Sizes of the example input an export traces: >= 2 on every dynamic axis (torch.export
 # specialises sizes 0 and 1), distinct so that no two axes are taken for one.
-EXAMPLE_SIZES = {"batch": 2, "seq": 3, "height": 3, "width": 5}
+EXAMPLE_SIZES = {"batch": 2, "seq": 3, "depth": 2, "height": 3, "width": 5}
 
 
 @dataclass(frozen=True)
 class QuantizerSpec:
     """A quantizer's I/O: what it takes and what it returns."""
 
-    kind: str  # "VectorQuantize" or "ResidualVQ"
+    kind: str  # "VectorQuantize", "ResidualVQ", "GroupedResidualVQ"
     layout: Layout
     dim: int
-    codebook_size: int
+    codebook_size: int  # the largest, where stages differ
     heads: int = 1
-    num_quantizers: int = 1
-    conventions: str = "seed"  # index layout of a ResidualVQ's API (the graph's is always the seed's)
+    num_quantizers: int = 1  # searches per token of a residual kind (a GroupedResidualVQ: groups * stages)
+    conventions: str = "seed"  # index layout of a residual kind's API (the graph's is always the seed's)
+    groups: int = 1  # GroupedResidualVQ
+    index_bound: int | None = None  # the smallest codebook, where stages differ (random indices stay below it)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def from_module(cls, module: Any) -> QuantizerSpec:
-        """The spec of a VectorQuantize or ResidualVQ (each module builds its own: `module.spec`)."""
+        """The spec of a quantizer module (each module builds its own: `module.spec`)."""
         return module.spec
 
     @classmethod
@@ -125,9 +150,13 @@ class QuantizerSpec:
         if info.input_layout not in LAYOUTS:
             raise NotAVQDeployModelError(f"unknown input layout {info.input_layout!r} in the metadata; expected one of "
                                          f"{', '.join(LAYOUTS)}")
-        conventions = info.config.get("conventions", "seed") if info.kind == "ResidualVQ" else "seed"
+        residual = info.kind in RESIDUAL_KINDS
+        conventions = info.config.get("conventions", "seed") if residual else "seed"
+        groups = int(info.config.get("groups", 1)) if info.kind == "GroupedResidualVQ" else 1
+        sizes = info.config.get("codebook_size")
+        index_bound = min(sizes) if isinstance(sizes, list | tuple) and sizes else None
         return cls(info.kind, LAYOUTS[info.input_layout], info.dim, info.codebook_size, heads=info.heads,
-                   num_quantizers=info.num_quantizers, conventions=conventions)
+                   num_quantizers=info.num_quantizers, conventions=conventions, groups=groups, index_bound=index_bound)
 
     def metadata_fields(self) -> dict[str, Any]:
         """The metadata keys this spec is stored as (the rest of `ExportInfo` describes the file)."""
@@ -137,31 +166,41 @@ class QuantizerSpec:
     # -- shapes --------------------------------------------------------------------------------------
     @property
     def residual(self) -> bool:
-        return self.kind == "ResidualVQ"
+        """Indices (stages, batch, seq) in the graph."""
+        return self.kind in RESIDUAL_KINDS
+
+    @property
+    def grouped(self) -> bool:
+        return self.kind == "GroupedResidualVQ"
 
     @property
     def head_axis(self) -> tuple[int, ...]:
         """The trailing heads axis of indices, if any."""
         return (self.heads,) if self.heads > 1 else ()
 
+    @property
+    def smallest_codebook(self) -> int:
+        return self.index_bound or self.codebook_size
+
     def input_shape(self, groups: int, tokens: int) -> tuple[int, ...]:
-        """Vectors of `groups` inputs of `tokens` tokens each, in the layout (images: one row of pixels)."""
-        if self.layout.image:
-            return (groups, self.dim, 1, tokens)
+        """Vectors of `groups` inputs of `tokens` tokens each, in the layout (maps: one row of pixels)."""
         if self.layout.channel_first:
-            return (groups, self.dim, tokens)
+            return (groups, self.dim, *self.layout.token_row_shape(tokens))
         return (groups, tokens, self.dim)
 
     def graph_indices_shape(self, groups: int, tokens: int) -> tuple[int, ...]:
-        """Indices as the graph takes and returns them (ResidualVQ: the seed's (quantizer, batch, seq))."""
+        """Indices as the graph takes and returns them (residual kinds: the seed's (stages, batch, seq))."""
         if self.residual:
             return (self.num_quantizers, groups, tokens)
-        if self.layout.image:
-            return (groups, 1, tokens, *self.head_axis)
-        return (groups, tokens, *self.head_axis)
+        return (groups, *self.layout.token_row_shape(tokens), *self.head_axis)
 
     def indices_shape(self, groups: int, tokens: int) -> tuple[int, ...]:
         """Indices as the module's API (and the runtime's) takes and returns them."""
+        if self.grouped:
+            stages = self.num_quantizers // self.groups
+            if self.conventions == "seed":
+                return (self.groups, stages, groups, tokens)
+            return (self.groups, groups, tokens, stages)
         if self.residual and self.conventions != "seed":
             return (groups, tokens, self.num_quantizers)
         return self.graph_indices_shape(groups, tokens)
@@ -170,12 +209,13 @@ class QuantizerSpec:
         """(T, dim) token rows (torch or numpy) -> one input of batch 1 in the layout."""
         if not self.layout.channel_first:
             return rows[None]
-        if self.layout.image:
-            return rows.T.reshape(1, self.dim, 1, -1)
-        return rows.T[None]
+        return rows.T.reshape(1, self.dim, *self.layout.token_row_shape(-1))
 
     def token_major(self, indices: Any, tokens: int) -> Any:
-        """Indices of `tokens` tokens as the API returns them -> (tokens, S): S stages or heads (or 1)."""
+        """Indices of `tokens` tokens as the API returns them -> (tokens, S): S searches (stages,
+        groups x stages, heads) or 1, in the graph's order of searches."""
+        if self.grouped and self.conventions != "seed":  # (g, b, n, q) -> (n, g, q)
+            return _permute(indices.reshape(self.groups, tokens, -1), (1, 0, 2)).reshape(tokens, -1)
         if self.residual and self.conventions == "seed":
             return indices.reshape(self.num_quantizers, tokens).T
         return indices.reshape(tokens, -1)
@@ -185,15 +225,14 @@ class QuantizerSpec:
         """A small input of the part, with sizes >= 2 on every dynamic axis (`EXAMPLE_SIZES`)."""
         sizes = EXAMPLE_SIZES
         batch = sizes["batch"]
+        token_sizes = tuple(sizes[a] for a in self.layout.token_axes)
         if part == "decode":
             if self.residual:
-                return torch.randint(0, self.codebook_size, (self.num_quantizers, batch, sizes["seq"]))
-            lead = (batch, sizes["height"], sizes["width"]) if self.layout.image else (batch, sizes["seq"])
-            return torch.randint(0, self.codebook_size, (*lead, *self.head_axis))
-        if self.layout.image:
-            return torch.randn(batch, self.dim, sizes["height"], sizes["width"])
+                return torch.randint(0, self.smallest_codebook, (self.num_quantizers, batch, sizes["seq"]))
+            lead = (batch, *token_sizes) if self.layout.image else (batch, sizes["seq"])
+            return torch.randint(0, self.smallest_codebook, (*lead, *self.head_axis))
         if self.layout.channel_first:
-            return torch.randn(batch, self.dim, sizes["seq"])
+            return torch.randn(batch, self.dim, *token_sizes)
         return torch.randn(batch, sizes["seq"], self.dim)
 
     def dynamic_axis_names(self, part: str, ndim: int) -> dict[int, str]:
@@ -201,11 +240,11 @@ class QuantizerSpec:
         if part == "decode":
             if self.residual:
                 return {1: "batch", 2: "seq"}
-            names = ("batch", "height", "width") if self.layout.image else ("batch", "seq")
+            names = ("batch", *self.layout.token_axes)
             data_axes = ndim - len(self.head_axis)  # a trailing heads axis is static
             return dict(enumerate(names[: max(data_axes, 1)]))
-        if self.layout.image:
-            return {0: "batch", 2: "height", 3: "width"}
         if ndim == 2:  # (batch, dim): one token per row
             return {0: "batch"}
-        return {0: "batch", 2: "seq"} if self.layout.channel_first else {0: "batch", 1: "seq"}
+        if self.layout.channel_first:
+            return {0: "batch", **{2 + i: name for i, name in enumerate(self.layout.token_axes)}}
+        return {0: "batch", 1: "seq"}

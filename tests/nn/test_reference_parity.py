@@ -1,8 +1,7 @@
 """Every row of the migration table against the installed vector-quantize-pytorch 1.32.
 
 Native options: convert, identical eval tokens and outputs, and one training step (output, loss,
-input gradient, EMA state) within 1e-5. Eval-only options: convert with identical eval output, a
-training forward refuses them by name. Refused options: refused by name, with the reason.
+input gradient, EMA state) within 1e-5. Refused options: refused by name, with the reason.
 """
 
 from __future__ import annotations
@@ -47,26 +46,31 @@ VQ_NATIVE = {
     "return_zeros_for_masked_padding": dict(codebook_size=64, return_zeros_for_masked_padding=False),
 }
 
-# Options vqdeploy serves but does not train: (reference kwargs, the name a training forward gives).
-VQ_EVAL_ONLY = {
+# Training options that 1.32 added since the seed: each trains like the reference (one step).
+VQ_TRAINING = {
     "commitment_use_cross_entropy_loss": dict(codebook_size=64, commitment_use_cross_entropy_loss=True),
     "orthogonal_reg_weight": dict(codebook_size=64, orthogonal_reg_weight=10.0),
-    "codebook_diversity_loss_weight": dict(codebook_size=64, codebook_diversity_loss_weight=1.0),
-    "stochastic_sample_codes": dict(codebook_size=64, stochastic_sample_codes=True),
+    "orthogonal_reg_active_codes_only": dict(codebook_size=64, orthogonal_reg_weight=1.0,
+                                             orthogonal_reg_active_codes_only=True),
+    "codebook_diversity_loss_weight": dict(codebook_size=64, codebook_diversity_loss_weight=1.0,
+                                           codebook_diversity_temperature=3.0),
+    "stochastic_sample_codes": dict(codebook_size=64, stochastic_sample_codes=True, sample_codebook_temp=0.5),
     "straight_through": dict(codebook_size=64, straight_through=True, rotation_trick=False),
+    "stochastic_straight_through": dict(codebook_size=64, stochastic_sample_codes=True, straight_through=True,
+                                        rotation_trick=False),
     "manual_ema_update": dict(codebook_size=64, manual_ema_update=True),
     "learnable_codebook": dict(codebook_size=64, learnable_codebook=True, ema_update=False),
-    "in_place_codebook_optimizer": dict(codebook_size=64, learnable_codebook=True, ema_update=False,
-                                        in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=0.1)),
     "sync_update_v": dict(codebook_size=64, learnable_codebook=True, ema_update=False, sync_update_v=0.5),
     "route_gradients_to_input": dict(codebook_size=64, route_gradients_to_input=False),
+    "layernorm_heads": dict(codebook_size=32, heads=2, codebook_dim=16, separate_codebook_per_head=True,
+                            commitment_use_cross_entropy_loss=True),
 }
 
 VQ_REFUSED = {
-    "accept_3d_fmap": dict(codebook_size=64, accept_3d_fmap=True),
     "directional_reparam": dict(codebook_size=64, directional_reparam=True, threshold_ema_dead_code=1),
     "vq_bridge": dict(codebook_size=64, vq_bridge=nn.Identity(), learnable_codebook=True, ema_update=False),
-    "affine_param": dict(codebook_size=64, affine_param=True),
+    "in_place_codebook_optimizer": dict(codebook_size=64, learnable_codebook=True, ema_update=False,
+                                        in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=0.1)),
 }
 
 
@@ -81,6 +85,7 @@ def _input(digits: torch.Tensor, kwargs: dict, n: int = 512) -> torch.Tensor:
 
 def _convert(ref: nn.Module) -> nn.Module:
     cls = vqdeploy.ResidualVQ if isinstance(ref, reference.ResidualVQ) else vqdeploy.VectorQuantize
+    cls = vqdeploy.GroupedResidualVQ if isinstance(ref, reference.GroupedResidualVQ) else cls
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return cls.from_vector_quantize_pytorch(copy.deepcopy(ref))
@@ -97,6 +102,8 @@ def _train_step(module: nn.Module, x: torch.Tensor, seed: int = 1, **forward) ->
 
 
 def _codebooks(module: nn.Module) -> list[nn.Module]:
+    if hasattr(module, "rvqs"):
+        return [layer._codebook for rvq in module.rvqs for layer in rvq.layers]
     return [layer._codebook for layer in module.layers] if hasattr(module, "layers") else [module._codebook]
 
 
@@ -156,20 +163,56 @@ def test_compat_constructor_builds_what_the_reference_builds(case, digits):
     _assert_training_step_matches(ref, ours, _input(digits, kwargs))
 
 
-@pytest.mark.parametrize("case", VQ_EVAL_ONLY)
-def test_eval_only_option_converts_and_refuses_training_by_name(case, digits):
-    kwargs = VQ_EVAL_ONLY[case]
+@pytest.mark.parametrize("case", VQ_TRAINING)
+def test_training_option_converts_and_trains_like_the_reference(case, digits):
+    kwargs = VQ_TRAINING[case]
+    torch.manual_seed(0)
     ref = reference.VectorQuantize(dim=64, **kwargs)
-    with pytest.warns(UserWarning, match=case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # native: the converter warns about nothing
         ours = vqdeploy.VectorQuantize.from_vector_quantize_pytorch(copy.deepcopy(ref))
     x = _input(digits, kwargs)
     _assert_eval_matches(ref, ours, x)
-    with pytest.raises(UnsupportedOptionError, match=case):
-        ours.train()(x)
+    _assert_training_step_matches(ref, ours, x)
+    _assert_eval_matches(ref, ours, x)
     from vqdeploy.compat.vector_quantize_pytorch import VectorQuantize
 
-    with pytest.raises(UnsupportedOptionError, match=case):
-        VectorQuantize(dim=64, **kwargs)
+    built = VectorQuantize(dim=64, **kwargs)
+    built.load_state_dict(ref.state_dict())
+    _assert_training_step_matches(ref, built, x, seed=2)
+
+
+def test_affine_param_trains_like_the_reference(digits):
+    """affine_param: training steps match 1.32 (statistics, EMA, codes); eval freezes the statistics."""
+    from vqdeploy.compat.vector_quantize_pytorch import VectorQuantize
+
+    torch.manual_seed(0)
+    kwargs = dict(codebook_size=64, affine_param=True, affine_param_batch_decay=0.9, affine_param_codebook_decay=0.5)
+    ref = reference.VectorQuantize(dim=64, **kwargs)
+    ours = VectorQuantize(dim=64, **kwargs)
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items()}, strict=False)
+    ours._codebook.embed.copy_(ref._codebook.embed)
+    x = _input(digits, {})
+    for step in range(2):
+        _assert_training_step_matches(ref, ours, x[:, step::2].contiguous(), seed=step)
+        for name in ("batch_mean", "batch_variance", "codebook_mean", "codebook_variance"):
+            torch.testing.assert_close(getattr(ours._codebook, name), getattr(ref._codebook, name), **TOL, msg=name)
+    converted = _convert(ref)  # carries the statistics over
+    with torch.no_grad():
+        before = converted._codebook.batch_mean.clone()
+        converted.eval()(x)
+        assert torch.equal(converted._codebook.batch_mean, before)  # eval does not move them
+        _, idx, _ = converted(x)
+        assert torch.equal(converted.get_output_from_indices(idx), converted(x)[0])
+
+
+def test_accept_3d_fmap_matches_the_reference(digits):
+    kwargs = dict(codebook_size=64, accept_3d_fmap=True)
+    ref = reference.VectorQuantize(dim=64, **kwargs)
+    ours = _convert(ref)
+    x = digits[:512].reshape(2, 4, 8, 8, 64).permute(0, 4, 1, 2, 3).contiguous()
+    _assert_eval_matches(ref, ours, x)
+    _assert_training_step_matches(ref, ours, x)
 
 
 @pytest.mark.parametrize("case", VQ_REFUSED)
@@ -187,12 +230,13 @@ def test_refused_option_is_named_with_why(case):
 
 
 def test_only_the_option_set_is_named():
-    """ema_update=False alone converts (no learnable_codebook blamed), and the message names what was set."""
-    ref = reference.VectorQuantize(dim=16, codebook_size=32, orthogonal_reg_weight=1.0)
-    with pytest.warns(UserWarning) as record:
+    """The refusal names the option that was set, not one the user never passed."""
+    ref = reference.VectorQuantize(dim=16, codebook_size=32, learnable_codebook=True, ema_update=False,
+                                   in_place_codebook_optimizer=lambda params: torch.optim.SGD(params, lr=0.1))
+    with pytest.raises(UnsupportedOptionError) as error:
         vqdeploy.VectorQuantize.from_vector_quantize_pytorch(ref)
-    message = str(record[0].message)
-    assert "orthogonal_reg_weight" in message and "learnable_codebook" not in message
+    message = str(error.value)
+    assert "in_place_codebook_optimizer" in message and "learnable_codebook" not in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a native option: no warning at all
         vqdeploy.VectorQuantize.from_vector_quantize_pytorch(reference.VectorQuantize(dim=16, codebook_size=32,
@@ -209,21 +253,76 @@ def test_synchronised_codebook_is_refused_until_vqdeploy_syncs():
 
 
 # -- forward arguments -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("forward", [dict(freeze_codebook=True), dict(ema_update=False), dict(sample_codebook_temp=0.3)])
+_MASK = torch.arange(64)[None, :] < torch.tensor([64, 40, 10, 64, 1, 33, 64, 50])[:, None]
+
+
+@pytest.mark.parametrize("forward", [
+    dict(freeze_codebook=True), dict(ema_update=False), dict(sample_codebook_temp=0.3), dict(mask=_MASK),
+    dict(lens=torch.tensor([64, 40, 10, 64, 1, 33, 64, 50])), dict(ema_update_weight=torch.linspace(0, 1, 64)),
+    dict(ema_update_weight=lambda sums, counts: (counts > 0).float()),
+])
 def test_native_vq_forward_argument_trains_like_the_reference(forward, digits):
     ref = reference.VectorQuantize(dim=64, codebook_size=64)
     _assert_training_step_matches(ref, _convert(ref), _input(digits, {}), **forward)
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(return_zeros_for_masked_padding=False)])
+def test_masked_forward_matches_the_reference(kwargs, digits):
+    ref = reference.VectorQuantize(dim=64, codebook_size=64, threshold_ema_dead_code=3, **kwargs)
+    _assert_training_step_matches(ref, _convert(ref), _input(digits, {}), mask=_MASK)
+
+
+@pytest.mark.parametrize("kwargs", [dict(use_cosine_sim=True), dict(codebook_dim=16), dict(heads=2, codebook_dim=8)])
+def test_masked_loss_is_the_loss_of_the_unpadded_tokens(kwargs, digits):
+    """A padded batch's loss and tokens are those of its valid tokens alone, in codebook space (1.32 compares
+    the input itself here, which differs once the codebook space does: cosine, projections, heads)."""
+    vq = vqdeploy.VectorQuantize(dim=64, codebook_size=32, freeze_codebook=True, **kwargs).train()
+    x = _input(digits, {})
+    _, idx, loss = vq(x, mask=_MASK)
+    _, packed_idx, packed_loss = vq(x[_MASK][None])
+    torch.testing.assert_close(loss, packed_loss, **TOL)
+    assert torch.equal(idx[_MASK], packed_idx[0])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_topk_matches_the_reference(training, digits):
+    ref = reference.VectorQuantize(dim=64, codebook_size=64)
+    ours = _convert(ref)
+    x = _input(digits, {})
+    with torch.no_grad():
+        want = ref.train(training)(x, topk=3, mask=_MASK)
+        got = ours.train(training)(x, topk=3, mask=_MASK)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], **TOL)
+    torch.testing.assert_close(got[2], want[2], **TOL)
+
+
+def test_accumulated_ema_update_matches_the_reference(digits):
+    ref = reference.VectorQuantize(dim=64, codebook_size=64)
+    ours = _convert(ref)
+    x = _input(digits, {})
+    for module in (ref, ours):
+        module.train()(x[:4], accum_ema_update=True)
+        module(x[4:])
+    for name in ("embed", "embed_avg", "cluster_size"):
+        torch.testing.assert_close(getattr(ours._codebook, name), getattr(ref._codebook, name), **TOL, msg=name)
+
+
+def test_loss_breakdown_matches_the_reference(digits):
+    ref = reference.VectorQuantize(dim=64, codebook_size=64, orthogonal_reg_weight=0.5,
+                                   codebook_diversity_loss_weight=0.1)
+    ours = _convert(ref)
+    x = _input(digits, {})
+    torch.manual_seed(3)
+    want = ref.train()(x, return_loss_breakdown=True)[3]
+    torch.manual_seed(3)
+    got = ours.train()(x, return_loss_breakdown=True)[3]
+    for name in ("commitment", "codebook_diversity", "orthogonal_reg"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name).detach(), **TOL, msg=name)
+
+
 @pytest.mark.parametrize("name, value", [
     ("indices", torch.zeros(8, 64, dtype=torch.long)),
-    ("mask", torch.ones(8, 64, dtype=torch.bool)),
-    ("lens", torch.full((8,), 64)),
-    ("topk", 2),
-    ("return_loss_breakdown", True),
-    ("codebook_transform_fn", lambda codes: codes),
-    ("ema_update_weight", torch.ones(1)),
-    ("accum_ema_update", True),
 ])
 def test_refused_vq_forward_argument_is_named(name, value, digits):
     ours = _convert(reference.VectorQuantize(dim=64, codebook_size=64))
@@ -246,14 +345,18 @@ RVQ_NATIVE = {
     "rotation_trick_off": dict(num_quantizers=3, codebook_size=32, rotation_trick=False),
     "inert": dict(num_quantizers=3, codebook_size=32, mlp_kwargs=dict(depth=2),
                   beam_score_quantizer_weights=[1.0, 0.5, 0.25], return_zeros_for_masked_padding=False),
+    "codebook_sizes_per_stage": dict(codebook_size=(16, 64, 32)),
+    "quant_grad_frac": dict(num_quantizers=3, codebook_size=32, quant_grad_frac=0.5),
+    "implicit_neural_codebook": dict(num_quantizers=3, codebook_size=16, implicit_neural_codebook=True,
+                                     mlp_kwargs=dict(depth=2, dim_hidden=32)),
+    "stage_training_options": dict(num_quantizers=2, codebook_size=32, learnable_codebook=True, ema_update=False,
+                                   orthogonal_reg_weight=0.1),
 }
 
 RVQ_REFUSED = {
     "diveq": dict(num_quantizers=2, codebook_size=16, diveq=True, rotation_trick=False),
     "accept_image_fmap": dict(num_quantizers=2, codebook_size=16, accept_image_fmap=True),
-    "implicit_neural_codebook": dict(num_quantizers=2, codebook_size=16, implicit_neural_codebook=True),
     "beam_size": dict(num_quantizers=2, codebook_size=16, beam_size=2),
-    "codebook_size": dict(codebook_size=(16, 32)),
 }
 
 
@@ -301,27 +404,8 @@ def test_rvq_heads_and_eval_beam_size_are_refused_by_name():
             ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, **kwargs)
 
 
-def test_quant_grad_frac_converts_for_eval_and_refuses_training(digits):
-    ref = reference.ResidualVQ(dim=64, num_quantizers=2, codebook_size=32, quant_grad_frac=0.5)
-    with pytest.warns(UserWarning, match="quant_grad_frac"):
-        ours = vqdeploy.ResidualVQ.from_vector_quantize_pytorch(copy.deepcopy(ref))
-    x = _input(digits, {})
-    _assert_eval_matches(ref, ours, x)
-    with pytest.raises(UnsupportedOptionError, match="quant_grad_frac"):
-        ours.train()(x)
-
-
-def test_eval_only_stage_option_in_a_residual_vq(digits):
-    ref = reference.ResidualVQ(dim=64, num_quantizers=2, codebook_size=32, learnable_codebook=True, ema_update=False)
-    with pytest.warns(UserWarning, match="learnable_codebook"):
-        ours = vqdeploy.ResidualVQ.from_vector_quantize_pytorch(copy.deepcopy(ref))
-    _assert_eval_matches(ref, ours, _input(digits, {}))
-    with pytest.raises(UnsupportedOptionError, match="learnable_codebook"):
-        ours.train()(_input(digits, {}))
-
-
 @pytest.mark.parametrize("forward", [dict(freeze_codebook=True), dict(return_all_codes=True), dict(beam_size=1),
-                                     dict(sample_codebook_temp=0.5)])
+                                     dict(sample_codebook_temp=0.5), dict(mask=_MASK)])
 def test_native_rvq_forward_argument_matches_the_reference(forward, digits):
     ref = reference.ResidualVQ(dim=64, num_quantizers=3, codebook_size=32)
     ours = _convert(ref)
@@ -334,8 +418,7 @@ def test_native_rvq_forward_argument_matches_the_reference(forward, digits):
         torch.testing.assert_close(codes, ref_codes, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("name, value", [("mask", torch.ones(8, 64, dtype=torch.bool)),
-                                         ("indices", torch.zeros(8, 64, 3, dtype=torch.long)), ("beam_size", 2)])
+@pytest.mark.parametrize("name, value", [("indices", torch.zeros(8, 64, 3, dtype=torch.long)), ("beam_size", 2)])
 def test_refused_rvq_forward_argument_is_named(name, value, digits):
     ours = _convert(reference.ResidualVQ(dim=64, num_quantizers=3, codebook_size=32))
     with pytest.raises(UnsupportedOptionError, match=name):
@@ -382,10 +465,37 @@ def test_every_reference_argument_is_in_the_tables():
     import inspect
 
     for cls, table, forward in ((reference.VectorQuantize, conv.VQ_OPTIONS, conv.VQ_FORWARD),
-                                (reference.ResidualVQ, conv.RVQ_OPTIONS, conv.RVQ_FORWARD)):
-        params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items() if k not in ("self", "vq_kwargs")}
+                                (reference.ResidualVQ, conv.RVQ_OPTIONS, conv.RVQ_FORWARD),
+                                (reference.GroupedResidualVQ, conv.GRVQ_OPTIONS, conv.GRVQ_FORWARD)):
+        params = {k: v for k, v in inspect.signature(cls.__init__).parameters.items()
+                  if k not in ("self", "vq_kwargs", "kwargs")}
         assert list(params) == list(table)
         assert all(table[k].default == v.default for k, v in params.items())
         forward_params = {k: v for k, v in inspect.signature(cls.forward).parameters.items() if k not in ("self", "x")}
         assert list(forward_params) == list(forward)
         assert all(forward[k].default == v.default for k, v in forward_params.items())
+
+
+# -- GroupedResidualVQ ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs", [dict(groups=2, num_quantizers=3, codebook_size=32),
+                                    dict(groups=4, num_quantizers=2, codebook_size=16, codebook_dim=8,
+                                         quantize_dropout=True)])
+def test_grouped_residual_vq_converts_and_trains_like_the_reference(kwargs, digits):
+    from vqdeploy.compat.vector_quantize_pytorch import GroupedResidualVQ
+
+    ref = reference.GroupedResidualVQ(dim=64, **kwargs)
+    ours = _convert(ref)
+    x = _input(digits, {})
+    with torch.no_grad():
+        ref_q, ref_idx, ref_loss = ref.eval()(x)
+        q, idx, loss = ours.eval()(x)
+    assert torch.equal(idx, ref_idx) and loss.shape == ref_loss.shape
+    torch.testing.assert_close(q, ref_q, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.get_output_from_indices(idx), ref.get_output_from_indices(ref_idx), rtol=1e-6,
+                               atol=1e-6)
+    built = GroupedResidualVQ(dim=64, **kwargs)
+    built.load_state_dict(ref.state_dict())
+    fresh = copy.deepcopy(ref)
+    if not kwargs.get("quantize_dropout"):  # the dropout draw is random on both sides
+        _assert_training_step_matches(ref, ours, x)
+        _assert_training_step_matches(fresh, built, x, seed=4)

@@ -84,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"{path}: {info.kind} {info.part}, N={args.n} vectors of dim {info.dim}, K={info.codebook_size}, "
           f"best of {args.repeats}")
     print(format_table(("backend", "device", "call", "vectors/s", "vs eager", "vs faiss"), rows, right=(3, 4, 5)))
+    if args.device == "cpu":
+        from vqdeploy.ops import gemm
+
+        print(gemm.describe_current(measure_now=True))
     if module is None:
         print("(pass --checkpoint CKPT for the ratio against eager PyTorch)")
     if faiss is None and info.part != "decode":

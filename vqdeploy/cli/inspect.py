@@ -59,6 +59,9 @@ def _shape_text(shape: list[Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     path = existing_file(args.model, "ONNX file")
     described = describe_onnx(path)
+    from vqdeploy.ops import gemm
+
+    described["cpu_gemm"] = gemm.describe_current()
     if args.json:
         print(json.dumps(described, indent=2))
         return 0
@@ -91,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("NearestCode nodes: none (unfused: the nearest-code search is inlined in standard ONNX ops)")
         print("Tokens: ArgMin in ONNX Runtime: certified ties (the exact re-check needs a fused file)")
+    print(described["cpu_gemm"])
     return 0
 
 

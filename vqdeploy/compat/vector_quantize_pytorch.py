@@ -1,8 +1,8 @@
 """vqdeploy with the conventions and defaults of vector-quantize-pytorch 1.32: change one import.
 
-    from vqdeploy.compat.vector_quantize_pytorch import ResidualVQ, VectorQuantize
+    from vqdeploy.compat.vector_quantize_pytorch import GroupedResidualVQ, ResidualVQ, VectorQuantize
 
-`VectorQuantize(...)` and `ResidualVQ(...)` take 1.32's arguments (names, positional order,
+`VectorQuantize(...)`, `ResidualVQ(...)` and `GroupedResidualVQ(...)` take 1.32's arguments (names, positional order,
 defaults: `rotation_trick` on when dim > 1, `commitment_weight` with the alias `commitment`) and
 return the native `vqdeploy.VectorQuantize` / `vqdeploy.ResidualVQ` configured with
 ``conventions="vector_quantize_pytorch"``: indices (batch, seq, quantizer), scalar / (quantizer,)
@@ -24,10 +24,11 @@ from torch import nn
 
 from vqdeploy.errors import ConfigError, UnsupportedOptionError
 from vqdeploy.nn import conventions as conv
+from vqdeploy.nn.grouped_residual_vq import GroupedResidualVQ as _NativeGroupedResidualVQ
 from vqdeploy.nn.residual_vq import ResidualVQ as _NativeResidualVQ
 from vqdeploy.nn.vector_quantize import VectorQuantize as _NativeVectorQuantize
 
-__all__ = ["ResidualVQ", "VectorQuantize"]
+__all__ = ["GroupedResidualVQ", "ResidualVQ", "VectorQuantize"]
 
 _EMPTY = inspect.Parameter.empty
 
@@ -70,6 +71,8 @@ def _vq_options_to_native(kind: str, options: dict[str, Any]) -> dict[str, Any]:
     native["rotation_trick"] = bool(options["dim"] > 1 if rotation_trick is None else rotation_trick)
     ema_update = options.get("ema_update")
     native["ema_update"] = True if ema_update is None else bool(ema_update)
+    if native.get("learnable_codebook") is None:  # 1.32's None: off (it means "on with DiVeQ / vq_bridge")
+        native.pop("learnable_codebook", None)
     for name, value in sync.items():
         if conv.native_accepts(_NativeVectorQuantize, name):
             native[name] = value
@@ -117,30 +120,40 @@ def build_residual_vq(*args: Any, **kwargs: Any) -> _NativeResidualVQ:
                 "(nor of the VectorQuantize stages it builds)"
             )
     options = _bind(kind, _RVQ_SIGNATURE, (), own)
+    return _residual_from_options(kind, options, kwargs, conv.REFERENCE)
+
+
+def _residual_from_options(kind: str, options: dict[str, Any], stage_kwargs: dict[str, Any], conventions: str) -> Any:
+    """Native ResidualVQ arguments from 1.32's (bound) ResidualVQ options and stage kwargs; builds it."""
+    for name in ("beam_size", "eval_beam_size"):  # a beam of 1 is the greedy search
+        if options.get(name) == 1:
+            options[name] = None
     conv.refuse_options(kind, conv.RVQ_OPTIONS, {
         name: value for name, value in options.items() if name not in ("codebook_size", "num_quantizers")
     }, "constructor")
-
     codebook_size, num_quantizers = options["codebook_size"], options["num_quantizers"]
-    if isinstance(codebook_size, tuple):
-        if len(set(codebook_size)) != 1:
-            raise UnsupportedOptionError(
-                f"{kind} constructor: codebook_size={codebook_size!r} is not supported by vqdeploy "
-                f"({conv.RVQ_OPTIONS['codebook_size'].why})"
-            )
-        if num_quantizers is not None and num_quantizers != len(codebook_size):
-            raise ConfigError(f"{kind}: num_quantizers={num_quantizers} but codebook_size has {len(codebook_size)} sizes")
-        codebook_size, num_quantizers = codebook_size[0], len(codebook_size)
-    if num_quantizers is None:
+    if isinstance(codebook_size, list):
+        codebook_size = tuple(codebook_size)
+    if num_quantizers is None and not isinstance(codebook_size, tuple):
         raise ConfigError(f"{kind} needs num_quantizers (or a tuple codebook_size)")
-    if options["quant_grad_frac"] != 0.0:  # eval only: refused at construction, nothing to serve yet
-        raise UnsupportedOptionError(f"{kind} constructor: quant_grad_frac is not supported by vqdeploy "
-                                     f"({conv.RVQ_OPTIONS['quant_grad_frac'].why})")
-
     stage_dim = options["codebook_dim"] if options["codebook_dim"] is not None else options["dim"]
-    stage = _vq_options_to_native(kind, {"dim": stage_dim, **kwargs})
+    stage_kwargs = dict(stage_kwargs)
+    if options["implicit_neural_codebook"]:  # 1.32 sets these on the stages itself
+        stage_kwargs.update(learnable_codebook=True, ema_update=False)
+    stage_kwargs["return_zeros_for_masked_padding"] = options["return_zeros_for_masked_padding"]
+    stage = _vq_options_to_native(kind, {"dim": stage_dim, **stage_kwargs})
     for name in ("dim", *_STAGE_SET_BY_RVQ):
         stage.pop(name, None)
+    if options["implicit_neural_codebook"]:
+        stage.pop("learnable_codebook", None)
+        stage.pop("ema_update", None)
+    extra: dict[str, Any] = {}
+    if options["implicit_neural_codebook"]:
+        extra.update(implicit_neural_codebook=True, mlp_kwargs=dict(options["mlp_kwargs"] or {}))
+    if options["quant_grad_frac"]:
+        extra["quant_grad_frac"] = float(options["quant_grad_frac"])
+    if stage.get("return_zeros_for_masked_padding", True) is True:
+        stage.pop("return_zeros_for_masked_padding", None)
     return _NativeResidualVQ(
         dim=options["dim"],
         num_quantizers=num_quantizers,
@@ -150,9 +163,30 @@ def build_residual_vq(*args: Any, **kwargs: Any) -> _NativeResidualVQ:
         quantize_dropout_cutoff_index=options["quantize_dropout_cutoff_index"],
         quantize_dropout_multiple_of=options["quantize_dropout_multiple_of"],
         codebook_dim=options["codebook_dim"],
-        conventions=conv.REFERENCE,
+        conventions=conventions,
+        **extra,
         **stage,
     )
+
+
+_GRVQ_SIGNATURE = _signature(conv.GRVQ_OPTIONS, keyword_only=True)
+
+
+def build_grouped_residual_vq(*args: Any, **kwargs: Any) -> _NativeGroupedResidualVQ:
+    """A native GroupedResidualVQ from 1.32's arguments, with 1.32's conventions."""
+    kind = "GroupedResidualVQ"
+    if args:
+        raise ConfigError(f"{kind} takes keyword arguments only (as in vector-quantize-pytorch 1.32), got {len(args)} positional")
+    own = {name: kwargs.pop(name) for name in list(kwargs) if name in conv.GRVQ_OPTIONS}
+    options = _bind(kind, _GRVQ_SIGNATURE, (), own)
+    conv.refuse_options(kind, conv.GRVQ_OPTIONS, {k: v for k, v in options.items() if k in ("accept_image_fmap",)},
+                        "constructor")
+    groups, dim = options["groups"], options["dim"]
+    if not isinstance(groups, int) or groups < 1 or dim % groups:
+        raise ConfigError(f"{kind}: dim={dim} must split into groups={groups} equal slices")
+    group = build_residual_vq(dim=dim // groups, **kwargs)  # 1.32's arguments, translated once
+    native = {k: v for k, v in group.config.items() if k not in ("dim", "conventions")}
+    return _NativeGroupedResidualVQ(dim=dim, groups=groups, conventions=conv.REFERENCE, **native)
 
 
 class _ReferenceView(type):
@@ -187,3 +221,12 @@ class ResidualVQ(metaclass=_ReferenceView):
     _build = staticmethod(build_residual_vq)
     __signature__ = _RVQ_SIGNATURE
     from_vector_quantize_pytorch = _NativeResidualVQ.from_vector_quantize_pytorch
+
+
+class GroupedResidualVQ(metaclass=_ReferenceView):
+    """`vector_quantize_pytorch.GroupedResidualVQ(...)` -> `vqdeploy.GroupedResidualVQ` with 1.32's conventions."""
+
+    _native = _NativeGroupedResidualVQ
+    _build = staticmethod(build_grouped_residual_vq)
+    __signature__ = _GRVQ_SIGNATURE
+    from_vector_quantize_pytorch = _NativeGroupedResidualVQ.from_vector_quantize_pytorch

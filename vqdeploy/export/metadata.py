@@ -27,7 +27,7 @@ class ExportInfo:
 
     version: str
     part: str
-    kind: str  # "VectorQuantize", "ResidualVQ", or "model" for a user model that contains quantizers
+    kind: str  # "VectorQuantize", "ResidualVQ", "GroupedResidualVQ", or "model" for a user model with quantizers
     num_quantizers: int
     codebook_size: int
     dim: int
@@ -48,7 +48,7 @@ class ExportInfo:
 
 
 def describe_quantizer(module: nn.Module) -> dict[str, Any]:
-    """Kind, sizes and metric of one VectorQuantize or ResidualVQ: its I/O spec (`vqdeploy.spec`)
+    """Kind, sizes and metric of one quantizer (VectorQuantize, ResidualVQ, GroupedResidualVQ): its I/O spec (`vqdeploy.spec`)
     plus what the search needs."""
     config = dict(module.config)
     return dict(

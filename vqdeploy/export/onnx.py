@@ -31,7 +31,7 @@ from vqdeploy.export.metadata import (
     write_metadata,
 )
 from vqdeploy.files import atomic_write
-from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
 from vqdeploy.nn.parts import PART_MODULES
 from vqdeploy.spec import QuantizerSpec
 
@@ -40,13 +40,14 @@ DEFAULT_OPSET = 18
 INDEX_DTYPES = ("int64", "int32")
 
 
+QUANTIZERS = (VectorQuantize, ResidualVQ, GroupedResidualVQ)  # what export_onnx takes bare
 
 
 def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> VectorQuantize / ResidualVQ inside `model` (stages of a ResidualVQ not listed)."""
+    """Module path -> VectorQuantize / ResidualVQ / GroupedResidualVQ inside `model` (their parts not listed)."""
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
-        if isinstance(module, VectorQuantize | ResidualVQ) and not any(path.startswith(p + ".") for p in found if p):
+        if isinstance(module, QUANTIZERS) and not any(path.startswith(p + ".") for p in found if p):
             found[path] = module
     return found
 
@@ -115,6 +116,12 @@ def _quiet_exporter():
 def _check_ready(quantizers: dict[str, nn.Module]) -> None:
     for path, quantizer in quantizers.items():
         for module in quantizer.modules():
+            if isinstance(module, ResidualVQ) and module.implicit_neural_codebook:
+                raise UnsupportedOptionError(
+                    f"{path or type(quantizer).__name__} uses implicit_neural_codebook: each position searches a "
+                    "codebook of its own (an MLP of the running sum), which the NearestCode export does not express; "
+                    "run it eagerly"
+                )
             if isinstance(module, VectorQuantize) and not module.initialized:
                 name = path or type(quantizer).__name__
                 raise UninitializedCodebookError(
@@ -136,7 +143,7 @@ def export_onnx(
 ) -> Path:
     """Export a quantizer, or a model that contains quantizers, to an ONNX file at `path`.
 
-    For a bare VectorQuantize / ResidualVQ, `part` picks ``"encode"`` (x -> indices),
+    For a bare VectorQuantize / ResidualVQ / GroupedResidualVQ (one graph for all its groups), `part` picks ``"encode"`` (x -> indices),
     ``"decode"`` (indices -> vectors) or ``"quantize"`` (x -> vectors, indices). Any other module
     is exported whole (its forward) and needs `example_input`. Batch and sequence axes (image:
     batch, height, width) are dynamic. With ``fused=True`` every nearest-code search is one
@@ -162,10 +169,12 @@ def export_onnx(
     if opset < functions.MIN_OPSET:
         raise UnsupportedOptionError(f"opset must be >= {functions.MIN_OPSET}, got {opset}")
 
-    is_quantizer = isinstance(model, VectorQuantize | ResidualVQ)
+    is_quantizer = isinstance(model, QUANTIZERS)
     quantizers = {"": model} if is_quantizer else find_quantizers(model)
     if not quantizers:
-        raise UnsupportedOptionError(f"{type(model).__name__} contains no vqdeploy VectorQuantize or ResidualVQ")
+        raise UnsupportedOptionError(
+            f"{type(model).__name__} contains no vqdeploy VectorQuantize, ResidualVQ or GroupedResidualVQ"
+        )
     _check_ready(quantizers)
 
     if index_dtype != "int64" and not (is_quantizer and part in ("encode", "quantize")):

@@ -18,10 +18,11 @@ CONFIG_KEY = "vqdeploy.config"
 
 
 def _quantizer_classes() -> dict[str, type[nn.Module]]:
+    from vqdeploy.nn.grouped_residual_vq import GroupedResidualVQ
     from vqdeploy.nn.residual_vq import ResidualVQ
     from vqdeploy.nn.vector_quantize import VectorQuantize
 
-    return {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ}
+    return {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}
 
 
 def save_configured(module: nn.Module, path: str | os.PathLike, metadata: dict[str, str], overwrite: bool) -> Path:
@@ -57,10 +58,10 @@ def load_configured(cls: type[nn.Module], config: dict, path: str | os.PathLike)
 
 
 def save_quantizer(module: nn.Module, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write a VectorQuantize or ResidualVQ (weights, EMA state and config) to a .safetensors file."""
+    """Write a VectorQuantize, ResidualVQ or GroupedResidualVQ (weights, EMA state and config) to a .safetensors file."""
     name = type(module).__name__
     if name not in _quantizer_classes():
-        raise CheckpointError(f"save_quantizer takes a VectorQuantize or ResidualVQ, got {name}")
+        raise CheckpointError(f"save_quantizer takes a VectorQuantize, ResidualVQ or GroupedResidualVQ, got {name}")
     metadata = {FORMAT_KEY: FORMAT_VERSION, CLASS_KEY: name, CONFIG_KEY: json.dumps(module.config)}
     return save_configured(module, path, metadata, overwrite)
 

@@ -9,6 +9,7 @@ Under torch.distributed the codebook syncs itself (`sync_codebook`; what travels
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,25 @@ def sample_rows(samples: torch.Tensor, num: int) -> torch.Tensor:
     return samples[sample_row_numbers(samples.shape[0], num, samples.device)]
 
 
+@dataclass(frozen=True)
+class AffineOptions:
+    """Decays of 1.32's affine_param statistics; `sync`: all-reduce the batch statistics."""
+
+    batch_decay: float = 0.99
+    codebook_decay: float = 0.9
+    sync: bool = False
+
+
+@dataclass(frozen=True)
+class CodebookUsage:
+    """Health of a codebook (one value per codebook: heads with separate codebooks have several)."""
+
+    perplexity: list[float]
+    dead_codes: list[int]
+    codebook_size: int
+    dead_below: float
+
+
 def _reset_sync_state(module: EMACodebook, incompatible_keys: object) -> None:
     module.states_broadcast = False  # a state dict loaded on some ranks only: rank 0's wins again
 
@@ -60,7 +80,11 @@ class EMACodebook(nn.Module):
         use_cosine_sim: bool = False,
         sync_codebook: bool | None = None,
         sync_kmeans: bool = True,
+        learnable: bool = False,
+        affine: AffineOptions | None = None,
     ):
+        """`learnable`: `embed` is an nn.Parameter (a codebook learnt by gradient, same state-dict key).
+        `affine`: track batch and codebook statistics and search the codebook re-centred on them."""
         super().__init__()
         distributed.check_sync_options(sync_codebook, sync_kmeans)
         self.sync_codebook, self.sync_kmeans = sync_codebook, sync_kmeans
@@ -85,22 +109,46 @@ class EMACodebook(nn.Module):
         self.register_buffer("initted", torch.tensor(not kmeans_init))
         self.register_buffer("cluster_size", torch.ones(num_codebooks, codebook_size))
         self.register_buffer("embed_avg", embed.clone())
-        self.register_buffer("embed", embed)
+        self.learnable = learnable
+        if learnable:
+            self.embed = nn.Parameter(embed)
+        else:
+            self.register_buffer("embed", embed)
+        self.affine = affine
+        self._accumulated: tuple[torch.Tensor, torch.Tensor] | None = None  # accum_ema_update's sums
+        if affine is not None:
+            # 1.32's names; mean 0 / variance 1 until the first training batch: the identity transform
+            self.register_buffer("batch_mean", torch.zeros(num_codebooks, 1, dim))
+            self.register_buffer("batch_variance", torch.ones(num_codebooks, 1, dim))
+            self.register_buffer("codebook_mean_needs_init", torch.tensor(True))
+            self.register_buffer("codebook_mean", torch.zeros(num_codebooks, 1, dim))
+            self.register_buffer("codebook_variance_needs_init", torch.tensor(True))
+            self.register_buffer("codebook_variance", torch.ones(num_codebooks, 1, dim))
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         return l2norm(x) if self.use_cosine_sim else x
 
     # -- search and lookup ------------------------------------------------------------------
-    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+    def search_embed(self, keep_grad: bool = False) -> torch.Tensor:
+        """(H, K, D): the codes a search compares rows with: `embed`, or with `affine` the codes
+        moved from the codebook's tracked statistics to the batches' (1.32's affine_param)."""
+        embed = self.embed if keep_grad else self.embed.detach()
+        if self.affine is None:
+            return embed
+        codebook_std = self.codebook_variance.clamp(min=1e-5).sqrt()
+        batch_std = self.batch_variance.clamp(min=1e-5).sqrt()
+        return (embed - self.codebook_mean) * (batch_std / codebook_std) + self.batch_mean
+
+    def nearest(self, flat: torch.Tensor, embed: torch.Tensor | None = None) -> torch.Tensor:
         """flat (H, M, D) -> indices (H, M): one nearest-code search per codebook."""
-        embed = self.embed.detach()
+        embed = self.search_embed() if embed is None else embed.detach()
         if self.num_codebooks == 1:  # no stack: it would copy
             return nearest_code(flat[0], embed[0], self.search_mode).unsqueeze(0)
         return torch.stack([nearest_code(flat[h], embed[h], self.search_mode) for h in range(self.num_codebooks)])
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """indices (H, M) -> codes (H, M, D)."""
-        embed = self.embed.detach()
+    def lookup(self, indices: torch.Tensor, embed: torch.Tensor | None = None) -> torch.Tensor:
+        """indices (H, M) -> codes (H, M, D) (of `embed`, default the searched codes, detached)."""
+        embed = self.search_embed() if embed is None else embed
         if self.num_codebooks == 1:
             return embed[0].index_select(0, indices[0]).unsqueeze(0)
         return torch.stack([embed[h].index_select(0, indices[h]) for h in range(self.num_codebooks)])
@@ -163,8 +211,20 @@ class EMACodebook(nn.Module):
         self.refresh_embed_()
 
     @torch.no_grad()
-    def track_usage_(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        """Fold one batch's code counts and code sums into the moving averages (summed over ranks when syncing)."""
+    def track_usage_(
+        self, flat: torch.Tensor, indices: torch.Tensor, weight: torch.Tensor | Callable | None = None,
+        accumulate: bool = False,
+    ) -> None:
+        """Fold one batch's code counts and code sums into the moving averages (summed over ranks when syncing).
+
+        `weight` (1.32's ema_update_weight): a tensor (K,) or (H, K) scaling each code's EMA step, or
+        a callable (sums (H, K, D), counts (H, K)) -> such a tensor. `accumulate` (accum_ema_update):
+        add the statistics to an accumulator instead; the next update folds them in.
+        """
+        if self.affine is not None:  # statistics in the codebook's own frame
+            codebook_std = self.codebook_variance.clamp(min=1e-5).sqrt()
+            batch_std = self.batch_variance.clamp(min=1e-5).sqrt()
+            flat = (flat - self.batch_mean) * (codebook_std / batch_std) + self.codebook_mean
         stats_numel = self.num_codebooks * self.codebook_size * (self.dim + 1)
         world = torch.distributed.get_world_size() if self.syncing else 0
         message = torch.zeros(stats_numel + world, dtype=flat.dtype, device=flat.device)
@@ -177,9 +237,96 @@ class EMACodebook(nn.Module):
             message[stats_numel + torch.distributed.get_rank()] = flat.shape[1]
             distributed.all_reduce_sum_(message)
             self.rank_rows = distributed.exact_row_counts(message[stats_numel:], flat.shape[1])
-        for h in range(self.num_codebooks):
-            self.cluster_size[h].lerp_(stats[h, :, self.dim].to(self.cluster_size.dtype), 1.0 - self.decay)
-            self.embed_avg[h].lerp_(stats[h, :, : self.dim].to(self.embed_avg.dtype), 1.0 - self.decay)
+        counts, sums = stats[..., self.dim], stats[..., : self.dim]
+        if accumulate:
+            if self._accumulated is None:
+                self._accumulated = (counts.clone(), sums.clone())
+            else:
+                self._accumulated[0].add_(counts)
+                self._accumulated[1].add_(sums)
+            return
+        if self._accumulated is not None:
+            counts, sums = counts + self._accumulated[0], sums + self._accumulated[1]
+            self._accumulated = None
+        if callable(weight):
+            weight = weight(sums, counts)
+        if weight is None:
+            for h in range(self.num_codebooks):
+                self.cluster_size[h].lerp_(counts[h].to(self.cluster_size.dtype), 1.0 - self.decay)
+                self.embed_avg[h].lerp_(sums[h].to(self.embed_avg.dtype), 1.0 - self.decay)
+            return
+        weight = torch.as_tensor(weight, dtype=self.cluster_size.dtype, device=self.cluster_size.device)
+        weight = weight.reshape(1, -1) if weight.ndim == 1 else weight
+        if tuple(weight.shape) not in ((1, self.codebook_size), (self.num_codebooks, self.codebook_size)):
+            from vqdeploy.errors import InputShapeError
+
+            raise InputShapeError(
+                f"ema_update_weight must have shape ({self.codebook_size},) or ({self.num_codebooks}, "
+                f"{self.codebook_size}), got {tuple(weight.shape)}"
+            )
+        step = (1.0 - self.decay) * weight
+        self.cluster_size.lerp_(counts.to(self.cluster_size.dtype), step)
+        self.embed_avg.lerp_(sums.to(self.embed_avg.dtype), step[..., None])
+
+    @torch.no_grad()
+    def update_affine_(self, flat: torch.Tensor, training: bool) -> None:
+        """Track the batch statistics of `flat` (H, M, D) and, in training, the codebook's (1.32's decays)."""
+        affine = self.affine
+        if training:
+            embed = self.embed.detach()
+            first = bool(self.codebook_mean_needs_init)
+            self._decayed_("codebook_mean", embed.mean(dim=1, keepdim=True), affine.codebook_decay, first)
+            self._decayed_("codebook_variance", embed.var(dim=1, unbiased=False, keepdim=True), affine.codebook_decay, first)
+            self.codebook_mean_needs_init.fill_(False)
+            self.codebook_variance_needs_init.fill_(False)
+            batch_first = first
+        else:
+            batch_first = False
+        if flat.shape[1] == 0:
+            return
+        if affine.sync and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            count = torch.tensor(float(flat.shape[1]), device=flat.device, dtype=flat.dtype)
+            total = flat.sum(dim=1, keepdim=True)
+            distributed.all_reduce_sum_(count)
+            distributed.all_reduce_sum_(total)
+            mean = total / count
+            spread = ((flat - mean) ** 2).sum(dim=1, keepdim=True)
+            distributed.all_reduce_sum_(spread)
+            variance = spread / count
+        else:
+            mean, variance = flat.mean(dim=1, keepdim=True), flat.var(dim=1, unbiased=False, keepdim=True)
+        self._decayed_("batch_mean", mean, affine.batch_decay, batch_first)
+        self._decayed_("batch_variance", variance, affine.batch_decay, batch_first)
+
+    def _decayed_(self, name: str, value: torch.Tensor, decay: float, first: bool) -> None:
+        buffer = getattr(self, name)
+        if first:
+            buffer.copy_(value)
+        else:
+            buffer.mul_(decay).add_(value.to(buffer.dtype) * (1 - decay))
+
+    def usage(self, dead_below: float | None = None) -> CodebookUsage:
+        """Codebook health from the EMA cluster sizes: perplexity and dead codes per codebook.
+
+        A code is dead when its EMA cluster size is below `dead_below` (default: the module's
+        threshold_ema_dead_code, or 1.0 when dead codes are not replaced). Perplexity is
+        exp(entropy) of the EMA usage distribution: K when every code is used alike, 1 when one is.
+        """
+        threshold = dead_below if dead_below is not None else (self.threshold_ema_dead_code or 1.0)
+        sizes = self.cluster_size.detach().double()
+        p = sizes / sizes.sum(dim=-1, keepdim=True).clamp(min=1e-12)
+        entropy = -(p * torch.log(p.clamp(min=1e-12))).sum(dim=-1)
+        return CodebookUsage(
+            perplexity=[float(v) for v in entropy.exp()],
+            dead_codes=[int(v) for v in (sizes < threshold).sum(dim=-1)],
+            codebook_size=self.codebook_size,
+            dead_below=float(threshold),
+        )
+
+    def update_ema(self) -> None:
+        """1.32's name for `refresh_embed_` (with manual_ema_update, the caller refreshes)."""
+        self.refresh_embed_()
 
     @torch.no_grad()
     def refresh_embed_(self) -> None:
@@ -187,7 +334,7 @@ class EMACodebook(nn.Module):
         total = self.cluster_size.sum(dim=-1, keepdim=True)
         smoothed = laplace_smoothing(self.cluster_size, self.codebook_size, self.eps) * total
         embed = self.embed_avg / smoothed[..., None]
-        self.embed.copy_(l2norm(embed) if self.use_cosine_sim else embed)
+        self.embed.data.copy_(l2norm(embed) if self.use_cosine_sim else embed)
 
     @torch.no_grad()
     def expire_dead_codes_(self, flat: torch.Tensor, segments: int = 1) -> None:
@@ -208,7 +355,7 @@ class EMACodebook(nn.Module):
             if dead.numel() > flat.shape[1]:  # more dead codes than samples: replace some now, the rest later
                 dead = dead[torch.randperm(dead.numel(), device=dead.device)[: flat.shape[1]]]
             samples = sample_rows(self.transform_input(flat[h]), dead.numel()).to(self.embed.dtype)
-            self.embed[h, dead] = samples
+            self.embed.data[h, dead] = samples
             self.cluster_size[h, dead] = self.threshold_ema_dead_code
             self.embed_avg[h, dead] = samples * self.threshold_ema_dead_code
 
@@ -252,7 +399,7 @@ class EMACodebook(nn.Module):
                 continue
             samples = rows[start : start + size]
             start += size
-            self.embed[h, dead] = samples
+            self.embed.data[h, dead] = samples
             self.cluster_size[h, dead] = self.threshold_ema_dead_code
             self.embed_avg[h, dead] = samples * self.threshold_ema_dead_code
 

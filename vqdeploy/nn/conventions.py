@@ -14,8 +14,8 @@ convention only, with strict shape checks: a tensor in the other layout is refus
 reinterpreted. Where both layouts have the same shape (batch = seq = quantizers) no check can tell
 them apart; the module's convention decides.
 
-`VQ_OPTIONS`, `RVQ_OPTIONS`, `VQ_FORWARD` and `RVQ_FORWARD` list every constructor and forward
-argument of 1.32 with its default and what vqdeploy does with it (`Status`). The compat namespace,
+`VQ_OPTIONS`, `RVQ_OPTIONS`, `GRVQ_OPTIONS` and the `*_FORWARD` tables list every constructor and
+forward argument of 1.32 with its default and what vqdeploy does with it (`Status`). The compat namespace,
 the converter and the README's migration table are all read from (and tested against) them.
 """
 
@@ -71,7 +71,6 @@ def _options(*rows: tuple) -> dict[str, ReferenceOption]:
     return {row[0]: ReferenceOption(*row) for row in rows}
 
 
-_NOT_TRAINED = "vqdeploy serves such a model (the eval search is an ordinary nearest code) but does not train it yet"
 
 VQ_OPTIONS = _options(
     ("dim", inspect.Parameter.empty, NATIVE),
@@ -90,46 +89,44 @@ VQ_OPTIONS = _options(
     ("threshold_ema_dead_code", 0, NATIVE),
     ("channel_last", True, NATIVE),
     ("accept_image_fmap", False, NATIVE),
-    ("accept_3d_fmap", False, REFUSED, "5-d (batch, dim, depth, height, width) inputs are not implemented"),
+    ("accept_3d_fmap", False, NATIVE, "(batch, dim, depth, height, width) inputs"),
     ("commitment_weight", 1.0, NATIVE, "alias commitment (the seed's name)"),
-    ("commitment_use_cross_entropy_loss", False, EVAL_ONLY, "a training loss; " + _NOT_TRAINED),
-    ("orthogonal_reg_weight", 0.0, EVAL_ONLY, "a training loss on the codebook; " + _NOT_TRAINED),
-    ("orthogonal_reg_active_codes_only", False, INERT, "acts only with orthogonal_reg_weight > 0"),
-    ("orthogonal_reg_max_codes", None, INERT, "acts only with orthogonal_reg_weight > 0"),
-    ("codebook_diversity_loss_weight", 0.0, EVAL_ONLY, "a training loss; " + _NOT_TRAINED),
-    ("codebook_diversity_temperature", 100.0, INERT, "acts only with codebook_diversity_loss_weight > 0"),
-    ("stochastic_sample_codes", False, EVAL_ONLY, "Gumbel sampling in training only (eval is the argmin); "
-     + _NOT_TRAINED),
-    ("sample_codebook_temp", 1.0, INERT, "acts only with stochastic_sample_codes=True"),
-    ("straight_through", False, EVAL_ONLY, "Gumbel straight-through gradients in training; " + _NOT_TRAINED),
+    ("commitment_use_cross_entropy_loss", False, NATIVE),
+    ("orthogonal_reg_weight", 0.0, NATIVE, "the codebook becomes an nn.Parameter (as in 1.32)"),
+    ("orthogonal_reg_active_codes_only", False, NATIVE),
+    ("orthogonal_reg_max_codes", None, NATIVE),
+    ("codebook_diversity_loss_weight", 0.0, NATIVE),
+    ("codebook_diversity_temperature", 100.0, NATIVE),
+    ("stochastic_sample_codes", False, NATIVE, "Gumbel sampling in training; eval takes the nearest code"),
+    ("sample_codebook_temp", 1.0, NATIVE),
+    ("straight_through", False, NATIVE, "Gumbel-softmax straight-through (pass rotation_trick=False, as 1.32 asks)"),
     ("rotation_trick", None, NATIVE, "1.32's default (None) means on when dim > 1"),
     ("directional_reparam", False, REFUSED, "DiVeQ: noisy directional gradients and a learnt codebook; "
      "not implemented"),
     ("directional_reparam_variance", 5e-3, INERT, "acts only with directional_reparam=True"),
     ("sync_codebook", None, DISTRIBUTED, "one fused all-reduce of the EMA sums per update; None: on whenever "
      "a process group of more than one rank is initialised"),
-    ("sync_affine_param", False, INERT, "acts only with affine_param=True"),
+    ("sync_affine_param", False, NATIVE, "all-reduces the affine batch statistics under torch.distributed"),
     ("ema_update", None, NATIVE, "False keeps the codebook fixed (dead codes are still replaced)"),
     ("vq_bridge", None, REFUSED, "a module that transforms the codebook before every search; not implemented"),
-    ("manual_ema_update", False, EVAL_ONLY, "EMA refreshed by the caller; " + _NOT_TRAINED),
-    ("learnable_codebook", None, EVAL_ONLY, "a codebook learnt by gradient; " + _NOT_TRAINED),
-    ("in_place_codebook_optimizer", None, EVAL_ONLY, "a codebook optimizer stepped inside forward; "
-     + _NOT_TRAINED),
+    ("manual_ema_update", False, NATIVE, "statistics tracked; the caller refreshes with _codebook.update_ema()"),
+    ("learnable_codebook", None, NATIVE, "an nn.Parameter codebook learnt by gradient (with ema_update=False)"),
+    ("in_place_codebook_optimizer", None, REFUSED, "an optimizer stepped (loss.backward()) inside forward; "
+     "not implemented: learn the codebook by gradient with your own optimizer"),
     ("manual_in_place_optimizer_update", False, INERT, "acts only with in_place_codebook_optimizer"),
-    ("affine_param", False, REFUSED, "1.32 updates its batch statistics on every forward, eval included, so "
-     "its codes depend on the batches it has seen; no fixed codebook reproduces that"),
-    ("affine_param_batch_decay", 0.99, INERT, "acts only with affine_param=True"),
-    ("affine_param_codebook_decay", 0.9, INERT, "acts only with affine_param=True"),
-    ("sync_update_v", 0.0, EVAL_ONLY, "a gradient rule for a learnable codebook; " + _NOT_TRAINED),
-    ("return_zeros_for_masked_padding", True, INERT, "acts only on masked forwards (mask / lens are refused)"),
-    ("route_gradients_to_input", True, EVAL_ONLY, "False stops the gradient to the input; " + _NOT_TRAINED),
+    ("affine_param", False, NATIVE, "statistics tracked in training only: unlike 1.32, an eval forward does not "
+     "update them, so eval output is a fixed function of the input (and exports)"),
+    ("affine_param_batch_decay", 0.99, NATIVE),
+    ("affine_param_codebook_decay", 0.9, NATIVE),
+    ("sync_update_v", 0.0, NATIVE),
+    ("return_zeros_for_masked_padding", True, NATIVE),
+    ("route_gradients_to_input", True, NATIVE),
 )
 
 RVQ_OPTIONS = _options(
     ("dim", inspect.Parameter.empty, NATIVE),
     ("num_quantizers", None, NATIVE),
-    ("codebook_size", inspect.Parameter.empty, NATIVE, "an int, or a tuple of equal sizes; differing sizes "
-     "per stage are refused (one size per stage is not implemented)"),
+    ("codebook_size", inspect.Parameter.empty, NATIVE, "an int, or a tuple of one size per stage"),
     ("codebook_dim", None, NATIVE),
     ("shared_codebook", False, NATIVE),
     ("diveq", False, REFUSED, "DiVeQ adds noise to the output even in eval; not implemented"),
@@ -138,38 +135,52 @@ RVQ_OPTIONS = _options(
     ("quantize_dropout_cutoff_index", 0, NATIVE),
     ("quantize_dropout_multiple_of", 1, NATIVE),
     ("accept_image_fmap", False, REFUSED, "residual quantizers take (batch, seq, dim)"),
-    ("implicit_neural_codebook", False, REFUSED, "QINCo: each stage's codebook is an MLP of the running sum, "
-     "a different codebook per position; not implemented"),
-    ("mlp_kwargs", {}, INERT, "acts only with implicit_neural_codebook=True"),
-    ("beam_size", None, REFUSED, "beam search is not implemented; stages are greedy"),
+    ("implicit_neural_codebook", False, NATIVE, "QINCo: stage s > 0 searches an MLP of its codebook and the "
+     "running sum (one codebook per position); eager only: export refuses it by name"),
+    ("mlp_kwargs", {}, NATIVE, "dim_hidden, depth, l2norm_output of the QINCo MLPs"),
+    ("beam_size", None, REFUSED, "beam search is not implemented; stages are greedy (None and 1 are accepted)"),
     ("eval_beam_size", None, REFUSED, "beam search is not implemented; stages are greedy"),
     ("beam_score_quantizer_weights", None, INERT, "acts only with beam search"),
-    ("quant_grad_frac", 0.0, EVAL_ONLY, "gradients between stages in training; " + _NOT_TRAINED),
-    ("return_zeros_for_masked_padding", True, INERT, "acts only on masked forwards (mask is refused)"),
+    ("quant_grad_frac", 0.0, NATIVE, "the fraction of a stage's gradient that reaches the earlier stages"),
+    ("return_zeros_for_masked_padding", True, NATIVE),
+)
+
+GRVQ_OPTIONS = _options(
+    ("dim", inspect.Parameter.empty, NATIVE),
+    ("groups", 1, NATIVE, "dim splits into `groups` slices, one ResidualVQ each"),
+    ("accept_image_fmap", False, REFUSED, "residual quantizers take (batch, seq, dim)"),
 )
 
 VQ_FORWARD = _options(
     ("indices", None, REFUSED, "the cross-entropy-to-given-codes mode is not implemented"),
-    ("mask", None, REFUSED, "padded batches are not implemented yet"),
-    ("lens", None, REFUSED, "padded batches are not implemented yet"),
-    ("topk", None, REFUSED, "top-k codes are not implemented"),
-    ("sample_codebook_temp", None, INERT, "acts only with stochastic_sample_codes=True"),
+    ("mask", None, NATIVE, "(batch, seq) bool: padded positions neither update the codebook nor count in the loss"),
+    ("lens", None, NATIVE, "(batch,) lengths, the same as mask"),
+    ("topk", None, NATIVE, "heads=1, as in 1.32"),
+    ("sample_codebook_temp", None, NATIVE),
     ("freeze_codebook", None, NATIVE),
-    ("return_loss_breakdown", False, REFUSED, "the loss breakdown is not implemented"),
-    ("codebook_transform_fn", None, REFUSED, "transformed (implicit neural) codebooks are not implemented"),
-    ("ema_update_weight", None, REFUSED, "weighted EMA updates are not implemented"),
-    ("accum_ema_update", False, REFUSED, "accumulated EMA updates are not implemented"),
+    ("return_loss_breakdown", False, NATIVE),
+    ("codebook_transform_fn", None, NATIVE, "heads=1"),
+    ("ema_update_weight", None, NATIVE),
+    ("accum_ema_update", False, NATIVE),
     ("ema_update", None, NATIVE),
 )
 
 RVQ_FORWARD = _options(
-    ("mask", None, REFUSED, "padded batches are not implemented yet"),
+    ("mask", None, NATIVE),
     ("indices", None, REFUSED, "the cross-entropy-to-given-codes mode is not implemented"),
     ("return_all_codes", False, NATIVE),
-    ("sample_codebook_temp", None, INERT, "acts only with stochastic_sample_codes=True"),
+    ("sample_codebook_temp", None, NATIVE),
     ("freeze_codebook", False, NATIVE),
     ("beam_size", None, REFUSED, "beam search is not implemented (None and 1 are accepted)"),
     ("rand_quantize_dropout_fixed_seed", None, NATIVE),
+)
+
+GRVQ_FORWARD = _options(
+    ("indices", None, REFUSED, "the cross-entropy-to-given-codes mode is not implemented"),
+    ("return_all_codes", False, NATIVE),
+    ("sample_codebook_temp", None, NATIVE),
+    ("freeze_codebook", False, NATIVE),
+    ("mask", None, NATIVE),
 )
 
 
@@ -231,7 +242,8 @@ def migration_table() -> str:
     """The README's migration table (markdown), rendered from the option tables."""
     lines = ["| 1.32 argument | default | vqdeploy | why / note |", "|---|---|---|---|"]
     for where, table in (("VectorQuantize(...)", VQ_OPTIONS), ("ResidualVQ(...)", RVQ_OPTIONS),
-                         ("VectorQuantize forward", VQ_FORWARD), ("ResidualVQ forward", RVQ_FORWARD)):
+                         ("GroupedResidualVQ(...)", GRVQ_OPTIONS), ("VectorQuantize forward", VQ_FORWARD),
+                         ("ResidualVQ forward", RVQ_FORWARD), ("GroupedResidualVQ forward", GRVQ_FORWARD)):
         for option in table.values():
             default = "required" if option.default is inspect.Parameter.empty else f"`{option.default!r}`"
             lines.append(f"| {where}: `{option.name}` | {default} | {_STATUS_TEXT[option.status]} | {option.why} |")

@@ -8,31 +8,49 @@ import torch
 from torch import nn
 
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
+from vqdeploy.nn.grouped_residual_vq import (
+    GroupedResidualVQ,
+    grouped_indices_from_flat,
+    grouped_indices_to_flat,
+)
 from vqdeploy.nn.residual_vq import ResidualVQ
 
 
 class EncodePart(nn.Module):
     """The graph of one part. A bare ResidualVQ's graph takes and returns indices (q, b, n) whatever
-    the module's conventions; `vqdeploy.runtime` hands them over in the module's layout."""
+    the module's conventions, a GroupedResidualVQ's (groups * q, b, n); `vqdeploy.runtime` hands
+    them over in the module's layout."""
 
     def __init__(self, quantizer: nn.Module):
         super().__init__()
         self.quantizer = quantizer
-        self.conventions = getattr(quantizer, "conventions", SEED) if isinstance(quantizer, ResidualVQ) else SEED
+        residual = isinstance(quantizer, ResidualVQ | GroupedResidualVQ)
+        self.conventions = getattr(quantizer, "conventions", SEED) if residual else SEED
+        self.grouped = isinstance(quantizer, GroupedResidualVQ)
+
+    def to_graph(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.grouped:
+            return grouped_indices_to_flat(self.conventions, indices)
+        return residual_indices_to_seed(self.conventions, indices)
+
+    def from_graph(self, indices: torch.Tensor) -> torch.Tensor:
+        if self.grouped:
+            return grouped_indices_from_flat(self.conventions, indices, self.quantizer.groups)
+        return residual_indices_from_seed(self.conventions, indices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return residual_indices_to_seed(self.conventions, self.quantizer(x)[1])
+        return self.to_graph(self.quantizer(x)[1])
 
 
 class QuantizePart(EncodePart):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vectors, indices, _ = self.quantizer(x)[:3]
-        return vectors, residual_indices_to_seed(self.conventions, indices)
+        return vectors, self.to_graph(indices)
 
 
 class DecodePart(EncodePart):
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.quantizer.get_output_from_indices(residual_indices_from_seed(self.conventions, indices))
+        return self.quantizer.get_output_from_indices(self.from_graph(indices))
 
 
 PART_MODULES = {"encode": EncodePart, "quantize": QuantizePart, "decode": DecodePart}

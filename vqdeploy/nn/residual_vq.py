@@ -21,7 +21,8 @@ from vqdeploy.errors import ConfigError, UnsupportedOptionError
 from vqdeploy.nn import conventions as conv
 from vqdeploy.nn import distributed
 from vqdeploy.nn.conventions import SEED, check_conventions
-from vqdeploy.nn.vector_quantize import VectorQuantize
+from vqdeploy.nn.implicit_codebook import ImplicitCodebookMLP, frac_gradient
+from vqdeploy.nn.vector_quantize import ForwardCall, VectorQuantize
 from vqdeploy.spec import CHANNEL_LAST, QuantizerSpec
 
 # VectorQuantize options that make no sense per stage of a residual quantizer.
@@ -49,8 +50,8 @@ class ResidualVQ(nn.Module):
     def __init__(
         self,
         dim: int,
-        num_quantizers: int,
-        codebook_size: int,
+        num_quantizers: int | None,
+        codebook_size: int | tuple[int, ...],
         shared_codebook: bool = False,
         quantize_dropout: bool = False,
         quantize_dropout_cutoff_index: int = 0,
@@ -59,29 +60,57 @@ class ResidualVQ(nn.Module):
         sync_codebook: bool | None = None,
         sync_kmeans: bool = True,
         conventions: str = SEED,
+        implicit_neural_codebook: bool = False,
+        mlp_kwargs: dict[str, Any] | None = None,
+        quant_grad_frac: float = 0.0,
         **vq_kwargs: Any,
     ):
+        """`codebook_size` is one size, or a tuple of one size per stage (then `num_quantizers` may be
+        None). `implicit_neural_codebook` (QINCo, Huijben et al. 2024): stage s > 0 searches
+        MLP_s(codebook_s, running sum), one codebook per position, learnt by gradient (`mlp_kwargs`:
+        dim_hidden, depth, l2norm_output). `quant_grad_frac`: the fraction of a stage's gradient
+        that reaches the earlier stages through the residual (0: none, as the seed)."""
         super().__init__()
         conventions = check_conventions(conventions)
         for key in _PER_STAGE_ONLY:
             if key in vq_kwargs:
                 raise UnsupportedOptionError(f"ResidualVQ does not accept {key}= for its stages (inputs are batch, seq, dim)")
+        sizes = tuple(codebook_size) if isinstance(codebook_size, tuple | list) else None
+        if sizes is not None:
+            if num_quantizers is not None and num_quantizers != len(sizes):
+                raise ConfigError(f"num_quantizers={num_quantizers} but codebook_size has {len(sizes)} sizes")
+            num_quantizers = len(sizes)
         if not isinstance(num_quantizers, int) or num_quantizers < 1:
             raise ConfigError(f"num_quantizers must be a positive integer, got {num_quantizers!r}")
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
             raise ConfigError(
                 f"quantize_dropout_cutoff_index must lie in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}"
             )
+        sizes = sizes if sizes is not None else (codebook_size,) * num_quantizers
+        if shared_codebook and len(set(sizes)) > 1:
+            raise ConfigError(f"shared_codebook needs one codebook size for every stage, got {sizes}")
+        if implicit_neural_codebook:  # 1.32: the stages' codebooks are learnt by gradient
+            vq_kwargs.update(learnable_codebook=True, ema_update=False)
         codebook_dim = codebook_dim if codebook_dim is not None else dim
         self.config: dict[str, Any] = dict(
-            dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size,
+            dim=dim, num_quantizers=num_quantizers, codebook_size=codebook_size if len(set(sizes)) == 1 and not
+            isinstance(codebook_size, tuple | list) else list(sizes),
             shared_codebook=shared_codebook, quantize_dropout=quantize_dropout,
             quantize_dropout_cutoff_index=quantize_dropout_cutoff_index,
             quantize_dropout_multiple_of=quantize_dropout_multiple_of, codebook_dim=codebook_dim,
             conventions=conventions, **vq_kwargs,
         )
+        if implicit_neural_codebook:  # new options enter the config only when set
+            self.config.update(implicit_neural_codebook=True, mlp_kwargs=dict(mlp_kwargs or {}))
+            for name in ("learnable_codebook", "ema_update"):
+                self.config.pop(name)
+        if quant_grad_frac:
+            self.config["quant_grad_frac"] = quant_grad_frac
         self.conventions = conventions
-        self.dim, self.codebook_dim, self.codebook_size = dim, codebook_dim, codebook_size
+        self.codebook_sizes = sizes
+        self.uniform_codebook_size = len(set(sizes)) == 1
+        self.implicit_neural_codebook, self.quant_grad_frac = implicit_neural_codebook, quant_grad_frac
+        self.dim, self.codebook_dim, self.codebook_size = dim, codebook_dim, sizes[0]
         self.num_quantizers = num_quantizers
         self.shared_codebook = shared_codebook
         self.quantize_dropout = quantize_dropout and num_quantizers > 1
@@ -93,19 +122,27 @@ class ResidualVQ(nn.Module):
         self.project_out = nn.Linear(codebook_dim, dim) if self.has_projections else nn.Identity()
         self.layers = nn.ModuleList(
             VectorQuantize(
-                dim=codebook_dim, codebook_size=codebook_size, sync_codebook=sync_codebook, sync_kmeans=sync_kmeans,
+                dim=codebook_dim, codebook_size=size, sync_codebook=sync_codebook, sync_kmeans=sync_kmeans,
                 conventions=conventions, **vq_kwargs,
             )
-            for _ in range(num_quantizers)
+            for size in sizes
         )
+        if implicit_neural_codebook:  # keys mlps.{s-1}.* as in 1.32
+            cosine = self.layers[0].use_cosine_sim
+            self.mlps = nn.ModuleList(
+                ImplicitCodebookMLP(codebook_dim, **{"l2norm_output": cosine, **(mlp_kwargs or {})})
+                for _ in range(num_quantizers - 1)
+            )
         self.sync_codebook = sync_codebook
         if shared_codebook:
             for layer in self.layers[1:]:
                 layer._codebook = self.layers[0]._codebook
 
     @property
-    def codebooks(self) -> torch.Tensor:
-        """(num_quantizers, K, D)."""
+    def codebooks(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """(num_quantizers, K, D); a tuple of (K_s, D) when the stages' sizes differ (as 1.32)."""
+        if not self.uniform_codebook_size:
+            return tuple(layer.codebook for layer in self.layers)
         return torch.stack([layer.codebook for layer in self.layers])
 
     @property
@@ -115,8 +152,9 @@ class ResidualVQ(nn.Module):
     @property
     def spec(self) -> QuantizerSpec:
         """What this module takes and returns (`vqdeploy.spec`)."""
-        return QuantizerSpec(type(self).__name__, CHANNEL_LAST, self.dim, self.codebook_size,
-                             num_quantizers=self.num_quantizers, conventions=self.conventions)
+        return QuantizerSpec(type(self).__name__, CHANNEL_LAST, self.dim, max(self.codebook_sizes),
+                             num_quantizers=self.num_quantizers, conventions=self.conventions,
+                             index_bound=min(self.codebook_sizes))
 
     def _dropout_last_stage(self, device: torch.device, seed: int | None = None) -> int:
         """The last stage a training forward runs (quantize dropout), or the last stage."""
@@ -147,18 +185,23 @@ class ResidualVQ(nn.Module):
 
         Seed conventions: indices (q, b, n), losses (q, 1). 1.32's: indices (b, n, q), losses (q,).
         All codes are (q, b, n, codebook_dim) in both. `freeze_codebook` leaves the EMA state as it
-        is; `rand_quantize_dropout_fixed_seed` fixes the quantize-dropout draw. The other arguments
-        are 1.32's and are refused (UnsupportedOptionError) unless at their default.
+        is; `rand_quantize_dropout_fixed_seed` fixes the quantize-dropout draw; `mask` (batch, seq)
+        marks the positions that count (padded ones: zeros, or the input with
+        return_zeros_for_masked_padding=False, and index -1 at every stage); `sample_codebook_temp`
+        goes to every stage. `indices` and `beam_size` > 1 are refused (UnsupportedOptionError).
         """
-        if not (mask is None and indices is None and beam_size in (None, 1)):
+        if not (indices is None and beam_size in (None, 1)):
             conv.check_forward_options("ResidualVQ", conv.RVQ_FORWARD, dict(
-                mask=mask, indices=indices, beam_size=None if beam_size == 1 else beam_size,
-            ))  # sample_codebook_temp is inert: it acts only with stochastic sampling, which is refused
+                indices=indices, beam_size=None if beam_size == 1 else beam_size,
+            ))
         check_floating(x, "x")
         check_rank(x, (3,), "x", "batch, seq, dim")
         check_axis_size(x, -1, self.dim, "x", "dim")
         if eager_checks_enabled():
             check_finite(x, "x")
+        if mask is not None:
+            mask = self.layers[0]._forward_mask(x, mask, None)
+        special = mask is not None or sample_codebook_temp is not None or self.implicit_neural_codebook
 
         residual = self.project_in(x)
         quantized_out = torch.zeros_like(residual)
@@ -170,11 +213,19 @@ class ResidualVQ(nn.Module):
                 all_losses.append(torch.zeros(1, device=x.device))
                 continue
             stage_inputs.append(residual.detach())
-            quantized, stage_indices, loss = layer.quantize_tokens(
-                residual, input_requires_grad=x.requires_grad, refresh_embed=not self.shared_codebook,
-                freeze_codebook=freeze_codebook or None,
-            )
-            residual = residual - quantized.detach()
+            if special:
+                quantized, stage_indices, loss = self._stage_call(
+                    stage, residual, quantized_out, mask, sample_codebook_temp, freeze_codebook or None, x.requires_grad
+                )
+            else:
+                quantized, stage_indices, loss = layer.quantize_tokens(
+                    residual, input_requires_grad=x.requires_grad, refresh_embed=not self.shared_codebook,
+                    freeze_codebook=freeze_codebook or None,
+                )
+            if self.quant_grad_frac:
+                residual = residual - frac_gradient(quantized, self.quant_grad_frac)
+            else:
+                residual = residual - quantized.detach()
             quantized_out = quantized_out + quantized
             all_indices.append(stage_indices)
             all_losses.append(loss)
@@ -189,14 +240,36 @@ class ResidualVQ(nn.Module):
 
         indices_out = torch.stack(all_indices)
         losses = torch.stack(all_losses)
+        quantized_out = self.project_out(quantized_out)
+        if mask is not None:
+            fill = torch.zeros_like(quantized_out) if self.layers[0].options.return_zeros_for_masked_padding else x
+            quantized_out = torch.where(mask[..., None], quantized_out, fill)
+            indices_out = indices_out.masked_fill(~mask[None], -1)
         outputs: tuple[torch.Tensor, ...] = (
-            self.project_out(quantized_out),
+            quantized_out,
             conv.residual_indices_from_seed(self.conventions, indices_out),
             losses if self.conventions == SEED else losses.reshape(-1),
         )
         if return_all_codes:
             outputs = (*outputs, self._codes_from_seed_indices(indices_out))
         return outputs
+
+    def _stage_call(
+        self, stage: int, residual: torch.Tensor, quantized_out: torch.Tensor, mask: torch.Tensor | None,
+        temperature: float | None, freeze_codebook: bool | None, input_requires_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One stage through `VectorQuantize.quantize_call` (masks, temperature, implicit codebooks)."""
+        transform = None
+        if self.implicit_neural_codebook and stage > 0:
+            mlp = self.mlps[stage - 1]
+
+            def transform(codes: torch.Tensor) -> torch.Tensor:
+                return mlp(codes, condition=quantized_out)
+
+        call = ForwardCall(mask=mask, sample_codebook_temp=temperature, freeze_codebook=freeze_codebook,
+                           codebook_transform_fn=transform)
+        result = self.layers[stage].quantize_call(residual, call, input_requires_grad, refresh_embed=not self.shared_codebook)
+        return result.quantized, result.indices, result.loss.reshape(1)
 
     def search_rows(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Rows stage s searches when the earlier stages served ``indices`` (q, b, n), float32.
@@ -223,8 +296,8 @@ class ResidualVQ(nn.Module):
             for stage, layer in enumerate(self.layers):
                 rows.append(layer._codebook.transform_input(residual).float())
                 chosen = indices[stage].reshape(-1).long()
-                valid = (chosen >= 0) & (chosen < self.codebook_size)
-                codes = layer.codebook.detach()[chosen.clamp(0, self.codebook_size - 1)]
+                valid = (chosen >= 0) & (chosen < layer.codebook_size)
+                codes = layer.codebook.detach()[chosen.clamp(0, layer.codebook_size - 1)]
                 residual = residual - codes.to(residual.dtype) * valid[:, None]
             return torch.stack(rows)
 
@@ -236,6 +309,10 @@ class ResidualVQ(nn.Module):
                 return self.eval()(x)[1]
         finally:
             self.train(was_training)
+
+    def codebook_usage(self, dead_below: float | None = None) -> list[Any]:
+        """`CodebookUsage` (perplexity, dead codes, from the EMA cluster sizes) of every stage."""
+        return [layer.codebook_usage(dead_below) for layer in self.layers]
 
     # -- decode -----------------------------------------------------------------------------------
     def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -259,16 +336,30 @@ class ResidualVQ(nn.Module):
 
     def _codes_from_seed_indices(self, indices: torch.Tensor) -> torch.Tensor:
         if eager_checks_enabled():
-            check_index_range(indices, self.codebook_size, "indices", allow_dropped=True)
+            if self.uniform_codebook_size:
+                check_index_range(indices, self.codebook_size, "indices", allow_dropped=True)
+            else:
+                for stage in range(min(indices.shape[0], self.num_quantizers)):
+                    check_index_range(indices[stage], self.codebook_sizes[stage], f"indices of stage {stage}",
+                                      allow_dropped=True)
         codes = []
+        running = None
         for stage, layer in enumerate(self.layers):
             if stage >= indices.shape[0]:
                 codes.append(torch.zeros(*indices.shape[1:], self.codebook_dim, device=indices.device))
                 continue
             stage_indices = indices[stage].long()
             dropped = stage_indices < 0
-            stage_codes = layer.codebook[stage_indices.clamp(min=0)]
-            codes.append(stage_codes.masked_fill(dropped[..., None], 0.0))
+            if self.implicit_neural_codebook and stage > 0:  # codes of the MLP of the codebook and the running sum
+                per_position = self.mlps[stage - 1](layer.codebook, condition=running)  # (b, n, K, d)
+                picked = stage_indices.clamp(min=0)[..., None, None].expand(*stage_indices.shape, 1, self.codebook_dim)
+                stage_codes = per_position.gather(-2, picked).squeeze(-2)
+            else:
+                stage_codes = layer.codebook[stage_indices.clamp(min=0)]
+            stage_codes = stage_codes.masked_fill(dropped[..., None], 0.0)
+            if self.implicit_neural_codebook:
+                running = stage_codes if running is None else running + stage_codes
+            codes.append(stage_codes)
         return torch.stack(codes)
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -278,8 +369,8 @@ class ResidualVQ(nn.Module):
     @classmethod
     def from_vector_quantize_pytorch(cls, module: nn.Module) -> ResidualVQ:
         """Convert a trained `vector_quantize_pytorch.ResidualVQ`, weights and EMA state included."""
-        from vqdeploy.nn.convert import residual_vq_config
+        from vqdeploy.nn.convert import load_reference_state, residual_vq_config
 
         converted = cls(**residual_vq_config(module))
-        converted.load_state_dict(module.state_dict(), strict=True)
+        load_reference_state(converted, module)
         return converted.train(module.training)

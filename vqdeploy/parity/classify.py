@@ -3,17 +3,21 @@ the project's one tie rule) or violation, judged on the rows the eager model's s
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from vqdeploy.errors import VQDeployError
-from vqdeploy.nn import ResidualVQ
-from vqdeploy.nn.conventions import residual_indices_to_seed
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ
+from vqdeploy.nn.conventions import residual_indices_from_seed, residual_indices_to_seed
 from vqdeploy.ops import certify, nearest_code
 from vqdeploy.parity.report import StageReport, VectorReport
 
 
 def stage_names(module: nn.Module) -> list[str]:
+    if isinstance(module, GroupedResidualVQ):
+        return [f"group {g} stage {s}" for g in range(module.groups) for s in range(module.num_quantizers)]
     if isinstance(module, ResidualVQ):
         return [f"stage {s}" for s in range(module.num_quantizers)]
     return [f"head {h}" for h in range(module.heads)] if module.heads > 1 else ["codebook"]
@@ -23,14 +27,15 @@ def search_codebook(module: nn.Module, search: int) -> torch.Tensor:
     """The eager (K, d) codebook of one search (a stage, or a head)."""
     if isinstance(module, ResidualVQ):
         return module.layers[search].codebook.detach()
-    codebook = module.codebook.detach()
+    codebook = module.effective_codebook.detach()
     return codebook[search] if codebook.ndim == 3 else codebook
 
 
 def new_stage_reports(module: nn.Module) -> list[StageReport]:
     """One empty `StageReport` per search of the module, named as the report names them."""
     names = stage_names(module)
-    return [StageReport(name, codebook_size=module.codebook_size) for name in names]
+    sizes = list(module.codebook_sizes) * getattr(module, "groups", 1) if hasattr(module, "codebook_sizes") else None
+    return [StageReport(name, codebook_size=sizes[i] if sizes else module.codebook_size) for i, name in enumerate(names)]
 
 
 def classify_tokens(
@@ -85,6 +90,17 @@ def check_tokens(
             stage.violations += eager.numel() // len(stages)
         return
     served = served.long()
+    if isinstance(module, GroupedResidualVQ):  # each group as the ResidualVQ it is, on its slice of x
+        if tuple(served.shape) != tuple(eager.shape):
+            problems.append(f"indices of shape {tuple(served.shape)}, expected {tuple(eager.shape)}")
+            for stage in stages:
+                stage.tokens += eager[0].numel() // module.num_quantizers
+                stage.violations += eager[0].numel() // module.num_quantizers
+            return
+        q = module.num_quantizers
+        for g, (rvq, part) in enumerate(zip(module.rvqs, x.chunk(module.groups, dim=-1), strict=True)):
+            check_tokens(rvq, part, eager[g], served[g], stages[g * q : (g + 1) * q], problems, identical_only)
+        return
     if isinstance(module, ResidualVQ):
         # Both in the module's layout; judged as (quantizer, batch, seq).
         eager = residual_indices_to_seed(module.conventions, eager)
@@ -129,13 +145,29 @@ def check_tokens(
 
 def check_vectors(module: nn.Module, got: torch.Tensor, indices: torch.Tensor, report: VectorReport) -> None:
     """Compare served vectors with the eager decode of ``indices`` (the served tokens), row by row."""
+    if isinstance(module, GroupedResidualVQ):  # each group's slice of the vectors, with its indices
+        got, indices = torch.as_tensor(got).cpu(), torch.as_tensor(indices).cpu()
+        if got.shape[-1:] != (module.dim,) or indices.ndim != 4 or indices.shape[0] != module.groups:
+            rows = max(1, got.numel() // module.dim)
+            report.rows, report.violations = report.rows + rows, report.violations + rows
+            report.max_abs_diff = report.max_rel_diff = float("inf")
+            return
+        for rvq, part, part_indices in zip(module.rvqs, got.chunk(module.groups, dim=-1), indices, strict=True):
+            check_vectors(rvq, part, part_indices, report)
+        return
     report.tolerance = 1e-6 if module.has_projections else 0.0
     got = torch.as_tensor(got).cpu()
     indices = torch.as_tensor(indices).cpu()
     rvq = isinstance(module, ResidualVQ)
     try:
         indices = indices.long()
-        valid = (indices >= 0) & (indices < module.codebook_size)
+        limit: Any = module.codebook_size
+        if rvq and not module.uniform_codebook_size and indices.ndim == 3:  # one size per stage
+            sizes = torch.tensor(module.codebook_sizes)
+            limit = residual_indices_from_seed(module.conventions, sizes[:, None, None].expand(-1, *indices.shape[1:])
+                                               if module.conventions != "vector_quantize_pytorch"
+                                               else sizes[:, None, None].expand(-1, *indices.shape[:2]))
+        valid = (indices >= 0) & (indices < limit)
         if rvq:
             valid = valid | (indices == -1)  # a dropped stage decodes to zeros
         with torch.no_grad():
@@ -145,7 +177,7 @@ def check_vectors(module: nn.Module, got: torch.Tensor, indices: torch.Tensor, r
         report.rows, report.violations = report.rows + rows, report.violations + rows
         report.max_abs_diff = report.max_rel_diff = float("inf")
         return
-    channel_first = not rvq and (module.accept_image_fmap or not module.channel_last) and want.ndim > 2
+    channel_first = not rvq and module.layout.channel_first and want.ndim > 2
     if channel_first:
         want = want.movedim(1, -1)
         got = got.movedim(1, -1) if got.ndim == want.ndim else got

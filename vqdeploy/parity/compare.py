@@ -11,7 +11,7 @@ from torch import nn
 
 from vqdeploy.errors import BackendOutputError, UnsupportedOptionError
 from vqdeploy.export.metadata import read_metadata
-from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize, load_quantizer
 from vqdeploy.parity.classify import check_tokens, check_vectors, new_stage_reports
 from vqdeploy.parity.inputs import decode_probes, default_inputs
 from vqdeploy.parity.report import CRITERION_IDENTICAL, ParityReport
@@ -38,8 +38,10 @@ def verify(
     from vqdeploy import runtime
 
     module = load_quantizer(model) if isinstance(model, str | os.PathLike) else model
-    if not isinstance(module, VectorQuantize | ResidualVQ):
-        raise UnsupportedOptionError(f"verify takes a VectorQuantize or ResidualVQ (or its checkpoint), got {type(module).__name__}")
+    if not isinstance(module, VectorQuantize | ResidualVQ | GroupedResidualVQ):
+        raise UnsupportedOptionError(
+            f"verify takes a VectorQuantize, ResidualVQ or GroupedResidualVQ (or its checkpoint), got {type(module).__name__}"
+        )
     info = read_metadata(onnx_path)
     if info.kind != type(module).__name__:
         raise UnsupportedOptionError(f"{onnx_path} holds a {info.kind} export, but the model is a {type(module).__name__}")
@@ -81,8 +83,12 @@ def _exact_like_eager(module: nn.Module, quantizer: Any) -> bool:
     normalisation, whose float32 results may differ between runtimes). Those are held to identity;
     every other path (TensorRT, CUDA, ONNX Runtime without the re-check) to certified ties.
     """
+    if isinstance(module, GroupedResidualVQ):
+        return all(_exact_like_eager(rvq, quantizer) for rvq in module.rvqs)
     cosine = module.use_cosine_sim if isinstance(module, VectorQuantize) else module.layers[0].use_cosine_sim
     plain_rows = isinstance(module.project_in, nn.Identity) and not cosine
+    if isinstance(module, VectorQuantize) and module.has_affine_codebook:
+        plain_rows = False  # the searched codebook is computed in the graph
     if quantizer.backend == "torch":
         return quantizer.search_is_exact
     return quantizer.backend == "ort" and plain_rows and quantizer.search_is_exact
@@ -95,12 +101,16 @@ def _compare_one(module: nn.Module, quantizer: Any, part: str, x: torch.Tensor, 
         if str(error) not in report.problems:
             report.problems.append(str(error))
         if part == "decode":
-            rows = x.numel() // (module.num_quantizers if isinstance(module, ResidualVQ) else module.heads)
+            residual = isinstance(module, ResidualVQ | GroupedResidualVQ)
+            rows = x.numel() // (module.num_quantizers if residual else module.heads)
             report.vectors.rows += rows
             report.vectors.violations += rows
             return
         eager = module(x)[1]
-        tokens = eager[0].numel() if isinstance(module, ResidualVQ) else eager.numel() // module.heads
+        if isinstance(module, GroupedResidualVQ):
+            tokens = eager[0].numel() // module.num_quantizers
+        else:
+            tokens = eager[0].numel() if isinstance(module, ResidualVQ) else eager.numel() // module.heads
         for stage in report.stages:
             stage.tokens += tokens
             stage.violations += tokens

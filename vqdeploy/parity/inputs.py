@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vqdeploy.nn import ResidualVQ
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ
 from vqdeploy.nn.conventions import residual_indices_from_seed
 from vqdeploy.ops import nearest_code
 from vqdeploy.parity.classify import search_codebook
@@ -69,7 +69,15 @@ def _residual_probe(module: ResidualVQ, stage: int, targets: torch.Tensor, base:
 def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) -> list[torch.Tensor]:
     """verify's inputs: a real-data sample (scikit-learn digits mapped to dim), random normal data,
     then, for every search (each residual stage; all heads at once), its exact midpoints, graded
-    near-ties, on-code and spread probes (`_probe_targets`). The first search's midpoints are ``[2]``."""
+    near-ties, on-code and spread probes (`_probe_targets`). The first search's midpoints are ``[2]``.
+    A GroupedResidualVQ's inputs put each group's own probes side by side on the feature axis."""
+    if isinstance(module, GroupedResidualVQ):
+        per_group = [default_inputs(rvq, num_samples, seed + g) for g, rvq in enumerate(module.rvqs)]
+        joined = []
+        for parts in zip(*per_group, strict=True):
+            rows = min(part.shape[1] for part in parts)
+            joined.append(torch.cat([part[:, :rows] for part in parts], dim=-1))
+        return joined
     generator = torch.Generator().manual_seed(seed)
     dim = module.dim
     codebook = search_codebook(module, 0)
@@ -104,13 +112,15 @@ def default_inputs(module: nn.Module, num_samples: int = 2048, seed: int = 0) ->
 
 def decode_probes(module: nn.Module) -> torch.Tensor:
     """Indices that ask a decode export for every code of every search (in the module's layout)."""
+    if isinstance(module, GroupedResidualVQ):
+        return torch.stack([decode_probes(rvq) for rvq in module.rvqs])
     k = module.codebook_size
     if isinstance(module, ResidualVQ):
         generator = torch.Generator().manual_seed(0)
-        probes = torch.stack([torch.randperm(k, generator=generator) for _ in range(module.num_quantizers)])[:, None]
+        k = max(module.codebook_sizes)
+        probes = torch.stack([torch.randperm(k, generator=generator) % size for size in module.codebook_sizes])[:, None]
         return residual_indices_from_seed(module.conventions, probes)
     codes = torch.arange(k)
     if module.heads > 1:
         codes = torch.stack([torch.roll(codes, h) for h in range(module.heads)], dim=-1)
-    codes = codes[None]
-    return codes[:, None] if module.accept_image_fmap else codes
+    return codes.reshape(1, *module.layout.token_row_shape(k), *codes.shape[1:])

@@ -115,8 +115,10 @@ class Quantizer:
         self.spec = QuantizerSpec.from_info(info)
         self._channel_first = self.spec.layout.channel_first
         self._residual = self.spec.residual
-        # The graph's ResidualVQ indices are (q, b, n); the API speaks the module's conventions.
+        # The graph's ResidualVQ indices are (q, b, n), a GroupedResidualVQ's (groups * q, b, n); the API
+        # speaks the module's conventions.
         self._conventions = self.spec.conventions
+        self._groups = self.spec.groups if self.spec.grouped else 0
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -129,7 +131,8 @@ class Quantizer:
 
     def encode(self, x: Any) -> Any:
         """Indices of the nearest codes: (b, n[, heads]); images (b, h, w[, heads]); ResidualVQ (q, b, n),
-        or (b, n, q) for a module with vector-quantize-pytorch's conventions (as the eager module)."""
+        or (b, n, q) for a module with vector-quantize-pytorch's conventions (as the eager module);
+        GroupedResidualVQ (g, q, b, n), or (g, b, n, q) with 1.32's conventions."""
         self._require("encode", ("encode", "quantize"))
         return self._to_module_layout(self._run_vectors(x, want_vectors=False)[1])
 
@@ -142,7 +145,9 @@ class Quantizer:
     def decode(self, indices: Any) -> Any:
         """Vectors for indices (in the layout encode returns), as the eager module's `get_output_from_indices`."""
         self._require("decode", ("decode",))
-        if self._conventions != SEED:
+        if self._groups:
+            indices = self._grouped_to_graph(indices)
+        elif self._conventions != SEED:
             tensor, as_numpy = self._as_tensor(indices, "indices")
             check_rank(tensor, (3,), "indices", "batch, seq, quantizer (vector-quantize-pytorch's layout)")
             check_axis_size(tensor, 2, self.info.num_quantizers, "indices", "quantizers")
@@ -150,7 +155,29 @@ class Quantizer:
             indices = indices.numpy() if as_numpy else indices
         return self._run_decode(indices)
 
+    def _grouped_to_graph(self, indices: Any) -> Any:
+        """GroupedResidualVQ indices in the module's layout -> the graph's (groups * q, b, n)."""
+        tensor, as_numpy = self._as_tensor(indices, "indices")
+        stages = self.info.num_quantizers // self._groups
+        if self._conventions != SEED:
+            check_rank(tensor, (4,), "indices", "groups, batch, seq, quantizer (vector-quantize-pytorch's layout)")
+            check_axis_size(tensor, 3, stages, "indices", "quantizers")
+            tensor = tensor.movedim(-1, 1)
+        else:
+            check_rank(tensor, (4,), "indices", "groups, quantizer, batch, seq")
+            check_axis_size(tensor, 1, stages, "indices", "quantizers")
+        check_axis_size(tensor, 0, self._groups, "indices", "groups")
+        tensor = tensor.reshape(-1, *tensor.shape[2:])
+        return tensor.numpy() if as_numpy else tensor
+
     def _to_module_layout(self, indices: Any) -> Any:
+        if self._groups:
+            grouped = indices.reshape(self._groups, -1, *indices.shape[1:])  # (g, q, b, n)
+            if self._conventions == SEED:
+                return grouped
+            if isinstance(grouped, np.ndarray):
+                return np.ascontiguousarray(np.moveaxis(grouped, 1, -1))
+            return grouped.movedim(1, -1).contiguous()
         if self._conventions == SEED:
             return indices
         if isinstance(indices, np.ndarray):
@@ -282,9 +309,9 @@ class Quantizer:
         return _TokenView(view, x.shape[0], view.shape[2]), (x.shape[0], *x.shape[2:])
 
     def _feed_vectors(self, chunk: torch.Tensor) -> torch.Tensor:
-        """A chunk in the graph's layout: (1, c, d), (1, d, c) or (1, d, 1, c) for images."""
+        """A chunk in the graph's layout: (1, c, d), (1, d, c), (1, d, 1, c) for images, (1, d, 1, 1, c) for volumes."""
         if self.spec.layout.image:
-            chunk = chunk.reshape(1, self.info.dim, 1, -1)
+            chunk = chunk.reshape(self.spec.input_shape(1, chunk.shape[-1]))
         return chunk.contiguous()
 
     def _run_vectors(self, x: Any, want_vectors: bool) -> tuple[Any, Any]:
@@ -349,8 +376,9 @@ class Quantizer:
             check_axis_size(indices, 0, info.num_quantizers, "indices", "quantizers")
             lead = tuple(indices.shape[1:])
         else:
-            base = 3 if self.spec.layout.image else 2
-            check_rank(indices, (base + len(heads),) if base == 3 else (1 + len(heads), 2 + len(heads)), "indices",
+            layout = self.spec.layout
+            base = 1 + len(layout.token_axes)  # batch and the token axes
+            check_rank(indices, (base + len(heads),) if layout.image else (1 + len(heads), 2 + len(heads)), "indices",
                        "indices as encode returns them")
             if heads:
                 check_axis_size(indices, -1, info.heads, "indices", "heads")

@@ -16,11 +16,12 @@ from torch import nn
 
 from vqdeploy.errors import NotAVQDeployModelError, UnsupportedOptionError
 from vqdeploy.export.metadata import STATE_PREFIX, ExportInfo
-from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
 from vqdeploy.nn.parts import PART_MODULES
 from vqdeploy.runtime.devices import check_device
+from vqdeploy.spec import RESIDUAL_KINDS
 
-_KINDS = {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ}
+_KINDS = {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}
 
 
 def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
@@ -37,8 +38,8 @@ def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
     }
     missing, unexpected = module.load_state_dict(state, strict=False)
     embeds = [k for k in module.state_dict() if k.endswith("_codebook.embed")]
-    if info.kind == "ResidualVQ" and info.config.get("shared_codebook"):
-        embeds = embeds[:1]  # one tensor serves every stage
+    if info.kind in RESIDUAL_KINDS and info.config.get("shared_codebook"):
+        embeds = [k for k in embeds if k.endswith("layers.0._codebook.embed")]  # one tensor serves every stage
     needed = set(embeds)
     if info.part != "decode":
         needed |= {k for k in module.state_dict() if k.startswith("project_in.")}
@@ -68,12 +69,7 @@ class _EncodeIndices(nn.Module):
         self.quantizer = quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vq = self.quantizer
-        tokens = vq._to_tokens(x)
-        b, n, _ = tokens.shape
-        indices = vq._merge_heads(vq._codebook.nearest(vq._rows(tokens)), b, n)
-        indices = indices if vq.heads > 1 else indices.squeeze(-1)
-        return indices.reshape(*vq._index_shape(x.shape), *indices.shape[2:])
+        return self.quantizer.eval_indices(x)
 
 
 class TorchRunner:
