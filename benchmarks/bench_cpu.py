@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         for n, d, k in args.sizes:
             results.append(run_size(n, d, k, args.repeats, args.warmup, args.tiles, Path(workdir)))
             r = results[-1]
-            print(f"# {r['size']}: " + ", ".join(f"{m} {v:.1f} ms" for m, v in r["median_ms"].items()), flush=True)
+            print(f"# {r['size']}: " + ", ".join(f"{m} {v:.1f} ms" for m, v in r["median_ms"].items()))
+            print(f"# loadavg now: {os.getloadavg()}\n{report([r])}\n", flush=True)  # each size as it completes
     env["loadavg_end"] = os.getloadavg()
     print(f"# loadavg at end: {env['loadavg_end']}\n")
     print(report(results))

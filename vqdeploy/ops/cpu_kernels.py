@@ -256,4 +256,7 @@ def _search_numpy(
         _WORKSPACE.give(buffer)
     dim = codes.shape[1]
     # An upper bound of ||x|| from a float32 sum of squares in any order (as `norm_upper_bound`).
-    return torch.from_numpy(np.sqrt(x_sq.astype(np.float64))) * (1.0 + (dim + 4) * 2.0**-23)
+    bound = x_sq.astype(np.float64)
+    np.sqrt(bound, out=bound)
+    bound *= 1.0 + (dim + 4) * 2.0**-23
+    return torch.from_numpy(bound)
