@@ -32,7 +32,8 @@ columns tiled to D; codes = digits + N(0, 0.5^2), rows = digits + N(0, 0.1^2)),
 towards one code by a relative 10^-8..10^-2).
 
 Usage: ``python benchmarks/bench_pass_bounds.py [--rows 65536] [--sizes 256x1024,64x4096]``
-(~15 min on 2 cores at the defaults; ``--quick`` for 8192 rows). ``--gpu`` (needs CUDA and
+(about an hour on 2 loaded cores at the defaults, most of it scikit-learn's k-means with
+4096 clusters for ``digits-kmeans`` at 64x4096; ``--quick`` for 8192 rows). ``--gpu`` (needs CUDA and
 Triton) adds, per size and data set, the share of rows the real kernel's ``tf32`` and ``tf32x3``
 passes flag next to the emulated share, and the % of rows on which the two flags agree (not
 100% by construction: the tensor cores sum in another order than the CPU).
