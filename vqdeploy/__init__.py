@@ -2,9 +2,17 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from vqdeploy.compat.convert import convert
 from vqdeploy.errors import VQDeployError
 from vqdeploy.export import export_onnx, read_metadata
-from vqdeploy.nn import ResidualVQ, VectorQuantize, load_quantizer, save_quantizer
+from vqdeploy.nn import (
+    FactorizedResidualVQ,
+    ResidualVQ,
+    SplitResidualVQ,
+    VectorQuantize,
+    load_quantizer,
+    save_quantizer,
+)
 from vqdeploy.verify import ParityReport, verify  # noqa: E402  (the function shadows the module name on purpose)
 
 try:
@@ -13,11 +21,14 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0.0.0+local"
 
 __all__ = [
+    "FactorizedResidualVQ",
     "ParityReport",
     "ResidualVQ",
+    "SplitResidualVQ",
     "VQDeployError",
     "VectorQuantize",
     "__version__",
+    "convert",
     "export_onnx",
     "load_quantizer",
     "read_metadata",
