@@ -48,11 +48,11 @@ class ExportInfo:
 
 
 def describe_quantizer(module: nn.Module) -> dict[str, Any]:
-    """Kind, sizes and metric of one VectorQuantize or ResidualVQ."""
-    from vqdeploy.nn import ResidualVQ
+    """Kind, sizes and metric of one VectorQuantize, ResidualVQ or codec kind."""
+    from vqdeploy.nn import FactorizedResidualVQ, ResidualVQ, SplitResidualVQ
 
     config = dict(module.config)
-    is_residual = isinstance(module, ResidualVQ)
+    is_residual = isinstance(module, ResidualVQ | FactorizedResidualVQ | SplitResidualVQ)
     return dict(
         kind=type(module).__name__,
         num_quantizers=module.num_quantizers if is_residual else 1,

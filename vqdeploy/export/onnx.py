@@ -31,35 +31,51 @@ from vqdeploy.export.metadata import (
     write_metadata,
 )
 from vqdeploy.files import atomic_write
-from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.export import codec_parts
+from vqdeploy.nn import FactorizedResidualVQ, ResidualVQ, SplitResidualVQ, VectorQuantize
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 
 IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
 DEFAULT_OPSET = 18
 INDEX_DTYPES = ("int64", "int32")
+QUANTIZER_KINDS = (VectorQuantize, ResidualVQ, FactorizedResidualVQ, SplitResidualVQ)
 
 
 class _Encode(nn.Module):
     """The graph of one part. A bare ResidualVQ's graph takes and returns indices (q, b, n) whatever
-    the module's conventions; `vqdeploy.runtime` hands them over in the module's layout."""
+    the module's conventions; `vqdeploy.runtime` hands them over in the module's layout. The codec
+    kinds (FactorizedResidualVQ, SplitResidualVQ) keep their own layout: SNAC's tuple of per-stage
+    indices is one graph output per stage. ``n_q`` bakes in the number of stages used."""
 
-    def __init__(self, quantizer: nn.Module):
+    def __init__(self, quantizer: nn.Module, n_q: int | None = None):
         super().__init__()
         self.quantizer = quantizer
         self.conventions = getattr(quantizer, "conventions", SEED) if isinstance(quantizer, ResidualVQ) else SEED
+        self.n_q = n_q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return residual_indices_to_seed(self.conventions, self.quantizer(x)[1])
+    def _run(self, x: torch.Tensor) -> tuple:
+        return self.quantizer(x) if self.n_q is None else self.quantizer(x, n_q=self.n_q)
+
+    def _indices(self, indices: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if isinstance(indices, tuple | list):
+            return tuple(indices)
+        return (residual_indices_to_seed(self.conventions, indices),)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        indices = self._indices(self._run(x)[1])
+        return indices if len(indices) > 1 else indices[0]
 
 
 class _Quantize(_Encode):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        vectors, indices, _ = self.quantizer(x)[:3]
-        return vectors, residual_indices_to_seed(self.conventions, indices)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        vectors, indices, _ = self._run(x)[:3]
+        return (vectors, *self._indices(indices))
 
 
 class _Decode(_Encode):
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, indices: torch.Tensor, *later_stages: torch.Tensor) -> torch.Tensor:
+        if later_stages:  # SNAC: one input per stage
+            return self.quantizer.get_output_from_indices((indices, *later_stages))
         return self.quantizer.get_output_from_indices(residual_indices_from_seed(self.conventions, indices))
 
 
@@ -67,10 +83,10 @@ PART_MODULES = {"encode": _Encode, "quantize": _Quantize, "decode": _Decode}
 
 
 def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> VectorQuantize / ResidualVQ inside `model` (stages of a ResidualVQ not listed)."""
+    """Module path -> VectorQuantize / ResidualVQ (or a codec kind) inside `model` (stages not listed)."""
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
-        if isinstance(module, VectorQuantize | ResidualVQ) and not any(path.startswith(p + ".") for p in found if p):
+        if isinstance(module, QUANTIZER_KINDS) and not any(path.startswith(p + ".") for p in found if p):
             found[path] = module
     return found
 
@@ -83,6 +99,8 @@ def _example_input(quantizer: nn.Module, part: str) -> torch.Tensor:
             return torch.randint(0, quantizer.codebook_size, (quantizer.num_quantizers, batch, seq))
         shape = (batch, height, width) if quantizer.accept_image_fmap else (batch, seq)
         return torch.randint(0, quantizer.codebook_size, (*shape, quantizer.heads) if quantizer.heads > 1 else shape)
+    if isinstance(quantizer, ResidualVQ) and not quantizer.channel_last:
+        return torch.randn(batch, quantizer.dim, seq)
     if isinstance(quantizer, ResidualVQ) or quantizer.channel_last and not quantizer.accept_image_fmap:
         return torch.randn(batch, seq, quantizer.dim)
     if quantizer.accept_image_fmap:
@@ -102,7 +120,7 @@ def _dynamic_axis_names(quantizer: nn.Module, part: str, example: torch.Tensor) 
         return {0: "batch", 2: "height", 3: "width"}
     if example.ndim == 2:  # (batch, dim): one token per row
         return {0: "batch"}
-    channel_last = isinstance(quantizer, ResidualVQ) or quantizer.channel_last
+    channel_last = quantizer.channel_last
     return {0: "batch", 1: "seq"} if channel_last else {0: "batch", 2: "seq"}
 
 
@@ -183,6 +201,7 @@ def export_onnx(
     opset: int | None = None,
     overwrite: bool = False,
     index_dtype: str = "int64",
+    n_q: int | None = None,
 ) -> Path:
     """Export a quantizer, or a model that contains quantizers, to an ONNX file at `path`.
 
@@ -193,7 +212,11 @@ def export_onnx(
     ``vqdeploy::NearestCode`` node backed by a model-local function; with ``fused=False`` the same
     computation is inlined in standard ops. ``index_dtype="int32"`` (encode and quantize of a bare
     quantizer) makes the indices output int32: one Cast at the end of the graph, for runtimes
-    such as TensorRT where an INT64 output costs casts of its own. Returns the path written.
+    such as TensorRT where an INT64 output costs casts of its own. ``n_q`` (encode and quantize of
+    a residual quantizer) bakes in the number of stages used (default all). The codec kinds
+    (`FactorizedResidualVQ`, `SplitResidualVQ`) export their parts the same way, channel-first, in
+    their own token layout (SNAC's per-stage tokens are one output / input per stage,
+    ``indices_0``...). Returns the path written.
 
     >>> import tempfile, pathlib, vqdeploy
     >>> vq = vqdeploy.VectorQuantize(dim=8, codebook_size=16)
@@ -212,7 +235,7 @@ def export_onnx(
     if opset < functions.MIN_OPSET:
         raise UnsupportedOptionError(f"opset must be >= {functions.MIN_OPSET}, got {opset}")
 
-    is_quantizer = isinstance(model, VectorQuantize | ResidualVQ)
+    is_quantizer = isinstance(model, QUANTIZER_KINDS)
     quantizers = {"": model} if is_quantizer else find_quantizers(model)
     if not quantizers:
         raise UnsupportedOptionError(f"{type(model).__name__} contains no vqdeploy VectorQuantize or ResidualVQ")
@@ -222,8 +245,13 @@ def export_onnx(
         raise UnsupportedOptionError(
             f"index_dtype={index_dtype!r} applies to the indices output of a bare quantizer's encode or quantize part"
         )
-    if is_quantizer:
-        wrapper = PART_MODULES[part](model)
+    codec_parts.check_n_q(model, part, n_q)
+    axis_names: dict[int, str] = {}
+    if is_quantizer and codec_parts.is_codec_kind(model):
+        wrapper = PART_MODULES[part](model, n_q)
+        example, dynamic, input_names, output_names, axis_names = codec_parts.export_spec(model, part, example_input)
+    elif is_quantizer:
+        wrapper = PART_MODULES[part](model, n_q)
         example = _example_input(model, part) if example_input is None else example_input
         dynamic = {"x" if part != "decode" else "indices": _dynamic_axes(model, part, example)}
         input_names, output_names = PART_INPUTS[part], PART_OUTPUTS[part]
@@ -269,7 +297,7 @@ def export_onnx(
     if index_dtype == "int32":
         cast_output(proto, "indices", onnx.TensorProto.INT32)
     if is_quantizer:
-        proto = name_dynamic_dims(proto, _dynamic_axis_names(model, part, examples[0]))
+        proto = name_dynamic_dims(proto, axis_names or _dynamic_axis_names(model, part, examples[0]))
     info = build_info(
         quantizers,
         kind=type(model).__name__ if is_quantizer else "model",
@@ -279,6 +307,8 @@ def export_onnx(
         inputs=[i.name for i in proto.graph.input],
         outputs=[o.name for o in proto.graph.output],
     )
+    if n_q is not None:
+        info = codec_parts.with_stages_used(info, n_q)
     write_metadata(proto, info)
     try:
         onnx.checker.check_model(proto, full_check=True)
