@@ -414,7 +414,7 @@ def check_vectors(module: nn.Module, got: torch.Tensor, indices: torch.Tensor, r
         report.rows, report.violations = report.rows + rows, report.violations + rows
         report.max_abs_diff = report.max_rel_diff = float("inf")
         return
-    channel_first = not rvq and (module.accept_image_fmap or not module.channel_last) and want.ndim > 2
+    channel_first = want.ndim > 2 and (not module.channel_last or not rvq and module.accept_image_fmap)
     if channel_first:
         want = want.movedim(1, -1)
         got = got.movedim(1, -1) if got.ndim == want.ndim else got
@@ -471,6 +471,8 @@ def verify(
     try:
         if inputs is None:
             inputs = default_inputs(module, num_samples, seed)
+            if isinstance(module, ResidualVQ) and not module.channel_last:  # (b, n, d) probes, channel-first
+                inputs = [x.transpose(1, 2) for x in inputs]
             if info.part == "decode":
                 with torch.no_grad():
                     inputs = [module(x)[1] for x in inputs] + [decode_probes(module)]

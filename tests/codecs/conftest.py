@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
-
 from codec_models import BUILDERS
 from parity import stage_codebooks
+
 from vqdeploy.nn import FactorizedResidualVQ, ResidualVQ, SplitResidualVQ
 
 
@@ -80,8 +80,13 @@ def near_tie_inputs(module: torch.nn.Module, pairs: int = 48) -> torch.Tensor:
 _CACHE: dict[str, Codec] = {}
 
 
+def get_codec(name: str) -> Codec:
+    """The codec `name`, built once per session."""
+    if name not in _CACHE:
+        _CACHE[name] = Codec(name)
+    return _CACHE[name]
+
+
 @pytest.fixture(params=list(BUILDERS), scope="session")
 def codec(request) -> Codec:
-    if request.param not in _CACHE:
-        _CACHE[request.param] = Codec(request.param)
-    return _CACHE[request.param]
+    return get_codec(request.param)

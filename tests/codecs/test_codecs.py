@@ -45,8 +45,17 @@ def test_tokens_match_the_codecs_own_encode(codec, inputs):
     assert result.ok, result
     if inputs != "near ties":  # away from ties, the codec's float32 argmin is the exact one
         assert _equal(ours, theirs)
-    else:  # the probes reach their midpoints: some codec tokens differ from the exact ones
+    else:  # the probes reach their midpoints: some codec tokens differ from the exact ones, as ties
         assert result.tokens == sum(t.numel() for t in stage_tokens(codec.converted, theirs))
+        assert result.certified_ties > 0
+
+
+def test_the_token_check_catches_wrong_tokens(codec):
+    x = codec.latents
+    theirs = codec_encode(codec.name, codec.quantizer, x)
+    size = codec.converted.codebook_size
+    shifted = tuple((t + 1) % size for t in theirs) if isinstance(theirs, tuple) else (theirs + 1) % size
+    assert tally(codec.converted, x, shifted).violations > 0
 
 
 @pytest.mark.parametrize("n_q", [1, 2])
@@ -164,3 +173,58 @@ def test_a_foreign_class_gets_a_typed_error_listing_what_converts():
     assert isinstance(error.value, VQDeployError) and isinstance(error.value, TypeError)
     with pytest.raises(NotConvertibleError):
         vqdeploy.convert("not a module")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("part", ["encode", "quantize", "decode"])
+def test_runtime_load_and_verify_pass_the_converted_encodec(part, tmp_path):
+    from conftest import get_codec
+
+    from vqdeploy import runtime
+
+    codec = get_codec("encodec")
+    module = codec.converted
+    path = vqdeploy.export_onnx(module, tmp_path / "encodec.onnx", part=part)
+    with runtime.load(path, backend="ort") as served, torch.no_grad():
+        tokens = module.eval_tokens(codec.latents)
+        if part == "encode":
+            assert torch.equal(served.encode(codec.latents), tokens)
+        elif part == "quantize":
+            vectors, indices = served.quantize(codec.latents)
+            assert torch.equal(indices, tokens) and torch.equal(vectors, module(codec.latents)[0])
+        else:
+            assert torch.equal(served.decode(tokens), module.get_output_from_indices(tokens))
+    report = vqdeploy.verify(module, path, backend="ort", num_samples=512)
+    assert report.passed and report.violations == 0, report.table()
+    assert report.tokens > 0 or report.vectors.rows > 0
+
+
+@pytest.mark.parametrize("n_q", [None, 2])
+def test_runtime_load_runs_the_converted_mimi(n_q, tmp_path):
+    from conftest import get_codec
+
+    from vqdeploy import runtime
+
+    codec = get_codec("mimi")
+    module = codec.converted
+    for part in ("encode", "quantize"):
+        path = vqdeploy.export_onnx(module, tmp_path / f"mimi_{part}.onnx", part=part, n_q=n_q)
+        for backend in ("ort", "torch"):
+            with runtime.load(path, backend=backend) as served, torch.no_grad():
+                expected, tokens = module(codec.latents, n_q=n_q)[:2]
+                if part == "encode":
+                    assert torch.equal(served.encode(codec.latents), tokens)
+                else:
+                    vectors, indices = served.quantize(codec.latents)
+                    assert torch.equal(indices, tokens)
+                    torch.testing.assert_close(vectors, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_runtime_load_refuses_a_factorized_export_by_name(tmp_path):
+    from vqdeploy import runtime
+    from vqdeploy.errors import UnsupportedOptionError
+
+    module = FactorizedResidualVQ(dim=16, num_quantizers=2, codebook_size=32).eval()
+    path = vqdeploy.export_onnx(module, tmp_path / "f.onnx", part="encode")
+    with pytest.raises(UnsupportedOptionError, match="FactorizedResidualVQ"):
+        runtime.load(path, backend="ort")

@@ -21,7 +21,7 @@ from vqdeploy.errors import (
     UninitializedCodebookError,
     UnsupportedOptionError,
 )
-from vqdeploy.export import functions
+from vqdeploy.export import codec_parts, functions
 from vqdeploy.export.metadata import (
     PART_INPUTS,
     PART_OUTPUTS,
@@ -31,7 +31,6 @@ from vqdeploy.export.metadata import (
     write_metadata,
 )
 from vqdeploy.files import atomic_write
-from vqdeploy.export import codec_parts
 from vqdeploy.nn import FactorizedResidualVQ, ResidualVQ, SplitResidualVQ, VectorQuantize
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 

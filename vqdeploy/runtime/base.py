@@ -36,6 +36,8 @@ CHUNK_SCORE_BUDGET = 2 * 2**20
 # = 4 MiB per vector-sized buffer; the search adds its own bounded tile (vqdeploy.ops.cpu_kernels).
 CHUNK_VECTOR_BUDGET = 2**20
 MIN_CHUNK = 256
+# Kinds whose graph indices are (quantizer, batch, seq): ResidualVQ (either layout) and Mimi's split RVQ.
+RESIDUAL_KINDS = ("ResidualVQ", "SplitResidualVQ")
 
 
 def default_chunk_size(info: ExportInfo, materializes_scores: bool = True) -> int:
@@ -50,7 +52,7 @@ def chunk_shape(info: ExportInfo, tokens: int) -> tuple[int, ...]:
     """Shape of the graph input for a chunk of `tokens` tokens, as `Quantizer` feeds it (batch 1)."""
     heads = (info.heads,) if info.heads > 1 else ()
     if info.part == "decode":
-        if info.kind == "ResidualVQ":
+        if info.kind in RESIDUAL_KINDS:
             return (info.num_quantizers, 1, tokens)
         return (1, 1, tokens, *heads) if info.input_layout == "b d h w" else (1, tokens, *heads)
     if info.input_layout == "b d h w":
@@ -115,7 +117,12 @@ class Quantizer:
         if self.chunk_size < 1:
             raise UnsupportedOptionError(f"chunk_size must be >= 1, got {chunk_size}")
         self._channel_first = info.input_layout in ("b d n", "b d h w")
-        self._residual = info.kind == "ResidualVQ"
+        self._residual = info.kind in RESIDUAL_KINDS
+        if info.kind not in (*RESIDUAL_KINDS, "VectorQuantize", "model"):
+            raise UnsupportedOptionError(
+                f"vqdeploy.runtime runs VectorQuantize, ResidualVQ and SplitResidualVQ exports; this file holds "
+                f"{info.kind} (run it with onnxruntime.InferenceSession: its inputs and outputs keep the codec's layout)"
+            )
         # The graph's ResidualVQ indices are (q, b, n); the API speaks the module's conventions.
         self._conventions = info.config.get("conventions", SEED) if self._residual else SEED
 
@@ -240,7 +247,7 @@ class Quantizer:
             found = outputs[-1].to(index_rows.device)
             g, t = g.to(index_rows.device), t.to(index_rows.device)
             if self._residual:
-                index_rows[:, 0, t] = found.reshape(info.num_quantizers, -1)
+                index_rows[:, g, t] = found.reshape(info.num_quantizers, -1)
             else:
                 index_rows[g, t] = found.reshape(-1, *heads)
             if vectors is not None:
@@ -319,8 +326,8 @@ class Quantizer:
             self._check_output(indices_out, count * per_token, "indices", count)
             if vectors is not None:
                 self._check_output(outputs[0], count * info.dim, "vectors", count)
-            if self._residual:
-                index_rows[:, 0, t0:t1] = indices_out.reshape(info.num_quantizers, -1)
+            if self._residual:  # chunk order is (group, token)
+                index_rows[:, g0:g1, t0:t1] = indices_out.reshape(info.num_quantizers, g1 - g0, t1 - t0)
             else:
                 index_rows[g0:g1, t0:t1] = indices_out.reshape(g1 - g0, t1 - t0, *heads)
             if vectors is not None:
@@ -362,7 +369,7 @@ class Quantizer:
         groups = lead[0] if channel_first_out else 1
         tokens = math.prod(lead) // groups
         if self._residual:
-            view = indices.reshape(info.num_quantizers, 1, tokens)
+            view = indices.reshape(info.num_quantizers, groups, tokens)
         else:
             view = indices.reshape(groups, tokens, *heads)
         float_dtype = self._runner.float_dtype
@@ -372,12 +379,15 @@ class Quantizer:
         for g0, g1, t0, t1 in tiles(groups, tokens, self.chunk_size):
             count = (g1 - g0) * (t1 - t0)
             if self._residual:
-                chunk = view[:, :, t0:t1]
+                chunk = view[:, g0:g1, t0:t1]
             else:
                 chunk = view[g0:g1, t0:t1].reshape(chunk_shape(info, count))
             out = self._runner.infer({name: chunk.to(torch.int64).contiguous()})[0]
             self._check_output(out, count * info.dim, "vectors", count)
-            rows = out.reshape(info.dim, count).t() if self._channel_first else out.reshape(count, info.dim)
+            if self._residual and self._channel_first:  # (gb, d, tc): the module's own layout
+                rows = out.reshape(g1 - g0, info.dim, t1 - t0).permute(0, 2, 1).reshape(count, info.dim)
+            else:
+                rows = out.reshape(info.dim, count).t() if self._channel_first else out.reshape(count, info.dim)
             if channel_first_out:
                 vectors[g0:g1, :, t0:t1] = rows.reshape(g1 - g0, t1 - t0, info.dim).permute(0, 2, 1)
             else:
