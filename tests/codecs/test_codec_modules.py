@@ -105,3 +105,15 @@ def test_split_rvq_halves_see_the_same_input_and_train_by_ema():
     assert not torch.equal(vq.acoustic.layers[0]._codebook.embed, before)  # EMA update
     with pytest.raises(ConfigError):
         vq(x, n_q=0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import vqdeploy.compat.convert
+    import vqdeploy.nn.factorized_vq
+    import vqdeploy.nn.split_vq
+
+    for module in (vqdeploy.compat.convert, vqdeploy.nn.factorized_vq, vqdeploy.nn.split_vq):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module.__name__
