@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from codec_models import codec_decode, codec_encode
-from parity import stage_tokens, tally
+from codec_parity import stage_tokens, tally
 
 import vqdeploy
 from vqdeploy.errors import NotConvertibleError, VQDeployError
@@ -181,7 +181,7 @@ def test_a_foreign_class_gets_a_typed_error_listing_what_converts():
 @pytest.mark.slow
 @pytest.mark.parametrize("part", ["encode", "quantize", "decode"])
 def test_runtime_load_and_verify_pass_the_converted_encodec(part, tmp_path):
-    from conftest import get_codec
+    from codec_cases import get_codec
 
     from vqdeploy import runtime
 
@@ -204,7 +204,7 @@ def test_runtime_load_and_verify_pass_the_converted_encodec(part, tmp_path):
 
 @pytest.mark.parametrize("n_q", [None, 2])
 def test_runtime_load_runs_the_converted_mimi(n_q, tmp_path):
-    from conftest import get_codec
+    from codec_cases import get_codec
 
     from vqdeploy import runtime
 
