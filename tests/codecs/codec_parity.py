@@ -54,8 +54,13 @@ def tally(module: torch.nn.Module, x: torch.Tensor, tokens) -> Tally:
     """Identical / certified-tie / violation counts of `tokens` (module layout) for input x."""
     result = Tally()
     with torch.no_grad():
+        given_stages = stage_tokens(module, tokens)
+        if isinstance(module, ResidualVQ | SplitResidualVQ) and len(given_stages) < module.num_quantizers:
+            # fewer stages served (n_q): the later stages' rows need some tokens; they are not counted
+            own = module.eval_tokens(x) if isinstance(module, ResidualVQ) else module.encode(x)
+            tokens = torch.cat([torch.as_tensor(tokens), own[len(given_stages) :]])
         rows = search_rows(module, x, tokens)
-        for stage_rows, codebook, given in zip(rows, stage_codebooks(module), stage_tokens(module, tokens), strict=False):
+        for stage_rows, codebook, given in zip(rows, stage_codebooks(module), given_stages, strict=False):
             exact = nearest_code_reference(stage_rows, codebook)
             certificate = certify(stage_rows, codebook, given)
             same = given == exact
