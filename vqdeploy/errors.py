@@ -110,3 +110,7 @@ class TokensDifferError(VQDeployError, AssertionError):
 
 class ShardsMissingError(VQDeployError, RuntimeError):
     """A tokenize job ended with shards of its plan not written (run it again to finish them)."""
+
+
+class NotConvertibleError(VQDeployError, TypeError):
+    """`vqdeploy.convert` was given a module of a class it has no converter for."""

@@ -100,7 +100,7 @@ IMAGE = Layout("b d h w", channel_first=True, axes=("batch", "dim", "height", "w
 VOLUME = Layout("b d f h w", channel_first=True, axes=("batch", "dim", "depth", "height", "width"))
 LAYOUTS = {layout.name: layout for layout in (CHANNEL_LAST, CHANNEL_FIRST, IMAGE, VOLUME)}
 # Kinds whose indices are (stages, batch, seq) in the graph (a GroupedResidualVQ's: groups * stages).
-RESIDUAL_KINDS = ("ResidualVQ", "GroupedResidualVQ")
+RESIDUAL_KINDS = ("ResidualVQ", "GroupedResidualVQ", "SplitResidualVQ")
 
 
 def layout_for(channel_last: bool, image: bool, volume: bool = False) -> Layout:

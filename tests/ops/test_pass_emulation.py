@@ -271,7 +271,7 @@ def _kmeans_digits_module(dim: int, codes: int):
 def test_verify_inputs_on_a_kmeans_digits_codebook(dim: int, codes: int) -> None:
     """verify's probes (digits, random, exact midpoints, graded near-ties, on-code, spread) and the
     digits themselves: every chain, with and without candidate lists, gives the exact argmin."""
-    from vqdeploy.verify import default_inputs
+    from vqdeploy.parity import default_inputs
 
     module, digits = _kmeans_digits_module(dim, codes)
     codebook = module.codebook.detach().float()

@@ -48,7 +48,7 @@ class ExportInfo:
 
 
 def describe_quantizer(module: nn.Module) -> dict[str, Any]:
-    """Kind, sizes and metric of one quantizer (VectorQuantize, ResidualVQ, GroupedResidualVQ): its I/O spec (`vqdeploy.spec`)
+    """Kind, sizes and metric of one quantizer (VectorQuantize, ResidualVQ, GroupedResidualVQ, or a codec kind): its I/O spec (`vqdeploy.spec`)
     plus what the search needs."""
     config = dict(module.config)
     return dict(

@@ -21,7 +21,7 @@ from vqdeploy.errors import (
     UninitializedCodebookError,
     UnsupportedOptionError,
 )
-from vqdeploy.export import functions
+from vqdeploy.export import codec_parts, functions
 from vqdeploy.export.metadata import (
     PART_INPUTS,
     PART_OUTPUTS,
@@ -31,16 +31,19 @@ from vqdeploy.export.metadata import (
     write_metadata,
 )
 from vqdeploy.files import atomic_write
-from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
+from vqdeploy.nn import FactorizedResidualVQ, GroupedResidualVQ, ResidualVQ, SplitResidualVQ, VectorQuantize
 from vqdeploy.nn.parts import PART_MODULES
 from vqdeploy.spec import QuantizerSpec
 
 IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
 DEFAULT_OPSET = 18
 INDEX_DTYPES = ("int64", "int32")
+QUANTIZER_KINDS = (VectorQuantize, ResidualVQ, FactorizedResidualVQ, SplitResidualVQ)
 
 
-QUANTIZERS = (VectorQuantize, ResidualVQ, GroupedResidualVQ)  # what export_onnx takes bare
+# what export_onnx takes bare (the codec kinds' layouts: export/codec_parts.py)
+QUANTIZERS = (VectorQuantize, ResidualVQ, GroupedResidualVQ, FactorizedResidualVQ, SplitResidualVQ)
+QUANTIZER_KINDS = QUANTIZERS
 
 
 def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
@@ -140,6 +143,7 @@ def export_onnx(
     opset: int | None = None,
     overwrite: bool = False,
     index_dtype: str = "int64",
+    n_q: int | None = None,
 ) -> Path:
     """Export a quantizer, or a model that contains quantizers, to an ONNX file at `path`.
 
@@ -150,7 +154,11 @@ def export_onnx(
     ``vqdeploy::NearestCode`` node backed by a model-local function; with ``fused=False`` the same
     computation is inlined in standard ops. ``index_dtype="int32"`` (encode and quantize of a bare
     quantizer) makes the indices output int32: one Cast at the end of the graph, for runtimes
-    such as TensorRT where an INT64 output costs casts of its own. Returns the path written.
+    such as TensorRT where an INT64 output costs casts of its own. ``n_q`` (encode and quantize of
+    a residual quantizer) bakes in the number of stages used (default all). The codec kinds
+    (`FactorizedResidualVQ`, `SplitResidualVQ`) export their parts the same way, channel-first, in
+    their own token layout (SNAC's per-stage tokens are one output / input per stage,
+    ``indices_0``...). Returns the path written.
 
     >>> import tempfile, pathlib, vqdeploy
     >>> vq = vqdeploy.VectorQuantize(dim=8, codebook_size=16)
@@ -181,8 +189,13 @@ def export_onnx(
         raise UnsupportedOptionError(
             f"index_dtype={index_dtype!r} applies to the indices output of a bare quantizer's encode or quantize part"
         )
-    if is_quantizer:
-        wrapper = PART_MODULES[part](model)
+    codec_parts.check_n_q(model, part, n_q)
+    axis_names: dict[int, str] = {}
+    if is_quantizer and codec_parts.is_codec_kind(model):
+        wrapper = PART_MODULES[part](model, n_q)
+        example, dynamic, input_names, output_names, axis_names = codec_parts.export_spec(model, part, example_input)
+    elif is_quantizer:
+        wrapper = PART_MODULES[part](model, n_q)
         example = _example_input(model, part) if example_input is None else example_input
         dynamic = {"x" if part != "decode" else "indices": _dynamic_axes(model, part, example)}
         input_names, output_names = PART_INPUTS[part], PART_OUTPUTS[part]
@@ -228,7 +241,7 @@ def export_onnx(
     if index_dtype == "int32":
         cast_output(proto, "indices", onnx.TensorProto.INT32)
     if is_quantizer:
-        proto = name_dynamic_dims(proto, QuantizerSpec.from_module(model).dynamic_axis_names(part, examples[0].ndim))
+        proto = name_dynamic_dims(proto, axis_names or QuantizerSpec.from_module(model).dynamic_axis_names(part, examples[0].ndim))
     info = build_info(
         quantizers,
         kind=type(model).__name__ if is_quantizer else "model",
@@ -238,6 +251,8 @@ def export_onnx(
         inputs=[i.name for i in proto.graph.input],
         outputs=[o.name for o in proto.graph.output],
     )
+    if n_q is not None:
+        info = codec_parts.with_stages_used(info, n_q)
     write_metadata(proto, info)
     try:
         onnx.checker.check_model(proto, full_check=True)

@@ -23,10 +23,10 @@ from vqdeploy.nn import distributed
 from vqdeploy.nn.conventions import SEED, check_conventions
 from vqdeploy.nn.implicit_codebook import ImplicitCodebookMLP, frac_gradient
 from vqdeploy.nn.vector_quantize import ForwardCall, VectorQuantize
-from vqdeploy.spec import CHANNEL_LAST, QuantizerSpec
+from vqdeploy.spec import QuantizerSpec, layout_for
 
 # VectorQuantize options that make no sense per stage of a residual quantizer.
-_PER_STAGE_ONLY = ("heads", "separate_codebook_per_head", "accept_image_fmap", "channel_last", "codebook_dim", "dim")
+_PER_STAGE_ONLY = ("heads", "separate_codebook_per_head", "accept_image_fmap", "codebook_dim", "dim")
 
 
 class ResidualVQ(nn.Module):
@@ -41,7 +41,9 @@ class ResidualVQ(nn.Module):
     Indices and losses are quantizer-first, as the seed README documents; with
     ``conventions="vector_quantize_pytorch"`` they are 1.32's: indices (b, n, q), losses (q,).
     Other keyword arguments go to every stage's VectorQuantize. Inputs are
-    (batch, seq, dim). With `quantize_dropout=True`, training forwards stop after a random stage
+    (batch, seq, dim), or (batch, dim, seq) with ``channel_last=False`` (EnCodec's and Mimi's
+    layout; quantized comes back in the same layout). ``n_q`` (forward, `eval_tokens`) runs the
+    first n_q stages only: indices and losses then hold n_q stages. With `quantize_dropout=True`, training forwards stop after a random stage
     (at least `quantize_dropout_cutoff_index`) and mark later stages with index -1.
     `sync_codebook` / `sync_kmeans` go to every stage (see `VectorQuantize`); when the stages
     sync, rank 0 draws the dropout stop stage for every rank.
@@ -63,6 +65,7 @@ class ResidualVQ(nn.Module):
         implicit_neural_codebook: bool = False,
         mlp_kwargs: dict[str, Any] | None = None,
         quant_grad_frac: float = 0.0,
+        channel_last: bool = True,
         **vq_kwargs: Any,
     ):
         """`codebook_size` is one size, or a tuple of one size per stage (then `num_quantizers` may be
@@ -106,6 +109,9 @@ class ResidualVQ(nn.Module):
                 self.config.pop(name)
         if quant_grad_frac:
             self.config["quant_grad_frac"] = quant_grad_frac
+        if not channel_last:  # recorded only when set, so that earlier configs read the same
+            self.config["channel_last"] = False
+        self.channel_last = bool(channel_last)
         self.conventions = conventions
         self.codebook_sizes = sizes
         self.uniform_codebook_size = len(set(sizes)) == 1
@@ -152,9 +158,27 @@ class ResidualVQ(nn.Module):
     @property
     def spec(self) -> QuantizerSpec:
         """What this module takes and returns (`vqdeploy.spec`)."""
-        return QuantizerSpec(type(self).__name__, CHANNEL_LAST, self.dim, max(self.codebook_sizes),
+        return QuantizerSpec(type(self).__name__, layout_for(self.channel_last, image=False), self.dim, max(self.codebook_sizes),
                              num_quantizers=self.num_quantizers, conventions=self.conventions,
                              index_bound=min(self.codebook_sizes))
+
+    def _check_x(self, x: torch.Tensor) -> torch.Tensor:
+        """Check x and return it (batch, seq, dim), whatever the module's layout."""
+        check_floating(x, "x")
+        if self.channel_last:
+            check_rank(x, (3,), "x", self.spec.layout.describe())
+            check_axis_size(x, -1, self.dim, "x", "dim")
+            return x
+        check_rank(x, (3,), "x", f"{self.spec.layout.describe()} (channel_last=False)")
+        check_axis_size(x, 1, self.dim, "x", "dim")
+        return x.transpose(1, 2)
+
+    def _stages_used(self, n_q: int | None) -> int:
+        if n_q is None:
+            return self.num_quantizers
+        if isinstance(n_q, bool) or not isinstance(n_q, int) or not 1 <= n_q <= self.num_quantizers:
+            raise ConfigError(f"n_q must be an integer in [1, {self.num_quantizers}] (the stages to use), got {n_q!r}")
+        return n_q
 
     def _dropout_last_stage(self, device: torch.device, seed: int | None = None) -> int:
         """The last stage a training forward runs (quantize dropout), or the last stage."""
@@ -180,8 +204,12 @@ class ResidualVQ(nn.Module):
         freeze_codebook: bool = False,
         beam_size: int | None = None,
         rand_quantize_dropout_fixed_seed: int | None = None,
+        n_q: int | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Returns quantized (b, n, dim), indices, commit losses (and all codes with `return_all_codes`).
+
+        ``n_q`` runs the first n_q stages only (EnCodec's bandwidth, DAC's n_quantizers): indices,
+        losses and all codes then hold n_q stages; quantized sums those stages.
 
         Seed conventions: indices (q, b, n), losses (q, 1). 1.32's: indices (b, n, q), losses (q,).
         All codes are (q, b, n, codebook_dim) in both. `freeze_codebook` leaves the EMA state as it
@@ -194,9 +222,8 @@ class ResidualVQ(nn.Module):
             conv.check_forward_options("ResidualVQ", conv.RVQ_FORWARD, dict(
                 indices=indices, beam_size=None if beam_size == 1 else beam_size,
             ))
-        check_floating(x, "x")
-        check_rank(x, (3,), "x", "batch, seq, dim")
-        check_axis_size(x, -1, self.dim, "x", "dim")
+        used = self._stages_used(n_q)
+        x = self._check_x(x)
         if eager_checks_enabled():
             check_finite(x, "x")
         if mask is not None:
@@ -207,7 +234,7 @@ class ResidualVQ(nn.Module):
         quantized_out = torch.zeros_like(residual)
         last_stage = self._dropout_last_stage(x.device, rand_quantize_dropout_fixed_seed)
         all_indices, all_losses, stage_inputs = [], [], []
-        for stage, layer in enumerate(self.layers):
+        for stage, layer in enumerate(self.layers[:used]):
             if stage > last_stage:
                 all_indices.append(torch.full(x.shape[:2], -1, dtype=torch.long, device=x.device))
                 all_losses.append(torch.zeros(1, device=x.device))
@@ -246,12 +273,12 @@ class ResidualVQ(nn.Module):
             quantized_out = torch.where(mask[..., None], quantized_out, fill)
             indices_out = indices_out.masked_fill(~mask[None], -1)
         outputs: tuple[torch.Tensor, ...] = (
-            quantized_out,
+            quantized_out if self.channel_last else quantized_out.transpose(1, 2),
             conv.residual_indices_from_seed(self.conventions, indices_out),
             losses if self.conventions == SEED else losses.reshape(-1),
         )
         if return_all_codes:
-            outputs = (*outputs, self._codes_from_seed_indices(indices_out))
+            outputs = (*outputs, self._codes_from_seed_indices(indices_out)[:used])
         return outputs
 
     def _stage_call(
@@ -274,7 +301,8 @@ class ResidualVQ(nn.Module):
     def search_rows(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """Rows stage s searches when the earlier stages served ``indices`` (q, b, n), float32.
 
-        ``indices`` are (quantizer, batch, seq) whatever the module's conventions.
+        ``indices`` are (quantizer, batch, seq) whatever the module's conventions; x is in the
+        module's layout.
 
         Returns (q, b * n, codebook_dim). The residual of stage s is project_in(x) minus this
         module's codes of ``indices[:s]``: with another runtime's indices, the rows that runtime's
@@ -282,12 +310,10 @@ class ResidualVQ(nn.Module):
         the module's own tokens. Rows after a dropped stage (index -1) are those of the last
         stage that ran.
         """
-        check_floating(x, "x")
-        check_rank(x, (3,), "x", "batch, seq, dim")
-        check_axis_size(x, -1, self.dim, "x", "dim")
         with torch.no_grad():
             if indices is None:
                 indices = conv.residual_indices_to_seed(self.conventions, self.eval_tokens(x))
+            x = self._check_x(x)
             check_integer(indices, "indices")
             if tuple(indices.shape) != (self.num_quantizers, *x.shape[:2]):
                 check_axis_size(indices, 0, self.num_quantizers, "indices", "quantizers")
@@ -301,12 +327,12 @@ class ResidualVQ(nn.Module):
                 residual = residual - codes.to(residual.dtype) * valid[:, None]
             return torch.stack(rows)
 
-    def eval_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """The indices (q, b, n) an eval-mode forward gives for ``x``, whatever mode the module is in."""
+    def eval_tokens(self, x: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
+        """The indices an eval-mode forward gives for ``x``, whatever mode the module is in."""
         was_training = self.training
         try:
             with torch.no_grad():
-                return self.eval()(x)[1]
+                return self.eval()(x, n_q=n_q)[1]
         finally:
             self.train(was_training)
 
@@ -363,8 +389,9 @@ class ResidualVQ(nn.Module):
         return torch.stack(codes)
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """What forward returns as `quantized` for these indices."""
-        return self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+        """What forward returns as `quantized` for these indices (in the module's layout)."""
+        out = self.project_out(self.get_codes_from_indices(indices).sum(dim=0))
+        return out if self.channel_last else out.transpose(-1, -2)
 
     @classmethod
     def from_vector_quantize_pytorch(cls, module: nn.Module) -> ResidualVQ:

@@ -177,7 +177,7 @@ def check_vectors(module: nn.Module, got: torch.Tensor, indices: torch.Tensor, r
         report.rows, report.violations = report.rows + rows, report.violations + rows
         report.max_abs_diff = report.max_rel_diff = float("inf")
         return
-    channel_first = not rvq and module.layout.channel_first and want.ndim > 2
+    channel_first = want.ndim > 2 and module.spec.layout.channel_first
     if channel_first:
         want = want.movedim(1, -1)
         got = got.movedim(1, -1) if got.ndim == want.ndim else got

@@ -29,7 +29,7 @@ from vqdeploy.checks import (
 from vqdeploy.errors import BackendOutputError, InputTypeError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
-from vqdeploy.spec import QuantizerSpec
+from vqdeploy.spec import RESIDUAL_KINDS, QuantizerSpec
 
 # Scores a chunk may hold (float32) where the backend materialises them: 2M values = 8 MiB per
 # score-sized buffer in the backend (ONNX Runtime runs the function body MatMul -> ArgMin).
@@ -119,6 +119,12 @@ class Quantizer:
         # speaks the module's conventions.
         self._conventions = self.spec.conventions
         self._groups = self.spec.groups if self.spec.grouped else 0
+        if info.kind not in (*RESIDUAL_KINDS, "VectorQuantize", "model"):
+            raise UnsupportedOptionError(
+                f"vqdeploy.runtime runs VectorQuantize, ResidualVQ, GroupedResidualVQ and SplitResidualVQ exports; this "
+                f"file holds {info.kind} (run it with onnxruntime.InferenceSession: its inputs and outputs keep the "
+                "codec's layout)"
+            )
 
     # -- public API ---------------------------------------------------------------------------------
     @property
@@ -266,7 +272,7 @@ class Quantizer:
             found = outputs[-1].to(index_rows.device)
             g, t = g.to(index_rows.device), t.to(index_rows.device)
             if self._residual:
-                index_rows[:, 0, t] = found.reshape(info.num_quantizers, -1)
+                index_rows[:, g, t] = found.reshape(info.num_quantizers, -1)
             else:
                 index_rows[g, t] = found.reshape(-1, *heads)
             if vectors is not None:
@@ -344,8 +350,8 @@ class Quantizer:
             self._check_output(indices_out, count * per_token, "indices", count)
             if vectors is not None:
                 self._check_output(outputs[0], count * info.dim, "vectors", count)
-            if self._residual:
-                index_rows[:, 0, t0:t1] = indices_out.reshape(info.num_quantizers, -1)
+            if self._residual:  # chunk order is (group, token)
+                index_rows[:, g0:g1, t0:t1] = indices_out.reshape(info.num_quantizers, g1 - g0, t1 - t0)
             else:
                 index_rows[g0:g1, t0:t1] = indices_out.reshape(g1 - g0, t1 - t0, *heads)
             if vectors is not None:
@@ -388,7 +394,7 @@ class Quantizer:
         groups = lead[0] if channel_first_out else 1
         tokens = math.prod(lead) // groups
         if self._residual:
-            view = indices.reshape(info.num_quantizers, 1, tokens)
+            view = indices.reshape(info.num_quantizers, groups, tokens)
         else:
             view = indices.reshape(groups, tokens, *heads)
         float_dtype = self._runner.float_dtype
@@ -398,12 +404,15 @@ class Quantizer:
         for g0, g1, t0, t1 in tiles(groups, tokens, self.chunk_size):
             count = (g1 - g0) * (t1 - t0)
             if self._residual:
-                chunk = view[:, :, t0:t1]
+                chunk = view[:, g0:g1, t0:t1]
             else:
                 chunk = view[g0:g1, t0:t1].reshape(chunk_shape(info, count))
             out = self._runner.infer({name: chunk.to(torch.int64).contiguous()})[0]
             self._check_output(out, count * info.dim, "vectors", count)
-            rows = out.reshape(info.dim, count).t() if self._channel_first else out.reshape(count, info.dim)
+            if self._residual and self._channel_first:  # (gb, d, tc): the module's own layout
+                rows = out.reshape(g1 - g0, info.dim, t1 - t0).permute(0, 2, 1).reshape(count, info.dim)
+            else:
+                rows = out.reshape(info.dim, count).t() if self._channel_first else out.reshape(count, info.dim)
             if channel_first_out:
                 vectors[g0:g1, :, t0:t1] = rows.reshape(g1 - g0, t1 - t0, info.dim).permute(0, 2, 1)
             else:

@@ -16,12 +16,13 @@ from torch import nn
 
 from vqdeploy.errors import NotAVQDeployModelError, UnsupportedOptionError
 from vqdeploy.export.metadata import STATE_PREFIX, ExportInfo
-from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize
+from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, SplitResidualVQ, VectorQuantize
 from vqdeploy.nn.parts import PART_MODULES
 from vqdeploy.runtime.devices import check_device
 from vqdeploy.spec import RESIDUAL_KINDS
 
-_KINDS = {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ}
+_KINDS = {"VectorQuantize": VectorQuantize, "ResidualVQ": ResidualVQ, "GroupedResidualVQ": GroupedResidualVQ,
+          "SplitResidualVQ": SplitResidualVQ}
 
 
 def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
@@ -40,11 +41,16 @@ def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
     embeds = [k for k in module.state_dict() if k.endswith("_codebook.embed")]
     if info.kind in RESIDUAL_KINDS and info.config.get("shared_codebook"):
         embeds = [k for k in embeds if k.endswith("layers.0._codebook.embed")]  # one tensor serves every stage
+    stages = getattr(module, "layers", None)
+    if stages is not None and info.num_quantizers < len(stages):  # n_q baked in: later stages are not in the file
+        unused = {id(layer) for layer in list(stages)[info.num_quantizers :]}
+        names = {name for name, sub in module.named_modules() if id(sub) in unused}
+        embeds = [k for k in embeds if k.removesuffix("._codebook.embed") not in names]
     needed = set(embeds)
     if info.part != "decode":
-        needed |= {k for k in module.state_dict() if k.startswith("project_in.")}
+        needed |= {k for k in module.state_dict() if k.startswith("project_in.") or ".project_in." in k}
     if info.part != "encode":
-        needed |= {k for k in module.state_dict() if k.startswith("project_out.")}
+        needed |= {k for k in module.state_dict() if k.startswith("project_out.") or ".project_out." in k}
     absent = sorted(needed & set(missing))
     if absent or unexpected:
         raise NotAVQDeployModelError(
@@ -88,10 +94,12 @@ class TorchRunner:
         for sub in self.quantizer.modules():
             if isinstance(sub, VectorQuantize):
                 sub.set_search_mode(precision)
+        stages = getattr(self.quantizer, "num_quantizers", 1)
+        n_q = info.num_quantizers if info.num_quantizers < stages else None  # an export with n_q baked in
         if info.part == "encode" and isinstance(self.quantizer, VectorQuantize):
             self.graph = _EncodeIndices(self.quantizer).eval()
         else:
-            self.graph = PART_MODULES[info.part](self.quantizer).eval()
+            self.graph = PART_MODULES[info.part](self.quantizer, n_q).eval()
         self.device = device
         self.float_dtype = next(p.dtype for p in self.quantizer.state_dict().values() if p.is_floating_point())
 
