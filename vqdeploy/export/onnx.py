@@ -188,7 +188,7 @@ def export_onnx(
       (``input_0``...), an output that holds a quantizer's tokens is ``tokens`` (``<path>.tokens``
       with several quantizers) and the others ``output`` (``output_0``...).
     - ``verification_outputs=True``: each search's rows and tokens are extra graph outputs
-      (``<search>.rows``, ``<search>.tokens``), as `vqdeploy.verify` reads them (it builds the same
+      (``search.<id>.rows``, ``search.<id>.tokens``), as `vqdeploy.verify` reads them (it builds the same
       outputs at load time for a file written without them).
 
     The metadata lists every quantizer (kind, stages, K, dims, the output holding its tokens) and

@@ -177,7 +177,7 @@ def describe_export(
                 id=ident, number=number, quantizer=search.quantizer, call=search.call, search=search.search,
                 label=label, codebook_size=int(search.codebook.shape[0]), dim=int(search.codebook.shape[1]),
                 node=node.name, rows_value=node.input[0], tokens_value=node.output[0],
-                rows_output=ident + ".rows", tokens_output=ident + ".tokens",
+                rows_output=f"search.{ident}.rows", tokens_output=f"search.{ident}.tokens",
             ))
         for path in quantizers:
             fields[path]["searches"] = [s["id"] for s in searches if s["quantizer"] == path]
@@ -195,18 +195,33 @@ def describe_export(
 
 
 def with_search_outputs(proto: onnx.ModelProto, searches: list[dict[str, Any]]) -> onnx.ModelProto:
-    """A copy of ``proto`` whose graph also outputs every search's rows and tokens (names from
-    the metadata's ``searches``); a file that has them already comes back as it is."""
-    present = {o.name for o in proto.graph.output}
-    if all(s["rows_output"] in present and s["tokens_output"] in present for s in searches):
-        return proto
-    values = {v for node in proto.graph.node for v in node.output}
+    """A copy of ``proto`` whose graph also outputs every search's rows and tokens (output names
+    from the metadata's ``searches``).
+
+    The values are read off the graph as it is, not off the metadata: in a fused file the k-th
+    NearestCode node's first input and output (so a graph whose search was rewired shows the rows
+    it really searches); in an unfused file, where the searches are inlined, the values the
+    metadata names. Outputs of those names already in the file are rebuilt the same way.
+    """
+    names = {name for s in searches for name in (s["rows_output"], s["tokens_output"])}
     proto = onnx.ModelProto.FromString(proto.SerializeToString())
-    for search in searches:
-        for value, output, elem in ((search["rows_value"], search["rows_output"], TensorProto.FLOAT),
-                                    (search["tokens_value"], search["tokens_output"], TensorProto.INT64)):
-            if output in present:
-                continue
+    kept_outputs = [o for o in proto.graph.output if o.name not in names]
+    del proto.graph.output[:]
+    proto.graph.output.extend(kept_outputs)
+    kept_nodes = [n for n in proto.graph.node if not (n.op_type == "Identity" and set(n.output) & names)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(kept_nodes)
+    nodes = nearest_code_nodes(proto)
+    if nodes and len(nodes) != len(searches):
+        raise NotAVQDeployModelError(
+            f"the graph has {len(nodes)} NearestCode nodes, its metadata describes {len(searches)} searches: "
+            "the file was changed after export"
+        )
+    values = {v for node in proto.graph.node for v in node.output}
+    for k, search in enumerate(searches):
+        rows, tokens = (nodes[k].input[0], nodes[k].output[0]) if nodes else (search["rows_value"], search["tokens_value"])
+        for value, output, elem in ((rows, search["rows_output"], TensorProto.FLOAT),
+                                    (tokens, search["tokens_output"], TensorProto.INT64)):
             if value not in values:
                 raise NotAVQDeployModelError(
                     f"the graph has no value {value!r} ({search['id']}'s {'rows' if elem == TensorProto.FLOAT else 'tokens'}"
