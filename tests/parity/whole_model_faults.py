@@ -35,11 +35,12 @@ def edit_initializers(select: Callable[[str], bool], change: Callable[[np.ndarra
 
 
 def nudge_weight(name: str, amount: float = 1e-3) -> Edit:
-    """One element of one weight moved by ``amount`` times the tensor's largest magnitude."""
+    """The largest-magnitude element of one weight moved by ``amount`` times its magnitude."""
 
     def change(weight: np.ndarray) -> np.ndarray:
         flat = weight.reshape(-1)
-        flat[0] += amount * float(np.abs(weight).max())
+        index = int(np.abs(flat).argmax())
+        flat[index] += amount * abs(float(flat[index]))
         return weight
 
     return edit_initializers(lambda n: n == name, change)
