@@ -255,3 +255,28 @@ def test_verify_refuses_files_that_do_not_describe_their_searches(codec, exporte
     onnx.save(model, str(tmp_path / "bare.onnx"))
     with pytest.raises(NotAVQDeployModelError, match="export it again"):
         verify(codec, tmp_path / "bare.onnx")
+
+
+# -- the CLI ------------------------------------------------------------------------------------------
+def test_cli_verifies_a_whole_model_from_a_factory_or_a_saved_module(codec, exported, tmp_path, capsys):
+    from vqdeploy.cli import main
+
+    saved = tmp_path / "codec.pt"
+    torch.save(codec, saved)
+    factory = tmp_path / "mycodec.py"
+    factory.write_text(f"import torch\n\n\ndef build():\n    return torch.load({str(saved)!r}, weights_only=False)\n")
+    clips = tmp_path / "clips.npy"
+    np.save(clips, np.random.default_rng(0).standard_normal((2, 1, FRAME)).astype(np.float32))
+
+    assert main(["verify", f"{factory}:build", str(exported), "--inputs", str(clips),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and "rvq.stage3" in out and "tie crossings" in out
+    assert json.loads((tmp_path / "r.json").read_text())["passed"]
+    assert main(["verify", str(saved), str(exported), "--backend", "torch"]) == 0
+
+    nudged = tampered(exported, nudge_weight("encoder.2.weight", 1e-3), tmp_path / "nudged.onnx")
+    assert main(["verify", str(saved), str(nudged)]) == 1
+    assert "row(s) beyond tolerance" in capsys.readouterr().err
+    assert main(["verify", "no_such_module_xyz:build", str(exported)]) != 0
+    assert "cannot import" in capsys.readouterr().err
