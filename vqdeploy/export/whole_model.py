@@ -155,7 +155,7 @@ def describe_export(
             if new != value.name:
                 rename_value(proto, value.name, new)
             taken.add(new)
-    for path, entry in fields.items():
+    for entry in fields.values():
         if "tokens_output_index" in entry:
             entry["tokens_output"] = proto.graph.output[entry.pop("tokens_output_index")].name
         else:

@@ -33,6 +33,7 @@ eager tokens reached.
 from vqdeploy.parity.classify import check_tokens, check_vectors, classify_tokens, new_stage_reports
 from vqdeploy.parity.compare import verify
 from vqdeploy.parity.inputs import decode_probes, default_inputs
+from vqdeploy.parity.model_report import ModelParityReport, SearchParity
 from vqdeploy.parity.report import (
     CRITERION_CERTIFIED,
     CRITERION_IDENTICAL,
@@ -40,7 +41,6 @@ from vqdeploy.parity.report import (
     StageReport,
     VectorReport,
 )
-from vqdeploy.parity.model_report import ModelParityReport, SearchParity
 from vqdeploy.parity.whole_model import verify_model
 
 __all__ = [

@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils import _pytree
 
 from vqdeploy.errors import NotAVQDeployModelError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo, read_metadata
@@ -247,11 +246,6 @@ def _check_tokens_output(info, path, call, quantizer, x32, tokens_b, outputs, re
         report.problems.append(
             f"output {name!r}: {mismatched} of {want.numel()} tokens are not those the searches of {path} found"
         )
-
-
-def flatten_outputs(outputs: Any) -> list[torch.Tensor]:
-    """The tensors of a forward's output, in the order the exporter flattens them."""
-    return [leaf for leaf in _pytree.tree_flatten(outputs)[0] if isinstance(leaf, torch.Tensor)]
 
 
 __all__ = ["DEFAULT_SAFETY", "default_model_inputs", "verify_model"]
