@@ -280,3 +280,14 @@ def test_cli_verifies_a_whole_model_from_a_factory_or_a_saved_module(codec, expo
     assert "row(s) beyond tolerance" in capsys.readouterr().err
     assert main(["verify", "no_such_module_xyz:build", str(exported)]) != 0
     assert "cannot import" in capsys.readouterr().err
+
+
+def test_unfused_whole_model_verifies_from_the_named_values(codec, tmp_path):
+    path = export_onnx(codec, tmp_path / "plain.onnx", example_input=torch.randn(2, 1, FRAME), fused=False)
+    assert not any(n.domain == "vqdeploy" for n in onnx.load(str(path)).graph.node)
+    with runtime.load(path) as served:  # auto: ort for a whole model
+        assert served.backend == "ort"
+    report = verify(codec, path)
+    assert report.passed and report.tokens == 4 * 2 * 2 * FRAME // 4, report.table()
+    bad = tampered(path, nudge_weight("encoder.2.weight", 1e-3), tmp_path / "bad.onnx")
+    assert verify(codec, bad).rows_over_tolerance > 0

@@ -139,6 +139,8 @@ def load(
     if isinstance(path, bytearray | memoryview):
         path = bytes(path)
     info = read_metadata(path)
+    if info.kind == "model" and backend == "auto":  # whole models run on ort (the graph) or torch (the module)
+        backend = "ort" if is_available("ort") and "model" not in options else "torch"
     name = resolve_backend(backend, device)
     if isinstance(path, bytes) and backend == "auto" and name == "trt":
         name = resolve_backend("ort" if is_available("ort") else "torch", device)
