@@ -72,7 +72,7 @@ def test_user_model_uses_the_codebook_and_is_described(exported, trained, digits
     assert indices.unique().numel() > 8  # a real, used codebook, not one code for everything
 
     info = read_metadata(exported)
-    assert info.kind == "model" and info.part == "quantize"
+    assert info.kind == "model" and info.part == "model"
     assert info.input_layout == "model"
     assert (info.dim, info.codebook_size, info.heads, info.num_quantizers) == (32, 32, 1, 1)
     assert [q["path"] for q in info.quantizers] == ["vq"]

@@ -24,7 +24,8 @@ examples:
 
 The shipped model is a VQ-VAE trained on scikit-learn's 8x8 digits (vqdeploy.examples). The demo
 exports its quantizer (encode) fused and unfused and the whole model, runs every backend this
-machine has, checks token parity against eager PyTorch with `verify`, and times each backend.
+machine has, checks token parity against eager PyTorch with `verify` (for the whole model: the
+encoder's rows within float32 tolerance and every token on them), and times each backend.
 """
 
 DEMO_FILES = {
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     from vqdeploy import export_onnx, runtime, save_quantizer
     from vqdeploy.bench import best_seconds, eager_call
     from vqdeploy.examples import load_digits_tensor, load_pretrained
-    from vqdeploy.parity import default_inputs, verify, whole_model_tokens
+    from vqdeploy.parity import default_inputs, verify
 
     started = time.perf_counter()
     quick = args.quick
@@ -149,17 +150,23 @@ def run(args: argparse.Namespace) -> int:
                 bar.update()
 
             step("whole model in ONNX Runtime")
-            counts, session, reconstruction = whole_model_tokens(model, images, files["model"])
+            # Whole-model parity: every search's rows against the eager encoder's (within the float32
+            # tolerance of the layers upstream), every served token against the eager codebook on them.
+            whole_report = verify(model, files["model"], backend="ort", inputs=[images[:real_images]])
+            reports.append(whole_report.to_dict() | {"graph": "whole model"})
             whole_images = images[:bench_images]
-            feed = {session.get_inputs()[0].name: whole_images.numpy()}
-            whole_seconds = best_seconds(lambda: session.run(None, feed), repeats)
+            with runtime.load(files["model"], backend="ort") as whole:
+                reconstruction = whole.run(images)["output"]
+                whole_seconds = best_seconds(lambda: whole.run(whole_images), repeats)
             with torch.inference_mode():
                 eager_whole = best_seconds(lambda: model(whole_images), repeats)
-            rows.append(("ort (whole model)", "cpu", "fused", f"{counts['identical']}/{counts['tokens']}", counts["ties"],
-                         counts["violations"], rate(whole_images.shape[0] * 16 / whole_seconds),
-                         ratio(eager_whole / whole_seconds)))
-            if counts["violations"]:
-                failures.append(f"whole model: {counts['violations']} violation(s)")
+            search = whole_report.searches[0]
+            rows.append(("ort (whole model)", "cpu", "fused", f"{whole_report.identical}/{whole_report.tokens}",
+                         whole_report.certified_ties, whole_report.violations,
+                         rate(whole_images.shape[0] * 16 / whole_seconds), ratio(eager_whole / whole_seconds)))
+            if not whole_report.passed:
+                failures.append(f"whole model: {whole_report.violations} violation(s) "
+                                f"{'; ' + '; '.join(whole_report.problems) if whole_report.problems else ''}")
             bar.update()
         mse = float(np.mean((np.asarray(reconstruction) - images.numpy()) ** 2))
 
@@ -172,6 +179,10 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(f"eager PyTorch: {rate(bench_tokens / eager_seconds)} vectors/s (VectorQuantize eval forward, "
               f"{bench_tokens} tokens); whole model counted in tokens (16 per digit); reconstruction MSE {mse:.4f}")
+        print(f"whole model: encoder rows drift at most {search.max_drift:.3g} from eager (tolerance "
+              f"{search.tolerance:.3g}, from the encoder's float32 error {search.eager_error:.3g}); "
+              f"{whole_report.differ_from_eager} served tokens differ from eager ({whole_report.tie_crossings} tie "
+              f"crossings, {whole_report.violations} violations)")
         skipped = [b for b in runtime.BACKENDS if b not in runtime.available_backends()]
         if not cuda:
             skipped.append("every CUDA row (no GPU here)")

@@ -77,16 +77,27 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(("config", "value"), sorted(meta["config"].items())))
     if meta["kind"] == "model" or len(meta["quantizers"]) > 1:
         print()
-        print(format_table(("quantizer", "kind", "codes", "dim", "codebook dim", "metric"),
-                           [(q["path"] or "(root)", q["kind"], q["codebook_size"], q["dim"], q["codebook_dim"], q["metric"])
+        print(format_table(("quantizer", "kind", "stages", "codes", "dim", "codebook dim", "metric", "tokens output"),
+                           [(q["path"] or "(root)", q["kind"], q.get("stages", "-"), q["codebook_size"], q["dim"],
+                             q["codebook_dim"], q["metric"], q.get("tokens_output") or "-")
                             for q in meta["quantizers"]]))
+    if meta.get("searches"):
+        print()
+        print(format_table(("search", "quantizer", "codes", "dim", "node", "rows output"),
+                           [(s["id"], s["quantizer"] or "(root)", s["codebook_size"], s["dim"], s["node"],
+                             s["rows_output"]) for s in meta["searches"]]))
     print()
     rows = [("input", v["name"], v["dtype"], _shape_text(v["shape"])) for v in described["inputs"]]
     rows += [("output", v["name"], v["dtype"], _shape_text(v["shape"])) for v in described["outputs"]]
     print(format_table(("graph", "name", "dtype", "shape"), rows))
     print()
     count = described["nearest_code_nodes"]
-    if count:
+    if count and meta["kind"] == "model":
+        function = "with" if described["nearest_code_function"] else "WITHOUT"
+        print(f"NearestCode nodes: {count} (fused; {function} the model-local function ONNX Runtime inlines)")
+        print("Tokens: a whole model runs its graph's ArgMin on ort (certified ties) and vqdeploy's exact search on "
+              "torch (runtime.load(..., model=module)); vqdeploy verify checks every search's rows and tokens")
+    elif count:
         function = "with" if described["nearest_code_function"] else "WITHOUT"
         print(f"NearestCode nodes: {count} (fused; {function} the model-local function ONNX Runtime inlines)")
         print("Tokens: vqdeploy's runtime (ort, torch) returns the exact argmin (near ties re-solved); a raw "

@@ -42,6 +42,11 @@ class ExportInfo:
     outputs: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # constructor config of a bare quantizer
     quantizers: list[dict[str, Any]] = field(default_factory=list)
+    # Whole models (kind "model"); absent from files written before, read as empty.
+    searches: list[dict[str, Any]] = field(default_factory=list)  # every NearestCode node, in graph order
+    input_shapes: list[list[Any]] = field(default_factory=list)  # per input: sizes, or names of dynamic axes
+    example_shapes: list[list[int]] = field(default_factory=list)  # the example_input export traced
+    verification_outputs: bool = False  # whether each search's rows and tokens are graph outputs
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -60,12 +65,14 @@ def describe_quantizer(module: nn.Module) -> dict[str, Any]:
 
 
 def build_info(
-    quantizers: dict[str, nn.Module], kind: str, part: str, fused: bool, opset: int, inputs: list[str], outputs: list[str]
+    quantizers: dict[str, nn.Module], kind: str, part: str, fused: bool, opset: int, inputs: list[str], outputs: list[str],
+    quantizer_fields: dict[str, dict[str, Any]] | None = None, **model_fields: Any,
 ) -> ExportInfo:
     """ExportInfo for an export of `part`; `quantizers` maps module paths to the quantizers inside."""
     from vqdeploy._version import __version__
 
-    described = [dict(path=path, **describe_quantizer(q)) for path, q in quantizers.items()]
+    described = [dict(path=path, **describe_quantizer(q), **(quantizer_fields or {}).get(path, {}))
+                 for path, q in quantizers.items()]
     first = described[0]
     return ExportInfo(
         version=__version__,
@@ -85,10 +92,14 @@ def build_info(
         outputs=outputs,
         config=first["config"] if kind != "model" else {},
         quantizers=described,
+        **model_fields,
     )
 
 
-_JSON_FIELDS = ("inputs", "outputs", "config", "quantizers", "fused")
+_JSON_FIELDS = ("inputs", "outputs", "config", "quantizers", "fused", "searches", "input_shapes", "example_shapes",
+                "verification_outputs")
+# Fields added after the first files were written: optional when reading (their defaults).
+_OPTIONAL_FIELDS = ("searches", "input_shapes", "example_shapes", "verification_outputs")
 _INT_FIELDS = ("num_quantizers", "codebook_size", "dim", "codebook_dim", "heads", "opset")
 
 
@@ -122,7 +133,7 @@ def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportI
         except Exception as error:  # protobuf raises DecodeError and friends
             raise NotAVQDeployModelError(f"{path} is not an ONNX file: {error}") from error
     props = {p.key.removeprefix(PREFIX): p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
-    missing = [f for f in ExportInfo.__dataclass_fields__ if f not in props]
+    missing = [f for f in ExportInfo.__dataclass_fields__ if f not in props and f not in _OPTIONAL_FIELDS]
     if missing:
         raise NotAVQDeployModelError(
             f"{name} is not a vqdeploy export (no vqdeploy metadata{'' if len(missing) > 12 else ': missing ' + ', '.join(missing)}); "
@@ -130,6 +141,8 @@ def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportI
         )
     values: dict[str, Any] = {}
     for key in ExportInfo.__dataclass_fields__:
+        if key not in props:
+            continue
         raw = props[key]
         values[key] = json.loads(raw) if key in _JSON_FIELDS else int(raw) if key in _INT_FIELDS else raw
     return ExportInfo(**values)

@@ -9,6 +9,7 @@ import os
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -21,7 +22,7 @@ from vqdeploy.errors import (
     UninitializedCodebookError,
     UnsupportedOptionError,
 )
-from vqdeploy.export import codec_parts, functions
+from vqdeploy.export import codec_parts, functions, whole_model
 from vqdeploy.export.metadata import (
     PART_INPUTS,
     PART_OUTPUTS,
@@ -144,6 +145,10 @@ def export_onnx(
     overwrite: bool = False,
     index_dtype: str = "int64",
     n_q: int | None = None,
+    dynamic_shapes: Any = None,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    verification_outputs: bool = False,
 ) -> Path:
     """Export a quantizer, or a model that contains quantizers, to an ONNX file at `path`.
 
@@ -160,6 +165,25 @@ def export_onnx(
     their own token layout (SNAC's per-stage tokens are one output / input per stage,
     ``indices_0``...). Returns the path written.
 
+    A whole model (any other module; see "Whole models" in the README) takes these as well:
+
+    - ``dynamic_shapes``: which input axes stay dynamic. ``None`` (default) makes every axis
+      dynamic; ``False`` (or ``"static"``) fixes every axis to ``example_input``'s sizes (a fixed
+      frame: an encoder with an LSTM, say, exports only so); otherwise one ``{axis: name}`` dict
+      per input (a tuple, or a dict keyed by the forward's argument names), as torch.export takes
+      it, e.g. ``({0: "batch"},)`` for a dynamic batch and a fixed frame length. The sizes of the
+      fixed axes are the frame the file serves; they are written to the metadata (``input_shapes``)
+      and checked by `vqdeploy.runtime`.
+    - ``input_names`` / ``output_names``: graph names. By default the inputs are ``input``
+      (``input_0``...), an output that holds a quantizer's tokens is ``tokens`` (``<path>.tokens``
+      with several quantizers) and the others ``output`` (``output_0``...).
+    - ``verification_outputs=True``: each search's rows and tokens are extra graph outputs
+      (``search.<id>.rows``, ``search.<id>.tokens``), as `vqdeploy.verify` reads them (it builds the same
+      outputs at load time for a file written without them).
+
+    The metadata lists every quantizer (kind, stages, K, dims, the output holding its tokens) and
+    every search (``searches``: its quantizer, stage or head, K, dim, node and rows output).
+
     >>> import tempfile, pathlib, vqdeploy
     >>> vq = vqdeploy.VectorQuantize(dim=8, codebook_size=16)
     >>> out = pathlib.Path(tempfile.mkdtemp()) / "vq.onnx"
@@ -169,7 +193,7 @@ def export_onnx(
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
-    if part not in PARTS:
+    if part not in PARTS and part != "model":
         raise UnsupportedOptionError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     opset = DEFAULT_OPSET if opset is None else opset
     if index_dtype not in INDEX_DTYPES:
@@ -189,6 +213,11 @@ def export_onnx(
         raise UnsupportedOptionError(
             f"index_dtype={index_dtype!r} applies to the indices output of a bare quantizer's encode or quantize part"
         )
+    if is_quantizer and (dynamic_shapes is not None or input_names or output_names or verification_outputs):
+        raise UnsupportedOptionError(
+            "dynamic_shapes, input_names, output_names and verification_outputs apply to a whole model; a bare "
+            f"{type(model).__name__} export has the fixed names and dynamic axes of its part"
+        )
     codec_parts.check_n_q(model, part, n_q)
     axis_names: dict[int, str] = {}
     if is_quantizer and codec_parts.is_codec_kind(model):
@@ -200,7 +229,7 @@ def export_onnx(
         dynamic = {"x" if part != "decode" else "indices": _dynamic_axes(model, part, example)}
         input_names, output_names = PART_INPUTS[part], PART_OUTPUTS[part]
     else:
-        if part != "quantize":
+        if part not in ("quantize", "model"):
             raise UnsupportedOptionError(
                 f"part={part!r} applies to a bare quantizer; a model ({type(model).__name__}) is exported whole"
             )
@@ -208,9 +237,12 @@ def export_onnx(
             raise UnsupportedOptionError(f"exporting a {type(model).__name__} needs example_input")
         wrapper, example = model, example_input
         examples = example if isinstance(example, tuple) else (example,)
-        dynamic = tuple({axis: Dim.AUTO for axis in range(t.ndim)} for t in examples)
-        input_names = [f"input_{i}" for i in range(len(examples))] if len(examples) > 1 else ["input"]
-        output_names = None
+        dynamic = whole_model.dynamic_spec(dynamic_shapes, examples)
+        if input_names is None:
+            input_names = [f"input_{i}" for i in range(len(examples))] if len(examples) > 1 else ["input"]
+        elif len(input_names) != len(examples):
+            raise UnsupportedOptionError(f"input_names has {len(input_names)} names for {len(examples)} inputs")
+        part = "model"
     examples = example if isinstance(example, tuple) else (example,)
 
     modes = [(module, module.training) for module in model.modules()]  # each submodule's own mode
@@ -237,6 +269,10 @@ def export_onnx(
         for module, training in modes:  # model.train(flag) would also flip a user's frozen (eval) parts
             module.training = training
 
+    extra: dict[str, Any] = {}
+    if not is_quantizer:  # before inlining: the NearestCode nodes name each search's rows
+        proto, extra = whole_model.describe_export(model, quantizers, examples, proto, output_names,
+                                                   verification_outputs, dynamic_shapes)
     proto = finish_model(proto, fused=fused)
     if index_dtype == "int32":
         cast_output(proto, "indices", onnx.TensorProto.INT32)
@@ -250,6 +286,7 @@ def export_onnx(
         opset=opset,
         inputs=[i.name for i in proto.graph.input],
         outputs=[o.name for o in proto.graph.output],
+        **extra,
     )
     if n_q is not None:
         info = codec_parts.with_stages_used(info, n_q)

@@ -2,8 +2,10 @@
 
 The package is `vqdeploy.parity`; `vqdeploy.verify` is its public function. Modules: `report`
 (what is reported), `inputs` (default inputs and probes), `classify` (the verdict on each token
-and vector), `compare` (`verify` itself), `whole_model` (a whole exported model's tokens),
-`polygraphy_adapter` (the same verdict inside Polygraphy's Comparator; imports polygraphy).
+and vector), `compare` (`verify` itself), `whole_model` (a whole exported model: rows and tokens
+of every search, `verify_model`), `model_report` (its report), `model_source` (loading a user's
+model for the CLI), `polygraphy_adapter` (the same verdict inside Polygraphy's Comparator;
+imports polygraphy).
 
 What is proven, for every input verify runs:
 
@@ -31,6 +33,7 @@ eager tokens reached.
 from vqdeploy.parity.classify import check_tokens, check_vectors, classify_tokens, new_stage_reports
 from vqdeploy.parity.compare import verify
 from vqdeploy.parity.inputs import decode_probes, default_inputs
+from vqdeploy.parity.model_report import ModelParityReport, SearchParity
 from vqdeploy.parity.report import (
     CRITERION_CERTIFIED,
     CRITERION_IDENTICAL,
@@ -38,12 +41,14 @@ from vqdeploy.parity.report import (
     StageReport,
     VectorReport,
 )
-from vqdeploy.parity.whole_model import whole_model_tokens
+from vqdeploy.parity.whole_model import verify_model
 
 __all__ = [
     "CRITERION_CERTIFIED",
     "CRITERION_IDENTICAL",
+    "ModelParityReport",
     "ParityReport",
+    "SearchParity",
     "StageReport",
     "VectorReport",
     "check_tokens",
@@ -53,5 +58,5 @@ __all__ = [
     "default_inputs",
     "new_stage_reports",
     "verify",
-    "whole_model_tokens",
+    "verify_model",
 ]

@@ -14,6 +14,7 @@ from vqdeploy.export.metadata import read_metadata
 from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, VectorQuantize, load_quantizer
 from vqdeploy.parity.classify import check_tokens, check_vectors, new_stage_reports
 from vqdeploy.parity.inputs import decode_probes, default_inputs
+from vqdeploy.parity.model_report import ModelParityReport
 from vqdeploy.parity.report import CRITERION_IDENTICAL, ParityReport
 
 
@@ -28,14 +29,27 @@ def verify(
     num_samples: int = 2048,
     seed: int = 0,
     **load_options: Any,
-) -> ParityReport:
+) -> ParityReport | ModelParityReport:
     """Run the eager quantizer and ``backend`` on the same inputs and classify every token and vector.
 
     ``model`` is a VectorQuantize / ResidualVQ or the path of a vqdeploy checkpoint. ``inputs`` are
     arrays in the module's input layout (numpy or torch), or indices for a decode export; by
     default `default_inputs` (and `decode_probes` for decode exports).
+
+    A whole-model file (a model exported with its quantizers inside) is verified against the
+    eager ``model`` (the module, or a model source as `vqdeploy.parity.model_source.load_model_source`
+    reads it): rows and tokens of every search, see `vqdeploy.parity.whole_model.verify_model`;
+    ``inputs`` are then the model's inputs, and the report a `ModelParityReport`.
     """
     from vqdeploy import runtime
+
+    if read_metadata(onnx_path).kind == "model":
+        from vqdeploy.parity.model_source import load_model_source
+        from vqdeploy.parity.whole_model import verify_model
+
+        whole = load_model_source(model) if isinstance(model, str | os.PathLike) else model
+        return verify_model(whole, onnx_path, backend=backend, device=device, precision=precision, inputs=inputs,
+                            seed=seed, **load_options)
 
     module = load_quantizer(model) if isinstance(model, str | os.PathLike) else model
     if not isinstance(module, VectorQuantize | ResidualVQ | GroupedResidualVQ):

@@ -111,6 +111,12 @@ def load(
     max_tokens, cache_dir, prefer_aot). Only the torch backend on CUDA has a "fast" search (Triton,
     tensor cores plus a float32 re-check); ONNX Runtime and TensorRT keep TF32 off in both precisions,
     since TF32 there would change tokens.
+
+    A whole-model file (exported from a model that contains quantizers) opens as a `WholeModel`
+    (``run(inputs)`` -> named outputs, ``encode(x)`` -> its tokens output) on "ort", or on "torch"
+    given the module it was exported from: ``load(path, backend="torch", model=module)`` runs that
+    module with the file's weights (`vqdeploy.runtime.whole_model`). ``search_outputs=True`` also
+    returns every search's rows and tokens (what verify reads).
     """
     if precision not in PRECISIONS:
         raise UnsupportedOptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -118,9 +124,18 @@ def load(
     if isinstance(path, bytearray | memoryview):
         path = bytes(path)
     info = read_metadata(path)
+    if info.kind == "model" and backend == "auto":  # whole models run on ort (the graph) or torch (the module)
+        backend = "ort" if is_available("ort") and "model" not in options else "torch"
     name = resolve_backend(backend, device)
     if isinstance(path, bytes) and backend == "auto" and name == "trt":
         name = resolve_backend("ort" if is_available("ort") else "torch", device)
+    if info.kind == "model":
+        from vqdeploy.runtime.whole_model import load_model
+
+        return load_model(path, info, name, device, precision, **options)
+    for option in ("model", "search_outputs"):
+        if option in options:
+            raise UnsupportedOptionError(f"{option}= applies to whole-model files; this file holds a bare {info.kind}")
     runner = BACKENDS[name][0](path, info, device, precision, **options)
     try:
         return Quantizer(info, runner, chunk_size=chunk_size)
