@@ -6,7 +6,6 @@ import contextlib
 import io
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ def _dynamic_axes(quantizer: nn.Module, part: str, example: torch.Tensor) -> dic
     return dict.fromkeys(QuantizerSpec.from_module(quantizer).dynamic_axis_names(part, example.ndim), Dim.DYNAMIC)
 
 
-_SYMBOL = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+_SYMBOL = whole_model.DIM_SYMBOL
 
 
 def name_dynamic_dims(proto: onnx.ModelProto, axis_names: dict[int, str]) -> onnx.ModelProto:

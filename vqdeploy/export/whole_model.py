@@ -11,6 +11,7 @@ metadata (``searches``: ``rows_value`` / ``tokens_value`` are the values in the 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import onnx
@@ -70,15 +71,17 @@ def _axis_names(dynamic_shapes: Any, input_count: int) -> list[dict[int, str]]:
     return names
 
 
+# A bare dimension symbol of the exporter ("s77"), as it appears inside shape expressions too.
+DIM_SYMBOL = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+
+
 def name_input_axes(proto: onnx.ModelProto, names: list[dict[int, str]]) -> None:
     """Give the exporter's symbols on the inputs' named axes the user's names, everywhere."""
-    from vqdeploy.export.onnx import _SYMBOL
-
     mapping: dict[str, str] = {}
     for value, axes in zip(proto.graph.input, names, strict=False):
         dims = value.type.tensor_type.shape.dim
         for axis, name in axes.items():
-            if axis < len(dims) and _SYMBOL.fullmatch(dims[axis].dim_param or "") and dims[axis].dim_param not in mapping:
+            if axis < len(dims) and DIM_SYMBOL.fullmatch(dims[axis].dim_param or "") and dims[axis].dim_param not in mapping:
                 mapping[dims[axis].dim_param] = name
     if not mapping:
         return
@@ -86,7 +89,7 @@ def name_input_axes(proto: onnx.ModelProto, names: list[dict[int, str]]) -> None
         if value.type.HasField("tensor_type"):
             for dim in value.type.tensor_type.shape.dim:
                 if dim.dim_param:
-                    dim.dim_param = _SYMBOL.sub(lambda m: mapping.get(m.group(0), m.group(0)), dim.dim_param)
+                    dim.dim_param = DIM_SYMBOL.sub(lambda m: mapping.get(m.group(0), m.group(0)), dim.dim_param)
 
 
 def rename_value(proto: onnx.ModelProto, old: str, new: str) -> None:

@@ -37,6 +37,7 @@ import warnings
 import numpy as np
 import torch
 
+from vqdeploy.ops import gemm
 from vqdeploy.ops.contract import norm_upper_bound, resolve_near_ties_, rows_per_block, squared_norms
 from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads, tile_product
 
@@ -260,3 +261,6 @@ def _search_numpy(
     np.sqrt(bound, out=bound)
     bound *= 1.0 + (dim + 4) * 2.0**-23
     return torch.from_numpy(bound)
+
+
+gemm.register_timed_op(nearest_code_cpu)  # the GEMM library is chosen on this op as it runs

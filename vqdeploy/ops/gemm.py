@@ -45,7 +45,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,10 +229,23 @@ def tile_product(library: str, codes: torch.Tensor, tile: torch.Tensor, out: tor
 
 
 # -- measuring -------------------------------------------------------------------------------------------
+# The op each library is timed with, registered by `vqdeploy.ops.cpu_kernels` when it is imported
+# (it imports this module; the choice is made on the op as it runs, so this module names no kernel).
+_TIMED_OP: Callable[..., torch.Tensor] | None = None
+
+
+def register_timed_op(op: Callable[..., torch.Tensor]) -> None:
+    """Set the op `measure` times: op(x, codes, gemm=library)."""
+    global _TIMED_OP
+    _TIMED_OP = op
+
+
 def measure(shapes: tuple[tuple[int, int, int], ...] | None = None, rounds: int | None = None) -> dict[str, dict[str, float]]:
     """Median seconds of the CPU op (`nearest_code_cpu`) with each library, per (N, D, K), the two
     libraries interleaved per round: the GEMM as the op runs it (threads, tiles, the argmin after it)."""
-    from vqdeploy.ops.cpu_kernels import nearest_code_cpu
+    nearest_code_cpu = _TIMED_OP
+    if nearest_code_cpu is None:
+        raise RuntimeError("no CPU op registered to time: import vqdeploy.ops.cpu_kernels first")
 
     generator = torch.Generator().manual_seed(0)
     seconds: dict[str, dict[str, list[float]]] = {lib: {} for lib in LIBRARIES}
