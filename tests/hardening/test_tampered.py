@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import json
 import math
+
 import onnx
 import pytest
 import torch
 
-from vqdeploy import ResidualVQ, VectorQuantize, export_onnx, load_quantizer, read_metadata, runtime, save_quantizer
-from vqdeploy.errors import CheckpointConfigError, CheckpointValuesError, MetadataError, NotAVQDeployModelError
+from vqdeploy import (
+    ResidualVQ,
+    VectorQuantize,
+    export_onnx,
+    load_quantizer,
+    read_metadata,
+    runtime,
+    save_quantizer,
+)
+from vqdeploy.errors import (
+    CheckpointConfigError,
+    CheckpointValuesError,
+    MetadataError,
+    NotAVQDeployModelError,
+)
 from vqdeploy.nn.checkpoint import CLASS_KEY, CONFIG_KEY
 
 

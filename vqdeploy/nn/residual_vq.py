@@ -15,6 +15,7 @@ from vqdeploy.checks import (
     check_index_range,
     check_integer,
     check_rank,
+    check_tensor,
     eager_checks_enabled,
 )
 from vqdeploy.errors import ConfigError, UnsupportedOptionError
@@ -66,8 +67,12 @@ class ResidualVQ(nn.Module):
         for key in _PER_STAGE_ONLY:
             if key in vq_kwargs:
                 raise UnsupportedOptionError(f"ResidualVQ does not accept {key}= for its stages (inputs are batch, seq, dim)")
-        if not isinstance(num_quantizers, int) or num_quantizers < 1:
-            raise ConfigError(f"num_quantizers must be a positive integer, got {num_quantizers!r}")
+        for name, value in (("dim", dim), ("num_quantizers", num_quantizers), ("codebook_size", codebook_size),
+                            ("codebook_dim", codebook_dim)):
+            if name == "codebook_dim" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
             raise ConfigError(
                 f"quantize_dropout_cutoff_index must lie in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}"
@@ -154,13 +159,16 @@ class ResidualVQ(nn.Module):
             conv.check_forward_options("ResidualVQ", conv.RVQ_FORWARD, dict(
                 mask=mask, indices=indices, beam_size=None if beam_size == 1 else beam_size,
             ))  # sample_codebook_temp is inert: it acts only with stochastic sampling, which is refused
+        check_tensor(x, "x")
         check_floating(x, "x")
         check_rank(x, (3,), "x", "batch, seq, dim")
         check_axis_size(x, -1, self.dim, "x", "dim")
-        if eager_checks_enabled():
-            check_finite(x, "x")
+        if eager_checks_enabled():  # the search sees float32: a float64 1e300 would be inf there
+            check_finite(x, "x", dtype=torch.float32 if x.dtype == torch.float64 else None, what="the codebook search")
 
         residual = self.project_in(x)
+        if self.has_projections and eager_checks_enabled():
+            check_finite(residual, "x after project_in", dtype=torch.float32, what="the codebook search")
         quantized_out = torch.zeros_like(residual)
         last_stage = self._dropout_last_stage(x.device, rand_quantize_dropout_fixed_seed)
         all_indices, all_losses, stage_inputs = [], [], []
@@ -209,6 +217,7 @@ class ResidualVQ(nn.Module):
         the module's own tokens. Rows after a dropped stage (index -1) are those of the last
         stage that ran.
         """
+        check_tensor(x, "x")
         check_floating(x, "x")
         check_rank(x, (3,), "x", "batch, seq, dim")
         check_axis_size(x, -1, self.dim, "x", "dim")
@@ -245,6 +254,7 @@ class ResidualVQ(nn.Module):
         (the coarse stages) when the module was built with quantize_dropout; anything else is refused
         (InputShapeError), so indices of the other layout are not reinterpreted.
         """
+        check_tensor(indices, "indices")
         check_integer(indices, "indices")
         if self.conventions == SEED:
             check_rank(indices, (3,), "indices", "quantizer, batch, seq (the seed's layout)")
