@@ -18,6 +18,7 @@ from vqdeploy.errors import (
     InputShapeError,
     InputTypeError,
     NonFiniteInputError,
+    NotAnArrayError,
 )
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
@@ -63,7 +64,7 @@ def as_tensor(x, name: str = "x") -> tuple[torch.Tensor, bool]:
         check_numpy_readable(x, name)
         return torch.from_numpy(x), True
     if not isinstance(x, torch.Tensor):
-        raise InputTypeError(f"{name} must be a numpy array or a torch tensor, got {type(x).__module__}.{type(x).__name__}")
+        raise NotAnArrayError(f"{name} must be a numpy array or a torch tensor, got {type(x).__module__}.{type(x).__name__}")
     check_tensor(x, name)
     return x.detach(), False
 

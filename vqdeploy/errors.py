@@ -40,6 +40,11 @@ class UnsupportedOptionError(VQDeployError, ValueError):
     """An option (argument, reference-library setting, export part...) is not supported."""
 
 
+class NotAnArrayError(InputTypeError, UnsupportedOptionError):
+    """The runtime was given something that is neither a numpy array nor a torch tensor (a list, a
+    scalar...). Also an `UnsupportedOptionError`, as it was before `InputTypeError` existed."""
+
+
 class ConfigError(VQDeployError, ValueError):
     """Constructor arguments that contradict each other or are out of range."""
 

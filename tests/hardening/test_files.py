@@ -236,3 +236,15 @@ def test_checkpoint_round_trip_still_works(vq, tmp_path):
     path = save_quantizer(vq, tmp_path / "vq.safetensors")
     assert torch.equal(load_quantizer(path).codebook, vq.codebook)
     assert json.loads(json.dumps(load_quantizer(path).config)) == vq.config
+
+
+def test_triton_repository_never_replaces_a_file_or_link(vq, tmp_path):
+    from vqdeploy.serving import write_triton_repository
+
+    path = export_onnx(vq, tmp_path / "vq.onnx", part="encode")
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    (repository / "vq").write_text("user's file")
+    with pytest.raises(OutputExistsError, match="never replaced"):
+        write_triton_repository(path, repository, force=True)
+    assert (repository / "vq").read_text() == "user's file"

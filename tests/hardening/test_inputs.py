@@ -205,6 +205,14 @@ def test_eager_decode_on_an_uninitialised_codebook_is_refused():
         vq.get_codes_from_indices(torch.zeros(2, 3, dtype=torch.long))
 
 
+def test_eager_residual_decode_on_an_uninitialised_codebook_is_refused():
+    from vqdeploy import ResidualVQ
+
+    rvq = ResidualVQ(dim=DIM, num_quantizers=2, codebook_size=16, kmeans_init=True).eval()
+    with pytest.raises(UninitializedCodebookError):
+        rvq.get_output_from_indices(torch.zeros(2, 1, 3, dtype=torch.long))
+
+
 @pytest.mark.parametrize("config", [dict(codebook_dim=0), dict(codebook_size=True), dict(dim=True),
                                     dict(codebook_dim=-2), dict(heads=False), dict(codebook_size=2.0)])
 def test_eager_sizes_must_be_positive_integers(config):

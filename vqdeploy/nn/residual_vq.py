@@ -18,7 +18,7 @@ from vqdeploy.checks import (
     check_tensor,
     eager_checks_enabled,
 )
-from vqdeploy.errors import ConfigError, UnsupportedOptionError
+from vqdeploy.errors import ConfigError, UninitializedCodebookError, UnsupportedOptionError
 from vqdeploy.nn import conventions as conv
 from vqdeploy.nn import distributed
 from vqdeploy.nn.conventions import SEED, check_conventions
@@ -270,6 +270,11 @@ class ResidualVQ(nn.Module):
     def _codes_from_seed_indices(self, indices: torch.Tensor) -> torch.Tensor:
         if eager_checks_enabled():
             check_index_range(indices, self.codebook_size, "indices", allow_dropped=True)
+            if not all(bool(layer._codebook.initted) for layer in self.layers):
+                raise UninitializedCodebookError(
+                    "this ResidualVQ was built with kmeans_init=True and has not seen a training batch: its codebooks "
+                    "are all zeros; run a forward pass in training mode (or load trained weights) before decoding"
+                )
         codes = []
         for stage, layer in enumerate(self.layers):
             if stage >= indices.shape[0]:
