@@ -136,6 +136,7 @@ def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportI
     return info
 
 
+TOKEN_MAJOR_LAYOUT = "n d"
 _JSON_TYPES = {"inputs": list, "outputs": list, "config": dict, "quantizers": list, "fused": bool}
 KINDS = ("VectorQuantize", "ResidualVQ", "model")
 METRICS = ("l2", "cosine")
@@ -181,7 +182,9 @@ def check_info(info: ExportInfo, model: onnx.ModelProto, name: str = "model") ->
     _choice(name, "kind", info.kind, KINDS)
     _choice(name, "metric", info.metric, METRICS)
     _choice(name, "index_dtype", info.index_dtype, INDEX_DTYPES)
-    _choice(name, "input_layout", info.input_layout, ("model",) if info.kind == "model" else tuple(LAYOUTS))
+    # "n d": the token-major graph of a Triton model repository (vqdeploy.serving.triton)
+    _choice(name, "input_layout", info.input_layout,
+            ("model",) if info.kind == "model" else (*LAYOUTS, TOKEN_MAJOR_LAYOUT))
     if not all(isinstance(v, str) for v in (*info.inputs, *info.outputs)):
         raise MetadataError(f"{name}: metadata fields 'inputs' and 'outputs' must list names")
     graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
@@ -218,10 +221,10 @@ def _check_quantizer_fields(info: ExportInfo, model: onnx.ModelProto, name: str)
         from vqdeploy.spec import layout_for
 
         layout = layout_for(config.get("channel_last", True), config.get("accept_image_fmap", False)).name
-        if layout != info.input_layout:
+        if layout != info.input_layout and info.input_layout != TOKEN_MAJOR_LAYOUT:
             raise MetadataError(f"{name}: metadata input_layout {info.input_layout!r} disagrees with the config "
                                 f"({layout!r})")
-    elif info.input_layout != "b n d":
+    elif info.input_layout not in ("b n d", TOKEN_MAJOR_LAYOUT):
         raise MetadataError(f"{name}: a ResidualVQ takes 'b n d', the metadata says {info.input_layout!r}")
     embeds = [i for i in model.graph.initializer if i.name.startswith(STATE_PREFIX) and i.name.endswith("_codebook.embed")]
     if not embeds:
@@ -233,7 +236,7 @@ def _check_quantizer_fields(info: ExportInfo, model: onnx.ModelProto, name: str)
             raise MetadataError(f"{name}: the codebook {embed.name} is {shape}; the metadata means "
                                 f"{(books, info.codebook_size, info.codebook_dim)}")
     graph_input = model.graph.input[0].type.tensor_type.shape.dim
-    axis = {"b n d": -1, "b d n": 1, "b d h w": 1}[info.input_layout]
+    axis = {"b n d": -1, "b d n": 1, "b d h w": 1, TOKEN_MAJOR_LAYOUT: -1}[info.input_layout]
     if info.part != "decode" and graph_input and graph_input[axis].HasField("dim_value"):
         if graph_input[axis].dim_value != info.dim:
             raise MetadataError(f"{name}: the graph's input has dim {graph_input[axis].dim_value}; the metadata says "
