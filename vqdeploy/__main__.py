@@ -1,7 +1,16 @@
 """`python -m vqdeploy ...` runs the command line (vqdeploy.cli)."""
 
+import signal
 import sys
 
-from vqdeploy.cli import main
 
-sys.exit(main())
+def _run() -> int:
+    try:
+        from vqdeploy.cli import main
+    except KeyboardInterrupt:  # Ctrl-C while the command line itself loads
+        sys.stderr.write("vqdeploy: error: interrupted\n")
+        return 128 + signal.SIGINT
+    return main()
+
+
+sys.exit(_run())

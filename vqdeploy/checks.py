@@ -6,7 +6,8 @@ They accept torch tensors and numpy arrays alike, and raise the typed errors of
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -15,14 +16,77 @@ from vqdeploy.errors import (
     IndexRangeError,
     InputDtypeError,
     InputShapeError,
+    InputTypeError,
     NonFiniteInputError,
+    NotAnArrayError,
 )
 
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+# Values a check reads (and, for a cast, copies) at a time: 1M, at most 8 MiB for float64.
+CHECK_BLOCK_VALUES = 2**20
 
 
 def _dtype_name(x) -> str:
     return str(x.dtype).removeprefix("torch.")
+
+
+def check_tensor(x, name: str = "x") -> None:
+    """Raise `InputTypeError` unless `x` is a strided torch tensor with data (not sparse, not meta)."""
+    if not isinstance(x, torch.Tensor):
+        hint = " (convert it with torch.from_numpy)" if isinstance(x, np.ndarray) else ""
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}{hint}")
+    if x.layout != torch.strided:
+        raise InputTypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout} (use {name}.to_dense())")
+    if x.is_meta:
+        raise InputTypeError(f"{name} is a tensor on the meta device, which holds no values")
+
+
+def check_numpy_readable(x: np.ndarray, name: str = "x") -> None:
+    """Raise the typed error for a numpy array torch cannot view: a dtype torch has no match for
+    (object, str, datetime, ml_dtypes'), a non-native byte order, negative strides."""
+    dtype = x.dtype
+    if dtype.kind not in "biuf" or dtype.fields is not None or dtype.type.__module__ != "numpy":
+        raise InputDtypeError(f"{name} must hold numbers (a float or integer dtype), got numpy dtype {dtype!r}")
+    if not dtype.isnative:
+        raise InputDtypeError(
+            f"{name} has a non-native byte order (numpy dtype {dtype.str!r}); convert it with "
+            f"{name}.astype({dtype.newbyteorder('=').name!r})"
+        )
+    if any(stride < 0 for stride in x.strides):
+        raise InputTypeError(
+            f"{name} has negative strides {x.strides} (a reversed view such as a[::-1]); pass np.ascontiguousarray({name})"
+        )
+
+
+def as_tensor(x, name: str = "x") -> tuple[torch.Tensor, bool]:
+    """(a torch view of x, whether x was a numpy array): numpy arrays are viewed, never copied."""
+    if isinstance(x, np.ndarray):
+        check_numpy_readable(x, name)
+        return torch.from_numpy(x), True
+    if not isinstance(x, torch.Tensor):
+        raise NotAnArrayError(f"{name} must be a numpy array or a torch tensor, got {type(x).__module__}.{type(x).__name__}")
+    check_tensor(x, name)
+    return x.detach(), False
+
+
+def blocks(x: torch.Tensor, values: int = CHECK_BLOCK_VALUES) -> Iterator[torch.Tensor]:
+    """Views of x that together cover it, each of at most `values` values (or one row of the last
+    axis, if longer): never a copy, whatever the strides."""
+    if x.numel() <= values or x.ndim <= 1:
+        if x.ndim == 1 and x.numel() > values:
+            for start in range(0, x.shape[0], values):
+                yield x[start : start + values]
+        elif x.numel():
+            yield x
+        return
+    inner = math.prod(x.shape[1:])
+    if inner <= values:
+        step = max(1, values // max(inner, 1))
+        for start in range(0, x.shape[0], step):
+            yield x[start : start + step]
+        return
+    for i in range(x.shape[0]):
+        yield from blocks(x[i], values)
 
 
 def check_floating(x, name: str = "x") -> None:
@@ -44,6 +108,13 @@ def check_integer(x, name: str = "indices") -> None:
         raise InputDtypeError(f"{name} must be an integer tensor (int32 or int64), got dtype {_dtype_name(x)}")
 
 
+def check_positive_int(value, name: str, error: type[Exception]) -> int:
+    """`value` itself if it is an int >= 1 (not a bool); else raise `error` naming it."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise error(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
 def check_rank(x, ranks: Sequence[int], name: str, layout: str) -> None:
     """Raise `InputShapeError` unless `x.ndim` is one of `ranks`; `layout` says what is expected."""
     if x.ndim not in ranks:
@@ -60,20 +131,50 @@ def check_axis_size(x, axis: int, expected: int, name: str, what: str) -> None:
         )
 
 
-def check_finite(x, name: str = "x") -> None:
-    """Raise `NonFiniteInputError` if `x` holds NaN or infinity.
+def check_finite(x, name: str = "x", dtype: torch.dtype | None = None, what: str = "") -> None:
+    """Raise `NonFiniteInputError` if `x` holds NaN or infinity, or values that overflow `dtype`
+    (the dtype the search sees: x is checked after the cast to it).
 
-    One reduction first (NaN and Inf propagate through a sum), so the common case allocates
-    nothing of x's size; only a non-finite sum (a bad value, or an overflow) triggers the
-    element-wise count.
+    Reads x a block of views at a time (`blocks`): one min/max reduction per block (NaN and Inf
+    propagate through it), so the memory a check takes is one block's cast at most, whatever x's
+    size and strides; blocks with a bad value are counted element-wise.
     """
-    is_tensor = isinstance(x, torch.Tensor)
-    total = x.sum() if is_tensor else np.sum(x)
-    if bool(torch.isfinite(total)) if is_tensor else bool(np.isfinite(total)):
-        return
-    count = int((~torch.isfinite(x)).sum()) if is_tensor else int((~np.isfinite(x)).sum())
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    target = x.dtype if dtype is None else dtype
+    count = 0
+    for block in blocks(x):
+        seen = block if block.dtype == target else block.to(target)
+        low, high = torch.aminmax(seen)
+        if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+            continue
+        count += int((~torch.isfinite(seen)).sum())
     if count:
-        raise NonFiniteInputError(f"{name} must be finite, got {count} NaN/Inf value(s) in shape {tuple(x.shape)}")
+        cast = "" if dtype is None or dtype == x.dtype else (
+            f" in {_dtype_name(torch.empty(0, dtype=target))} (the dtype {what or 'the search'} sees; "
+            f"largest {torch.finfo(target).max:.6g})"
+        )
+        kind = "NaN/Inf value(s)" if not cast else "value(s) that are NaN/Inf or overflow it"
+        raise NonFiniteInputError(
+            f"{name} must be finite{cast}, got {count} {kind} in {name} of shape {tuple(x.shape)}, "
+            f"dtype {_dtype_name(x)}"
+        )
+
+
+def _min_max(indices) -> tuple[int, int]:
+    """The smallest and largest index, exactly (unsigned dtypes torch cannot reduce included)."""
+    if isinstance(indices, np.ndarray):
+        return int(indices.min()), int(indices.max())
+    if indices.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        lo, hi = None, None
+        for block in blocks(indices):
+            # uint64 values beyond int64 come back negative: reported as such (out of range anyway)
+            low, high = torch.aminmax(block.to(torch.int64))
+            lo = int(low) if lo is None else min(lo, int(low))
+            hi = int(high) if hi is None else max(hi, int(high))
+        return lo, hi
+    low, high = torch.aminmax(indices)
+    return int(low), int(high)
 
 
 def check_index_range(indices, num_codes: int, name: str = "indices", allow_dropped: bool = False) -> None:
@@ -81,7 +182,7 @@ def check_index_range(indices, num_codes: int, name: str = "indices", allow_drop
     if indices.size == 0 if isinstance(indices, np.ndarray) else indices.numel() == 0:
         return
     low = -1 if allow_dropped else 0
-    lo, hi = int(indices.min()), int(indices.max())
+    lo, hi = _min_max(indices)
     if lo < low or hi >= num_codes:
         expected = f"[{low}, {num_codes})" + (" (-1 marks a dropped stage)" if allow_dropped else "")
         raise IndexRangeError(f"{name} must lie in {expected}, got values from {lo} to {hi}")

@@ -19,12 +19,13 @@ class InputDtypeError(VQDeployError, TypeError):
     """A tensor has a dtype the entry point does not accept."""
 
 
-class InputTypeError(VQDeployError, TypeError):
-    """An argument that should be an array (numpy or torch) is something else."""
-
-
 class NonFiniteInputError(VQDeployError, ValueError):
-    """An input holds NaN or infinite values."""
+    """An input holds NaN or infinite values, or values that overflow the dtype the search sees."""
+
+
+class InputTypeError(VQDeployError, TypeError):
+    """An input that is not an array the entry point can read: not a numpy array or torch tensor, a
+    sparse or meta tensor, a numpy array with negative strides or a non-native byte order."""
 
 
 class IndexRangeError(VQDeployError, IndexError):
@@ -39,6 +40,11 @@ class UnsupportedOptionError(VQDeployError, ValueError):
     """An option (argument, reference-library setting, export part...) is not supported."""
 
 
+class NotAnArrayError(InputTypeError, UnsupportedOptionError):
+    """The runtime was given something that is neither a numpy array nor a torch tensor (a list, a
+    scalar...). Also an `UnsupportedOptionError`, as it was before `InputTypeError` existed."""
+
+
 class ConfigError(VQDeployError, ValueError):
     """Constructor arguments that contradict each other or are out of range."""
 
@@ -47,12 +53,40 @@ class CheckpointError(VQDeployError, ValueError):
     """A file is not a vqdeploy checkpoint or does not match its config."""
 
 
+class CheckpointConfigError(CheckpointError):
+    """A vqdeploy checkpoint whose stored config is damaged: invalid JSON, an unknown key, a value
+    out of range, or sizes that disagree with the stored weights."""
+
+
+class CheckpointValuesError(CheckpointError):
+    """A vqdeploy checkpoint whose weights hold NaN or infinite values."""
+
+
 class NotAVQDeployModelError(VQDeployError, ValueError):
     """An ONNX file that was not written by `vqdeploy.export_onnx`."""
 
 
+class MetadataError(NotAVQDeployModelError):
+    """A vqdeploy export whose metadata is damaged or was changed: a field that does not parse, out
+    of range, or that disagrees with the graph's own weights."""
+
+
+class ExternalDataError(NotAVQDeployModelError):
+    """An ONNX file whose external-data references point outside the model's folder, or are missing."""
+
+
 class OutputExistsError(VQDeployError, FileExistsError):
     """Refusing to overwrite a file the user owns (pass overwrite=True / --force)."""
+
+
+class OutputNotAFileError(OutputExistsError):
+    """The output path names something that is not a regular file (a directory, a device, a FIFO,
+    a symbolic link, dangling or not): never replaced, whatever overwrite says."""
+
+
+class OutputWriteError(VQDeployError, OSError):
+    """Writing an output failed (its folder cannot be made, the disk is full, no permission, a NUL
+    in the path...); the target was left as it was."""
 
 
 class ExportError(VQDeployError, RuntimeError):
@@ -61,6 +95,10 @@ class ExportError(VQDeployError, RuntimeError):
 
 class BackendOutputError(VQDeployError, RuntimeError):
     """A backend returned outputs that do not fit the file's metadata (a graph that was changed)."""
+
+
+class QuantizerClosedError(VQDeployError, RuntimeError):
+    """A `Quantizer` used after (or while) `close()` released its backend."""
 
 
 class BackendNotAvailableError(VQDeployError, ImportError):

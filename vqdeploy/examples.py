@@ -35,7 +35,7 @@ from torch import nn
 
 from vqdeploy.errors import BackendNotAvailableError, CheckpointError
 from vqdeploy.nn import ResidualVQ, VectorQuantize
-from vqdeploy.nn.checkpoint import load_configured, read_safetensors_metadata, save_configured
+from vqdeploy.nn.checkpoint import load_configured, parse_config, read_safetensors_metadata, save_configured
 
 IMAGE_SIZE = 8
 GRID = 4  # the encoder halves 8x8 to a 4x4 grid of tokens
@@ -235,7 +235,7 @@ def load_example(path: str | os.PathLike) -> nn.Module:
     name = metadata.get(FORMAT_KEY)
     if name not in EXAMPLES:
         raise CheckpointError(f"{path} is not a vqdeploy example-model checkpoint (no {FORMAT_KEY} metadata)")
-    return load_configured(EXAMPLES[name], json.loads(metadata[CONFIG_KEY]), path)
+    return load_configured(EXAMPLES[name], parse_config(metadata.get(CONFIG_KEY, ""), path), path)
 
 
 def pretrained_path(name: str = "digits_vqvae"):

@@ -62,7 +62,7 @@ def _quiet_libraries() -> None:
     try:
         import onnxruntime
 
-        onnxruntime.set_default_logger_severity(3)
+        onnxruntime.set_default_logger_severity(4)  # fatal only: errors reach the user as exceptions, on one line
     except ImportError:
         pass
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vqdeploy.cli.common import UsageError, add_device, add_precision, existing_file, positive_int
+from vqdeploy.cli.common import (
+    UsageError,
+    add_device,
+    add_precision,
+    bounded_int,
+    existing_file,
+    positive_int,
+)
 from vqdeploy.cli.output import format_table, progress, rate, ratio
+
+# The largest --n: 2^27 vectors (32 GiB of float32 input at D = 64) is more than any machine benches.
+MAX_BENCH_VECTORS = 2**27
 
 NAME = "bench"
 HELP = "Throughput of an export on each backend."
@@ -31,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated, from ort,torch,trt (default: every installed one for the device)")
     add_device(parser)
     add_precision(parser)
-    parser.add_argument("--n", type=positive_int, default=65536, metavar="N", help="vectors per call (default 65536)")
+    parser.add_argument("--n", type=bounded_int(MAX_BENCH_VECTORS), default=65536, metavar="N",
+                        help=f"vectors per call (default 65536, at most {MAX_BENCH_VECTORS})")
     parser.add_argument("--repeats", type=positive_int, default=3, metavar="R", help="timed calls per backend (default 3)")
 
 

@@ -52,15 +52,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def bounded_int(maximum: int):
+    """argparse type: an integer from 1 to `maximum` (a usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        value = positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected a number at most {maximum}, got {value}")
+        return value
+
+    parse.__name__ = "bounded_int"
+    return parse
+
+
 # -- paths ------------------------------------------------------------------------------------------
 def check_writable(path: Path, force: bool, what: str = "file") -> None:
-    """Refuse a directory, and an existing file unless --force."""
-    from vqdeploy.errors import OutputExistsError
+    """Refuse what is not a regular file (a directory, a device, a symbolic link), and an existing
+    file unless --force (`vqdeploy.files.check_output_path`)."""
+    from vqdeploy.files import check_output_path
 
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory, not a {what}")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force to replace it")
+    check_output_path(path, force, hint="pass --force")
 
 
 def existing_file(path: Path, what: str) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -35,9 +36,17 @@ def ratio(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.2f}x"
 
 
+# Terminal colour / cursor escapes (ONNX Runtime colours its log lines), and the prefix of an ONNX
+# Runtime log line: "2026-12-01 18:00:00.123456789 [E:onnxruntime:, inference_session.cc:2544 operator()] ".
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_ORT_LOG_PREFIX = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? \[[VIWEF]:onnxruntime:[^\]]*\] ")
+
+
 def one_line(error: BaseException) -> str:
-    """An error's message on one line (ONNX Runtime's and torch's messages span several)."""
-    return " ".join(str(error).split()) or type(error).__name__
+    """An error's message on one line (ONNX Runtime's and torch's messages span several), without
+    terminal escapes or ONNX Runtime's log-line prefixes."""
+    text = _ORT_LOG_PREFIX.sub("", _ANSI.sub("", str(error)))
+    return " ".join(text.split()) or type(error).__name__
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str = "", quiet: bool = False, unit: str = "it"):

@@ -11,7 +11,7 @@ from typing import Any
 import onnx
 from torch import nn
 
-from vqdeploy.errors import NotAVQDeployModelError
+from vqdeploy.errors import ExternalDataError, MetadataError, NotAVQDeployModelError
 
 PREFIX = "vqdeploy."
 PARTS = ("encode", "decode", "quantize")
@@ -123,6 +123,7 @@ def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportI
             model = onnx.load_model_from_string(bytes(model))
         except Exception as error:  # protobuf raises DecodeError and friends
             raise NotAVQDeployModelError(f"{name} are not an ONNX file: {error}") from error
+        check_external_data(model, None, name)
     if not isinstance(model, onnx.ModelProto):
         name = str(model)
         path = Path(model)
@@ -132,6 +133,7 @@ def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportI
             model = onnx.load(str(path), load_external_data=False)
         except Exception as error:  # protobuf raises DecodeError and friends
             raise NotAVQDeployModelError(f"{path} is not an ONNX file: {error}") from error
+        check_external_data(model, path.parent, name)
     props = {p.key.removeprefix(PREFIX): p.value for p in model.metadata_props if p.key.startswith(PREFIX)}
     missing = [f for f in ExportInfo.__dataclass_fields__ if f not in props and f not in _OPTIONAL_FIELDS]
     if missing:
@@ -139,10 +141,142 @@ def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportI
             f"{name} is not a vqdeploy export (no vqdeploy metadata{'' if len(missing) > 12 else ': missing ' + ', '.join(missing)}); "
             "write it with vqdeploy.export_onnx or `vqdeploy export`"
         )
+    values = _parse_fields(props, name)
+    info = ExportInfo(**values)
+    check_info(info, model, name)
+    return info
+
+
+TOKEN_MAJOR_LAYOUT = "n d"
+_JSON_TYPES = {"inputs": list, "outputs": list, "config": dict, "quantizers": list, "fused": bool}
+KINDS = ("VectorQuantize", "ResidualVQ", "model")
+METRICS = ("l2", "cosine")
+INDEX_DTYPES = ("int64", "int32")
+
+
+def _parse_fields(props: dict[str, str], name: str) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key in ExportInfo.__dataclass_fields__:
         if key not in props:
             continue
         raw = props[key]
-        values[key] = json.loads(raw) if key in _JSON_FIELDS else int(raw) if key in _INT_FIELDS else raw
-    return ExportInfo(**values)
+        if key in _JSON_FIELDS:
+            try:
+                value = json.loads(raw)
+            except ValueError as error:
+                raise MetadataError(f"{name}: metadata field {key!r} is not valid JSON ({raw[:40]!r})") from error
+            if not isinstance(value, _JSON_TYPES[key]):
+                raise MetadataError(f"{name}: metadata field {key!r} must be a JSON {_JSON_TYPES[key].__name__}, "
+                                    f"got {raw[:40]!r}")
+        elif key in _INT_FIELDS:
+            try:
+                value = int(raw)
+            except ValueError as error:
+                raise MetadataError(f"{name}: metadata field {key!r} must be an integer, got {raw[:40]!r}") from error
+            if value < 1:
+                raise MetadataError(f"{name}: metadata field {key!r} must be >= 1, got {value}")
+        else:
+            value = raw
+        values[key] = value
+    return values
+
+
+def _choice(name: str, key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise MetadataError(f"{name}: metadata field {key!r} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def check_info(info: ExportInfo, model: onnx.ModelProto, name: str = "model") -> None:
+    """Refuse metadata that is out of range or disagrees with itself or with the graph
+    (`MetadataError`): a runtime shapes its tensors from these fields, so none is trusted unchecked."""
+    from vqdeploy.spec import LAYOUTS
+
+    _choice(name, "part", info.part, PARTS)
+    _choice(name, "kind", info.kind, KINDS)
+    _choice(name, "metric", info.metric, METRICS)
+    _choice(name, "index_dtype", info.index_dtype, INDEX_DTYPES)
+    # "n d": the token-major graph of a Triton model repository (vqdeploy.serving.triton)
+    _choice(name, "input_layout", info.input_layout,
+            ("model",) if info.kind == "model" else (*LAYOUTS, TOKEN_MAJOR_LAYOUT))
+    if not all(isinstance(v, str) for v in (*info.inputs, *info.outputs)):
+        raise MetadataError(f"{name}: metadata fields 'inputs' and 'outputs' must list names")
+    graph_inputs = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    graph_outputs = [o.name for o in model.graph.output]
+    if info.inputs != graph_inputs or info.outputs != graph_outputs:
+        raise MetadataError(f"{name}: the metadata lists inputs {info.inputs} and outputs {info.outputs}; the graph has "
+                            f"{graph_inputs} and {graph_outputs}")
+    declared = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if declared != info.opset:
+        raise MetadataError(f"{name}: the metadata says opset {info.opset}; the graph imports opset {declared}")
+    if info.kind == "model":
+        return
+    _check_quantizer_fields(info, model, name)
+
+
+def _check_quantizer_fields(info: ExportInfo, model: onnx.ModelProto, name: str) -> None:
+    config = info.config
+    expected = dict(dim=info.dim, codebook_size=info.codebook_size, codebook_dim=info.codebook_dim)
+    if info.kind == "VectorQuantize":
+        expected["heads"] = info.heads
+        if info.num_quantizers != 1:
+            raise MetadataError(f"{name}: a VectorQuantize has num_quantizers 1, the metadata says {info.num_quantizers}")
+    else:
+        expected["num_quantizers"] = info.num_quantizers
+        if info.heads != 1:
+            raise MetadataError(f"{name}: a ResidualVQ has heads 1, the metadata says {info.heads}")
+    wrong = [f"{key}={info_value} (config: {config.get(key)!r})" for key, info_value in expected.items()
+             if config.get(key) != info_value]
+    if wrong:
+        raise MetadataError(f"{name}: metadata fields disagree with the stored config: {', '.join(wrong)}")
+    if (info.metric == "cosine") != bool(config.get("use_cosine_sim", False)):
+        raise MetadataError(f"{name}: metadata metric {info.metric!r} disagrees with the config's use_cosine_sim")
+    if info.kind == "VectorQuantize":
+        from vqdeploy.spec import layout_for
+
+        layout = layout_for(config.get("channel_last", True), config.get("accept_image_fmap", False)).name
+        if layout != info.input_layout and info.input_layout != TOKEN_MAJOR_LAYOUT:
+            raise MetadataError(f"{name}: metadata input_layout {info.input_layout!r} disagrees with the config "
+                                f"({layout!r})")
+    elif info.input_layout not in ("b n d", TOKEN_MAJOR_LAYOUT):
+        raise MetadataError(f"{name}: a ResidualVQ takes 'b n d', the metadata says {info.input_layout!r}")
+    embeds = [i for i in model.graph.initializer if i.name.startswith(STATE_PREFIX) and i.name.endswith("_codebook.embed")]
+    if not embeds:
+        raise MetadataError(f"{name}: no codebook initializer ({STATE_PREFIX}..._codebook.embed) in the graph")
+    books = info.heads if config.get("separate_codebook_per_head") else 1
+    for embed in embeds:
+        shape = tuple(embed.dims)
+        if shape != (books, info.codebook_size, info.codebook_dim):
+            raise MetadataError(f"{name}: the codebook {embed.name} is {shape}; the metadata means "
+                                f"{(books, info.codebook_size, info.codebook_dim)}")
+    graph_input = model.graph.input[0].type.tensor_type.shape.dim
+    axis = {"b n d": -1, "b d n": 1, "b d h w": 1, TOKEN_MAJOR_LAYOUT: -1}[info.input_layout]
+    if info.part != "decode" and graph_input and graph_input[axis].HasField("dim_value"):
+        if graph_input[axis].dim_value != info.dim:
+            raise MetadataError(f"{name}: the graph's input has dim {graph_input[axis].dim_value}; the metadata says "
+                                f"{info.dim}")
+
+
+def check_external_data(model: onnx.ModelProto, folder: Path | None, name: str) -> None:
+    """Refuse external-data references that leave the model's folder, or that a model given as bytes
+    cannot have (`ExternalDataError`)."""
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if folder is None:
+            raise ExternalDataError(f"{name}: tensor {tensor.name} keeps its data in an external file ({location!r}); "
+                                    "load the model from its file, not from bytes")
+        target = (folder / location).resolve()
+        if Path(location).is_absolute() or not target.is_relative_to(folder.resolve()):
+            raise ExternalDataError(f"{name}: tensor {tensor.name} points to external data {location!r} outside the "
+                                    f"model's folder {folder}; refused")
+        if not target.is_file():
+            raise ExternalDataError(f"{name}: tensor {tensor.name}'s external data {location!r} does not exist")
+
+
+def _all_tensors(model: onnx.ModelProto):
+    yield from model.graph.initializer
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                yield attribute.t

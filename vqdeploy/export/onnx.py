@@ -17,7 +17,6 @@ from torch.export import Dim
 
 from vqdeploy.errors import (
     ExportError,
-    OutputExistsError,
     UninitializedCodebookError,
     UnsupportedOptionError,
 )
@@ -30,13 +29,16 @@ from vqdeploy.export.metadata import (
     build_info,
     write_metadata,
 )
-from vqdeploy.files import atomic_write
+from vqdeploy.files import atomic_write, check_output_path
 from vqdeploy.nn import FactorizedResidualVQ, GroupedResidualVQ, ResidualVQ, SplitResidualVQ, VectorQuantize
 from vqdeploy.nn.parts import PART_MODULES
 from vqdeploy.spec import QuantizerSpec
 
 IR_VERSION = 10  # ONNX Runtime >= 1.20 loads it; onnx 1.23 would write 14 by default
 DEFAULT_OPSET = 18
+# The newest opset torch's exporter writes natively (newer ones go through onnxscript's version
+# converter, which fails on this graph) and ONNX Runtime loads.
+MAX_OPSET = 23
 INDEX_DTYPES = ("int64", "int32")
 QUANTIZER_KINDS = (VectorQuantize, ResidualVQ, FactorizedResidualVQ, SplitResidualVQ)
 
@@ -189,16 +191,21 @@ def export_onnx(
     >>> export_onnx(vq, out, part="encode").name
     'vq.onnx'
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
+    path = check_output_path(path, overwrite)  # refused before the export's work, and again at the write
     if part not in PARTS and part != "model":
         raise UnsupportedOptionError(f"part must be one of {', '.join(PARTS)}, got {part!r}")
     opset = DEFAULT_OPSET if opset is None else opset
     if index_dtype not in INDEX_DTYPES:
         raise UnsupportedOptionError(f"index_dtype must be one of {', '.join(INDEX_DTYPES)}, got {index_dtype!r}")
-    if opset < functions.MIN_OPSET:
-        raise UnsupportedOptionError(f"opset must be >= {functions.MIN_OPSET}, got {opset}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not functions.MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedOptionError(
+            f"opset must be an integer from {functions.MIN_OPSET} to {MAX_OPSET} (what torch's exporter and this "
+            f"onnx write), got {opset!r}"
+        )
+    examples_given = example_input if isinstance(example_input, tuple) else (example_input,)
+    if example_input is not None and not all(isinstance(e, torch.Tensor) for e in examples_given):
+        kinds = ", ".join(type(e).__name__ for e in examples_given)
+        raise UnsupportedOptionError(f"example_input must be a torch.Tensor or a tuple of them, got {kinds}")
 
     is_quantizer = isinstance(model, QUANTIZERS)
     quantizers = {"": model} if is_quantizer else find_quantizers(model)
@@ -268,6 +275,9 @@ def export_onnx(
         for module, training in modes:  # model.train(flag) would also flip a user's frozen (eval) parts
             module.training = training
 
+    written = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # the exporter fell back to another opset: the metadata must not say otherwise
+        raise ExportError(f"torch.onnx.export wrote opset {written} where opset {opset} was asked for")
     extra: dict[str, Any] = {}
     if not is_quantizer:  # before inlining: the NearestCode nodes name each search's rows
         proto, extra = whole_model.describe_export(model, quantizers, examples, proto, output_names,

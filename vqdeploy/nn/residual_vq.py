@@ -15,9 +15,10 @@ from vqdeploy.checks import (
     check_index_range,
     check_integer,
     check_rank,
+    check_tensor,
     eager_checks_enabled,
 )
-from vqdeploy.errors import ConfigError, UnsupportedOptionError
+from vqdeploy.errors import ConfigError, UninitializedCodebookError, UnsupportedOptionError
 from vqdeploy.nn import conventions as conv
 from vqdeploy.nn import distributed
 from vqdeploy.nn.conventions import SEED, check_conventions
@@ -85,6 +86,12 @@ class ResidualVQ(nn.Module):
             num_quantizers = len(sizes)
         if not isinstance(num_quantizers, int) or num_quantizers < 1:
             raise ConfigError(f"num_quantizers must be a positive integer, got {num_quantizers!r}")
+        for name, value in (("dim", dim), ("num_quantizers", num_quantizers), ("codebook_dim", codebook_dim),
+                            *(("codebook_size", size) for size in (sizes or (codebook_size,)))):
+            if name == "codebook_dim" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
             raise ConfigError(
                 f"quantize_dropout_cutoff_index must lie in [0, {num_quantizers}), got {quantize_dropout_cutoff_index}"
@@ -223,14 +230,17 @@ class ResidualVQ(nn.Module):
                 indices=indices, beam_size=None if beam_size == 1 else beam_size,
             ))
         used = self._stages_used(n_q)
+        check_tensor(x, "x")
         x = self._check_x(x)
-        if eager_checks_enabled():
-            check_finite(x, "x")
+        if eager_checks_enabled():  # the search sees float32: a float64 1e300 would be inf there
+            check_finite(x, "x", dtype=torch.float32 if x.dtype == torch.float64 else None, what="the codebook search")
         if mask is not None:
             mask = self.layers[0]._forward_mask(x, mask, None)
         special = mask is not None or sample_codebook_temp is not None or self.implicit_neural_codebook
 
         residual = self.project_in(x)
+        if self.has_projections and eager_checks_enabled():
+            check_finite(residual, "x after project_in", dtype=torch.float32, what="the codebook search")
         quantized_out = torch.zeros_like(residual)
         last_stage = self._dropout_last_stage(x.device, rand_quantize_dropout_fixed_seed)
         all_indices, all_losses, stage_inputs = [], [], []
@@ -310,6 +320,7 @@ class ResidualVQ(nn.Module):
         the module's own tokens. Rows after a dropped stage (index -1) are those of the last
         stage that ran.
         """
+        check_tensor(x, "x")
         with torch.no_grad():
             if indices is None:
                 indices = conv.residual_indices_to_seed(self.conventions, self.eval_tokens(x))
@@ -348,6 +359,7 @@ class ResidualVQ(nn.Module):
         (the coarse stages) when the module was built with quantize_dropout; anything else is refused
         (InputShapeError), so indices of the other layout are not reinterpreted.
         """
+        check_tensor(indices, "indices")
         check_integer(indices, "indices")
         if self.conventions == SEED:
             check_rank(indices, (3,), "indices", "quantizer, batch, seq (the seed's layout)")
@@ -368,6 +380,11 @@ class ResidualVQ(nn.Module):
                 for stage in range(min(indices.shape[0], self.num_quantizers)):
                     check_index_range(indices[stage], self.codebook_sizes[stage], f"indices of stage {stage}",
                                       allow_dropped=True)
+            if not all(layer.initialized for layer in self.layers):
+                raise UninitializedCodebookError(
+                    "this ResidualVQ was built with kmeans_init=True and has not seen a training batch: its codebooks "
+                    "are all zeros; run a forward pass in training mode (or load trained weights) before decoding"
+                )
         codes = []
         running = None
         for stage, layer in enumerate(self.layers):

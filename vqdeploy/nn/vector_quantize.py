@@ -17,6 +17,7 @@ from vqdeploy.checks import (
     check_index_range,
     check_integer,
     check_rank,
+    check_tensor,
     eager_checks_enabled,
 )
 from vqdeploy.errors import (
@@ -154,8 +155,11 @@ class VectorQuantize(nn.Module):
         commitment = 1.0 if commitment is None and commitment_weight is None else (
             commitment if commitment is not None else commitment_weight
         )
-        for name, value in (("dim", dim), ("codebook_size", codebook_size), ("heads", heads)):
-            if not isinstance(value, int) or value < 1:
+        sizes = (("dim", dim), ("codebook_size", codebook_size), ("heads", heads), ("codebook_dim", codebook_dim))
+        for name, value in sizes:
+            if name == "codebook_dim" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not 0.0 <= decay <= 1.0:
             raise ConfigError(f"decay must lie in [0, 1], got {decay}")
@@ -261,11 +265,12 @@ class VectorQuantize(nn.Module):
     # -- layouts ------------------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor) -> None:
         layout = self.layout
+        check_tensor(x, "x")
         check_floating(x, "x")
         check_rank(x, layout.ranks, "x", layout.expected())
         check_axis_size(x, 1 if x.ndim == 2 and not layout.image else layout.feature_axis, self.dim, "x", "dim")
-        if eager_checks_enabled():
-            check_finite(x, "x")
+        if eager_checks_enabled():  # the search sees float32: a float64 1e300 would be inf there
+            check_finite(x, "x", dtype=torch.float32 if x.dtype == torch.float64 else None, what="the codebook search")
 
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Any accepted input layout -> (batch, tokens, dim)."""
@@ -425,6 +430,8 @@ class VectorQuantize(nn.Module):
         b, n, _ = tokens.shape
         dtype = tokens.dtype
         rows = self._rows(tokens)
+        if self.has_projections and eager_checks_enabled():  # project_in may overflow what came in finite
+            check_finite(rows, "x after project_in", what="the codebook search")
 
         learns = self.training and codebook.begin_training_step()
         if learns and not bool(codebook.initted):
@@ -690,7 +697,13 @@ class VectorQuantize(nn.Module):
 
     # -- decode -----------------------------------------------------------------------------------
     def _check_indices(self, indices: torch.Tensor) -> None:
+        check_tensor(indices, "indices")
         check_integer(indices, "indices")
+        if eager_checks_enabled() and not bool(self._codebook.initted):
+            raise UninitializedCodebookError(
+                "this VectorQuantize was built with kmeans_init=True and has not seen a training batch: its codebook "
+                "is all zeros; run a forward pass in training mode (or load trained weights) before decoding"
+            )
         if eager_checks_enabled():
             check_index_range(indices, self.codebook_size, "indices")
         if self.heads > 1:

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from vqdeploy.checks import check_positive_int
 from vqdeploy.errors import BackendNotAvailableError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo, read_metadata
 from vqdeploy.runtime.base import Quantizer, Runner, default_chunk_size
@@ -58,6 +59,22 @@ def _tensorrt_importable() -> bool:
     from vqdeploy.runtime.trt_plugin import tensorrt_unavailable_reason
 
     return tensorrt_unavailable_reason() is None
+
+
+# Options `load` passes on to each backend (anything else is refused by name).
+BACKEND_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ort": ("intra_op_num_threads", "inter_op_num_threads", "allow_spinning", "recheck"),
+    "trt": ("min_tokens", "opt_tokens", "max_tokens", "cache_dir", "prefer_aot"),
+    "torch": (),
+}
+
+
+def _check_options(backend: str, options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(BACKEND_OPTIONS[backend]))
+    if unknown:
+        accepted = ", ".join(BACKEND_OPTIONS[backend]) or "none"
+        raise UnsupportedOptionError(f"the {backend} backend does not take option(s) {', '.join(unknown)}; "
+                                     f"it takes: {accepted}")
 
 
 # Backends detected by importing: a TensorRT install can be present yet unable to load.
@@ -120,6 +137,8 @@ def load(
     """
     if precision not in PRECISIONS:
         raise UnsupportedOptionError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if chunk_size is not None:
+        check_positive_int(chunk_size, "chunk_size", UnsupportedOptionError)
     check_device(device)
     if isinstance(path, bytearray | memoryview):
         path = bytes(path)
@@ -136,6 +155,7 @@ def load(
     for option in ("model", "search_outputs"):
         if option in options:
             raise UnsupportedOptionError(f"{option}= applies to whole-model files; this file holds a bare {info.kind}")
+    _check_options(name, options)
     runner = BACKENDS[name][0](path, info, device, precision, **options)
     try:
         return Quantizer(info, runner, chunk_size=chunk_size)

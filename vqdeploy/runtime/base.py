@@ -9,8 +9,9 @@ so the extra memory of a call is bounded by the chunk, not by N.
 
 from __future__ import annotations
 
+import contextlib
 import math
-import numbers
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,14 +20,16 @@ import numpy as np
 import torch
 
 from vqdeploy.checks import (
+    as_tensor,
     check_axis_size,
     check_finite,
     check_floating,
     check_index_range,
     check_integer,
+    check_positive_int,
     check_rank,
 )
-from vqdeploy.errors import BackendOutputError, InputTypeError, UnsupportedOptionError
+from vqdeploy.errors import BackendOutputError, QuantizerClosedError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 from vqdeploy.spec import RESIDUAL_KINDS, QuantizerSpec
@@ -86,14 +89,41 @@ def tiles(groups: int, tokens: int, size: int) -> Iterator[tuple[int, int, int, 
 
 @dataclass
 class _TokenView:
-    """A user array seen as G groups of T tokens.
+    """A user array seen as G groups of T tokens, read a tile at a time: never copied whole.
 
-    channel_last: view (1, T, d); channel_first: view (G, d, T).
+    channel_last: source (G, T, d); channel_first: source (G, d, T), or (G, d, H, W) for an image
+    whose height and width axes cannot be merged in a view (then ``width`` = W).
     """
 
-    view: torch.Tensor
+    source: torch.Tensor
     groups: int
     tokens: int
+    channel_first: bool
+    width: int = 0
+
+    def block(self, g0: int, g1: int, t0: int, t1: int) -> torch.Tensor:
+        """The tile's values, (g, t, d) channel last or (g, d, t) channel first: a view where the
+        strides allow, else a copy of the tile (plus at most two rows of an image)."""
+        if not self.width:
+            return self.source[g0:g1, :, t0:t1] if self.channel_first else self.source[g0:g1, t0:t1]
+        w = self.width
+        h0, h1 = t0 // w, -(-t1 // w)
+        if h1 - h0 == 1:
+            return self.source[g0:g1, :, h0, t0 - h0 * w : t1 - h0 * w]
+        rows = self.source[g0:g1, :, h0:h1]
+        return rows.reshape(g1 - g0, rows.shape[1], (h1 - h0) * w)[:, :, t0 - h0 * w : t1 - h0 * w]
+
+    def rows(self, groups: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(F, d): the tokens at (group, position) pairs."""
+        if self.width:
+            return self.source[groups, :, positions // self.width, positions % self.width]
+        return self.source[groups, :, positions] if self.channel_first else self.source[groups, positions]
+
+
+def _search_dtype(float_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a backend's search sees for inputs fed as `float_dtype`: half-precision inputs as
+    they are (the graph widens them exactly), wider ones after the graph's cast to float32."""
+    return float_dtype if float_dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
 class Quantizer:
@@ -106,12 +136,13 @@ class Quantizer:
     def __init__(self, info: ExportInfo, runner: Runner, chunk_size: int | None = None):
         self.info = info
         self._runner = runner
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                       or chunk_size < 1):
-            raise UnsupportedOptionError(f"chunk_size must be a whole number >= 1 (or None for the default), got {chunk_size!r}")
         # A runner with a fixed largest input (a TensorRT engine's profile) says so in max_tokens.
-        self.chunk_size = chunk_size or getattr(runner, "max_tokens", None) or default_chunk_size(
-            info, runner.materializes_scores)
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size", UnsupportedOptionError) if chunk_size is not None \
+            else getattr(runner, "max_tokens", None) or default_chunk_size(info, runner.materializes_scores)
+        # close() waits for calls in flight and refuses new ones (QuantizerClosedError).
+        self._state = threading.Condition()
+        self._active = 0
+        self._closed = False
         self.spec = QuantizerSpec.from_info(info)
         self._channel_first = self.spec.layout.channel_first
         self._residual = self.spec.residual
@@ -140,17 +171,23 @@ class Quantizer:
         or (b, n, q) for a module with vector-quantize-pytorch's conventions (as the eager module);
         GroupedResidualVQ (g, q, b, n), or (g, b, n, q) with 1.32's conventions."""
         self._require("encode", ("encode", "quantize"))
-        return self._to_module_layout(self._run_vectors(x, want_vectors=False)[1])
+        with self._in_use("encode"):
+            return self._to_module_layout(self._run_vectors(x, want_vectors=False)[1])
 
     def quantize(self, x: Any) -> tuple[Any, Any]:
         """(vectors, indices), as the eager module's first two outputs."""
         self._require("quantize", ("quantize",))
-        vectors, indices = self._run_vectors(x, want_vectors=True)
+        with self._in_use("quantize"):
+            vectors, indices = self._run_vectors(x, want_vectors=True)
         return vectors, self._to_module_layout(indices)
 
     def decode(self, indices: Any) -> Any:
         """Vectors for indices (in the layout encode returns), as the eager module's `get_output_from_indices`."""
         self._require("decode", ("decode",))
+        with self._in_use("decode"):
+            return self._decode(indices)
+
+    def _decode(self, indices: Any) -> Any:
         if self._groups:
             indices = self._grouped_to_graph(indices)
         elif self._conventions != SEED:
@@ -191,7 +228,27 @@ class Quantizer:
         return residual_indices_from_seed(self._conventions, indices).contiguous()
 
     def close(self) -> None:
+        """Release the backend; waits for calls in flight in other threads, refuses later ones."""
+        with self._state:
+            if self._closed:
+                return
+            self._closed = True
+            while self._active:
+                self._state.wait()
         self._runner.close()
+
+    @contextlib.contextmanager
+    def _in_use(self, method: str) -> Iterator[None]:
+        with self._state:
+            if self._closed:
+                raise QuantizerClosedError(f"{method}() on a Quantizer that was closed; load the file again")
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._active -= 1
+                self._state.notify_all()
 
     def __enter__(self) -> Quantizer:
         return self
@@ -223,11 +280,7 @@ class Quantizer:
             )
 
     def _as_tensor(self, array: Any, name: str) -> tuple[torch.Tensor, bool]:
-        if isinstance(array, torch.Tensor):
-            return array.detach(), False
-        if isinstance(array, np.ndarray):
-            return torch.from_numpy(array), True
-        raise InputTypeError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}")
+        return as_tensor(array, name)
 
     def _split_flags(self, outputs: list[torch.Tensor], count: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Strip a runner's trailing ``recheck`` outputs; returns (graph outputs, flagged token positions).
@@ -262,11 +315,10 @@ class Quantizer:
         step = min(4096, max(1, self.chunk_size or 4096))  # tokens re-solved per exact call
         for start in range(0, positions.numel(), step):
             g, t = groups[start : start + step], positions[start : start + step]
+            rows = tokens.rows(g.to(tokens.source.device), t.to(tokens.source.device))  # (F, d)
             if self._channel_first:
-                rows = tokens.view[g.to(tokens.view.device), :, t.to(tokens.view.device)]  # (F, d)
                 fed = self._feed_vectors(rows.t().unsqueeze(0).to(self._runner.float_dtype))
             else:
-                rows = tokens.view[0, t.to(tokens.view.device)]
                 fed = self._feed_vectors(rows.unsqueeze(0).to(self._runner.float_dtype))
             outputs = self._runner.exact_infer({name: fed})
             found = outputs[-1].to(index_rows.device)
@@ -280,7 +332,7 @@ class Quantizer:
                 if self._channel_first:
                     vectors[g, :, t] = block.reshape(info.dim, -1).t()
                 else:
-                    vectors[0, t] = block.reshape(-1, info.dim)
+                    vectors[g, t] = block.reshape(-1, info.dim)
 
     def _check_output(self, out: torch.Tensor, expected: int, what: str, tokens: int) -> None:
         if out.numel() != expected:
@@ -295,7 +347,8 @@ class Quantizer:
         return tensor.numpy() if as_numpy else tensor
 
     def _token_view(self, x: torch.Tensor) -> tuple[_TokenView, tuple[int, ...]]:
-        """Check x and view it as token groups; returns the view and the shape indices come back in."""
+        """Check x and view it as token groups (no copy, whatever its strides); returns the view and
+        the shape indices come back in."""
         info = self.info
         check_floating(x, "x")
         layout = self.spec.layout
@@ -305,14 +358,21 @@ class Quantizer:
             check_rank(x, layout.ranks, "x", layout.expected())
         dim_axis = 1 if self._channel_first else -1
         check_axis_size(x, dim_axis, info.dim, "x", "dim")
-        check_finite(x, "x")
+        # On what the search sees: after the cast to the graph's dtype (a float64 1e300 is inf there).
+        check_finite(x, "x", dtype=_search_dtype(self._runner.float_dtype), what=f"the {self.backend} backend's search")
+        if x.ndim == 2:  # one token per batch row: (b, d) -> (1, b, d), or (1, d, b) channel first
+            view = x.t().unsqueeze(0) if self._channel_first else x.unsqueeze(0)
+            return _TokenView(view, 1, x.shape[0], self._channel_first), (x.shape[0],)
         if not self._channel_first:
-            view = x.reshape(1, -1, info.dim)
-            return _TokenView(view, 1, view.shape[1]), tuple(x.shape[:-1])
-        if x.ndim == 2:  # one token per batch row, channel-first graph: (b, d) -> (1, d, b)
-            return _TokenView(x.t().unsqueeze(0), 1, x.shape[0]), (x.shape[0],)
-        view = x.reshape(x.shape[0], info.dim, -1)
-        return _TokenView(view, x.shape[0], view.shape[2]), (x.shape[0], *x.shape[2:])
+            return _TokenView(x, x.shape[0], x.shape[1], False), tuple(x.shape[:-1])
+        if x.ndim == 3:
+            return _TokenView(x, x.shape[0], x.shape[2], True), (x.shape[0], x.shape[2])
+        batch, _, height, width = x.shape
+        try:
+            view = x.view(batch, info.dim, height * width)
+        except RuntimeError:  # strides that merge no (height, width) view: read it row by row
+            return _TokenView(x, batch, height * width, True, width=width), (batch, height, width)
+        return _TokenView(view, batch, height * width, True), (batch, height, width)
 
     def _feed_vectors(self, chunk: torch.Tensor) -> torch.Tensor:
         """A chunk in the graph's layout: (1, c, d), (1, d, c), (1, d, 1, c) for images, (1, d, 1, 1, c) for volumes."""
@@ -331,16 +391,19 @@ class Quantizer:
             device=x.device,
         )
         float_dtype = self._runner.float_dtype
-        vectors = torch.empty(tokens.view.shape, dtype=float_dtype, device=x.device) if want_vectors else None
+        vector_shape = (tokens.groups, info.dim, tokens.tokens) if self._channel_first else \
+            (tokens.groups, tokens.tokens, info.dim)
+        vectors = torch.empty(vector_shape, dtype=float_dtype, device=x.device) if want_vectors else None
         name = self.info.inputs[0]
         flagged_groups: list[torch.Tensor] = []
         flagged_tokens: list[torch.Tensor] = []
         for g0, g1, t0, t1 in tiles(tokens.groups, tokens.tokens, self.chunk_size):
             count = (g1 - g0) * (t1 - t0)
+            block = tokens.block(g0, g1, t0, t1)
             if self._channel_first:  # (gb, d, tc) -> (1, d, gb * tc): one copy of the chunk
-                chunk = tokens.view[g0:g1, :, t0:t1].permute(1, 0, 2).reshape(1, info.dim, count)
+                chunk = block.permute(1, 0, 2).reshape(1, info.dim, count)
             else:
-                chunk = tokens.view[:, t0:t1]
+                chunk = block.reshape(1, count, info.dim)
             outputs, flagged = self._split_flags(self._runner.infer({name: self._feed_vectors(chunk.to(float_dtype))}), count)
             if flagged is not None and flagged.numel():  # chunk order is (group, token)
                 flagged_groups.append(g0 + flagged // (t1 - t0))
@@ -356,10 +419,9 @@ class Quantizer:
                 index_rows[g0:g1, t0:t1] = indices_out.reshape(g1 - g0, t1 - t0, *heads)
             if vectors is not None:
                 if self._channel_first:
-                    block = outputs[0].reshape(info.dim, g1 - g0, t1 - t0).permute(1, 0, 2)
-                    vectors[g0:g1, :, t0:t1] = block
+                    vectors[g0:g1, :, t0:t1] = outputs[0].reshape(info.dim, g1 - g0, t1 - t0).permute(1, 0, 2)
                 else:
-                    vectors[0, t0:t1] = outputs[0].reshape(t1 - t0, info.dim)
+                    vectors[g0:g1, t0:t1] = outputs[0].reshape(g1 - g0, t1 - t0, info.dim)
         if flagged_tokens:  # one exact pass over every chunk's flagged tokens
             self._resolve_tokens(tokens, torch.cat(flagged_groups), torch.cat(flagged_tokens), index_rows, vectors)
         if self._residual:
@@ -392,7 +454,7 @@ class Quantizer:
         # Vectors come back channel-first for channel-first layouts, except for one token per row.
         channel_first_out = self._channel_first and len(lead) > 1
         groups = lead[0] if channel_first_out else 1
-        tokens = math.prod(lead) // groups
+        tokens = math.prod(lead) // groups if groups else 0
         if self._residual:
             view = indices.reshape(info.num_quantizers, groups, tokens)
         else:

@@ -37,6 +37,9 @@ def rebuild_quantizer(model: onnx.ModelProto, info: ExportInfo) -> nn.Module:
         for init in model.graph.initializer
         if init.name.startswith(STATE_PREFIX)
     }
+    float_dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    if len(float_dtypes) == 1:  # a float16 export runs in float16, as its graph does (inputs cast to it)
+        module = module.to(float_dtypes.pop())
     missing, unexpected = module.load_state_dict(state, strict=False)
     embeds = [k for k in module.state_dict() if k.endswith("_codebook.embed")]
     if info.kind in RESIDUAL_KINDS and info.config.get("shared_codebook"):

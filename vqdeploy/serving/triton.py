@@ -244,6 +244,9 @@ def write_triton_repository(
     if repository.exists() and not repository.is_dir():
         raise OutputExistsError(f"{repository} exists and is not a directory; a model repository is a directory")
     target = repository / name
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise OutputExistsError(f"{target} is a file or a symbolic link, not a model folder; it is never replaced: "
+                                "choose another name or repository")
     if target.exists() and not force:
         raise OutputExistsError(f"{target} already exists; pass force=True (CLI: --force) to replace it")
 
