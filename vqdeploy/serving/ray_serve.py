@@ -56,8 +56,9 @@ def rows_to_input(info: ExportInfo, rows: np.ndarray) -> np.ndarray:
 
 def indices_of_rows(info: ExportInfo, indices: np.ndarray, tokens: int) -> np.ndarray:
     """`Quantizer.encode` of `rows_to_input` -> indices per token: (T[, heads]); ResidualVQ (Q, T)."""
-    per_token = QuantizerSpec.from_info(info).token_major(indices, tokens)
-    if info.kind == "ResidualVQ":
+    spec = QuantizerSpec.from_info(info)
+    per_token = spec.token_major(indices, tokens)
+    if spec.residual:
         return np.ascontiguousarray(per_token.T)
     return per_token if info.heads > 1 else per_token.reshape(tokens)
 
@@ -134,7 +135,7 @@ class QuantizerDeployment:
         # Off the event loop, so requests keep queueing for the next batch while this one runs.
         indices = await asyncio.to_thread(self.encode_rows, merged)
         splits = np.cumsum(counts)[:-1]
-        return list(np.split(indices, splits, axis=-1 if self.info.kind == "ResidualVQ" else 0))
+        return list(np.split(indices, splits, axis=-1 if QuantizerSpec.from_info(self.info).residual else 0))
 
     def stats(self) -> dict[str, int]:
         """Requests served and backend calls made by this replica."""

@@ -61,7 +61,7 @@ def _check_exportable(info: ExportInfo, path: Path) -> None:
 
 def _output_width(info: ExportInfo) -> int | None:
     """Indices per token beyond the token axis: Q for ResidualVQ, heads for multi-head, else None."""
-    if info.kind == "ResidualVQ":
+    if QuantizerSpec.from_info(info).residual:
         return info.num_quantizers
     return info.heads if info.heads > 1 else None
 
@@ -101,7 +101,7 @@ def token_major_graph(model: onnx.ModelProto, info: ExportInfo) -> onnx.ModelPro
 
     width = _output_width(info)
     back: list[onnx.NodeProto] = []
-    if info.kind == "ResidualVQ":  # (Q, 1, N) -> (Q, N) -> (N, Q)
+    if QuantizerSpec.from_info(info).residual:  # (Q, 1, N) -> (Q, N) -> (N, Q)
         back += [const("vqdeploy_triton_shape", [info.num_quantizers, -1]),
                  helper.make_node("Reshape", [inner_indices, "vqdeploy_triton_shape"], ["vqdeploy_triton_qn"]),
                  helper.make_node("Transpose", ["vqdeploy_triton_qn"], [OUTPUT_NAME], perm=[1, 0])]

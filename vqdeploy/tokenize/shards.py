@@ -31,6 +31,7 @@ from vqdeploy.errors import (
     UnreadableInputError,
     UnsupportedOptionError,
 )
+from vqdeploy.spec import QuantizerSpec
 
 JOB_FILE = "_job.json"
 DONE_FILE = "_SUCCESS.json"
@@ -246,7 +247,7 @@ def encode_rows(quantizer, vectors: np.ndarray) -> np.ndarray:
 
 
 def tokens_per_row(info) -> int:
-    return info.num_quantizers if info.kind == "ResidualVQ" else info.heads
+    return info.num_quantizers if QuantizerSpec.from_info(info).residual else info.heads
 
 
 def token_table(tokens: np.ndarray, ids, job: JobSpec, id_name: str):
