@@ -21,7 +21,7 @@ from vqdeploy.examples import (
     split_digits,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
