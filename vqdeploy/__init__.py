@@ -8,7 +8,6 @@ from vqdeploy import _deprecated
 _deprecated.install_aliases()  # `from vqdeploy.verify import verify` and other 0.x paths, with a warning
 
 from vqdeploy._version import __version__  # noqa: E402
-from vqdeploy.compat.convert import convert  # noqa: E402
 from vqdeploy.errors import VQDeployError  # noqa: E402  (after the aliases: a module below may still use one)
 
 # The public names are imported when first used (PEP 562): `import vqdeploy` stays cheap, so the

@@ -148,8 +148,9 @@ def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportI
 
 
 TOKEN_MAJOR_LAYOUT = "n d"
-_JSON_TYPES = {"inputs": list, "outputs": list, "config": dict, "quantizers": list, "fused": bool}
-KINDS = ("VectorQuantize", "ResidualVQ", "model")
+_JSON_TYPES = {"inputs": list, "outputs": list, "config": dict, "quantizers": list, "fused": bool, "searches": list,
+               "input_shapes": list, "example_shapes": list, "verification_outputs": bool}
+KINDS = ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "SplitResidualVQ", "FactorizedResidualVQ", "model")
 METRICS = ("l2", "cosine")
 INDEX_DTYPES = ("int64", "int32")
 
@@ -191,7 +192,7 @@ def check_info(info: ExportInfo, model: onnx.ModelProto, name: str = "model") ->
     (`MetadataError`): a runtime shapes its tensors from these fields, so none is trusted unchecked."""
     from vqdeploy.spec import LAYOUTS
 
-    _choice(name, "part", info.part, PARTS)
+    _choice(name, "part", info.part, (*PARTS, "model") if info.kind == "model" else PARTS)
     _choice(name, "kind", info.kind, KINDS)
     _choice(name, "metric", info.metric, METRICS)
     _choice(name, "index_dtype", info.index_dtype, INDEX_DTYPES)
@@ -214,42 +215,55 @@ def check_info(info: ExportInfo, model: onnx.ModelProto, name: str = "model") ->
 
 
 def _check_quantizer_fields(info: ExportInfo, model: onnx.ModelProto, name: str) -> None:
+    from vqdeploy.spec import LAYOUTS, layout_for
+
     config = info.config
-    expected = dict(dim=info.dim, codebook_size=info.codebook_size, codebook_dim=info.codebook_dim)
-    if info.kind == "VectorQuantize":
-        expected["heads"] = info.heads
-        if info.num_quantizers != 1:
-            raise MetadataError(f"{name}: a VectorQuantize has num_quantizers 1, the metadata says {info.num_quantizers}")
-    else:
-        expected["num_quantizers"] = info.num_quantizers
-        if info.heads != 1:
-            raise MetadataError(f"{name}: a ResidualVQ has heads 1, the metadata says {info.heads}")
-    wrong = [f"{key}={info_value} (config: {config.get(key)!r})" for key, info_value in expected.items()
-             if config.get(key) != info_value]
+    sizes = config.get("codebook_size")
+    largest = max(sizes) if isinstance(sizes, list | tuple) and sizes else sizes
+    expected = dict(dim=info.dim, codebook_size=(info.codebook_size, largest))
+    if info.kind in ("VectorQuantize", "ResidualVQ", "GroupedResidualVQ"):
+        expected["codebook_dim"] = (info.codebook_dim, config.get("codebook_dim") or info.codebook_dim)
+    wrong = [f"{key}={pair[0]} (config: {pair[1]!r})" for key, pair in
+             ((k, v if isinstance(v, tuple) else (v, config.get(k))) for k, v in expected.items()) if pair[0] != pair[1]]
     if wrong:
         raise MetadataError(f"{name}: metadata fields disagree with the stored config: {', '.join(wrong)}")
-    if (info.metric == "cosine") != bool(config.get("use_cosine_sim", False)):
+    stages = config.get("num_quantizers", 1)
+    if info.kind != "VectorQuantize" and "num_quantizers" not in config:
+        raise MetadataError(f"{name}: kind {info.kind!r} but the stored config has no num_quantizers (a VectorQuantize's?)")
+    if info.kind == "VectorQuantize":
+        if info.num_quantizers != 1 or config.get("heads", 1) != info.heads:
+            raise MetadataError(f"{name}: a VectorQuantize has num_quantizers 1 and the config's heads; the metadata says "
+                                f"num_quantizers {info.num_quantizers}, heads {info.heads}")
+    else:
+        if info.heads != 1:
+            raise MetadataError(f"{name}: a {info.kind} has heads 1, the metadata says {info.heads}")
+        most = stages * config.get("groups", 1)
+        if not 1 <= info.num_quantizers <= most:  # fewer where n_q was baked into the export
+            raise MetadataError(f"{name}: num_quantizers {info.num_quantizers} outside [1, {most}] of the config")
+    if (info.metric == "cosine") != bool(config.get("use_cosine_sim", False)) and info.kind != "FactorizedResidualVQ":
         raise MetadataError(f"{name}: metadata metric {info.metric!r} disagrees with the config's use_cosine_sim")
     if info.kind == "VectorQuantize":
-        from vqdeploy.spec import layout_for
-
-        layout = layout_for(config.get("channel_last", True), config.get("accept_image_fmap", False)).name
-        if layout != info.input_layout and info.input_layout != TOKEN_MAJOR_LAYOUT:
-            raise MetadataError(f"{name}: metadata input_layout {info.input_layout!r} disagrees with the config "
-                                f"({layout!r})")
-    elif info.input_layout not in ("b n d", TOKEN_MAJOR_LAYOUT):
-        raise MetadataError(f"{name}: a ResidualVQ takes 'b n d', the metadata says {info.input_layout!r}")
-    embeds = [i for i in model.graph.initializer if i.name.startswith(STATE_PREFIX) and i.name.endswith("_codebook.embed")]
-    if not embeds:
-        raise MetadataError(f"{name}: no codebook initializer ({STATE_PREFIX}..._codebook.embed) in the graph")
-    books = info.heads if config.get("separate_codebook_per_head") else 1
-    for embed in embeds:
-        shape = tuple(embed.dims)
-        if shape != (books, info.codebook_size, info.codebook_dim):
-            raise MetadataError(f"{name}: the codebook {embed.name} is {shape}; the metadata means "
-                                f"{(books, info.codebook_size, info.codebook_dim)}")
+        layout = layout_for(config.get("channel_last", True), config.get("accept_image_fmap", False),
+                            config.get("accept_3d_fmap", False)).name
+    elif info.kind in ("ResidualVQ", "GroupedResidualVQ"):
+        layout = "b n d" if config.get("channel_last", True) else "b d n"
+    else:
+        layout = info.input_layout  # the codec kinds take (batch, dim, time)
+    if info.input_layout not in (layout, TOKEN_MAJOR_LAYOUT):
+        raise MetadataError(f"{name}: metadata input_layout {info.input_layout!r} disagrees with the config ({layout!r})")
+    if info.kind != "FactorizedResidualVQ":  # its codebooks are plain weights of per-stage code dims
+        embeds = [i for i in model.graph.initializer if i.name.startswith(STATE_PREFIX) and i.name.endswith("_codebook.embed")]
+        if not embeds:
+            raise MetadataError(f"{name}: no codebook initializer ({STATE_PREFIX}..._codebook.embed) in the graph")
+        books = info.heads if config.get("separate_codebook_per_head") else 1
+        for embed in embeds:
+            shape = tuple(embed.dims)
+            if len(shape) != 3 or shape[0] != books or not 1 <= shape[1] <= info.codebook_size \
+                    or shape[2] != info.codebook_dim:
+                raise MetadataError(f"{name}: the codebook {embed.name} is {shape}; the metadata means "
+                                    f"{(books, info.codebook_size, info.codebook_dim)}")
     graph_input = model.graph.input[0].type.tensor_type.shape.dim
-    axis = {"b n d": -1, "b d n": 1, "b d h w": 1, TOKEN_MAJOR_LAYOUT: -1}[info.input_layout]
+    axis = -1 if info.input_layout == TOKEN_MAJOR_LAYOUT else LAYOUTS[info.input_layout].feature_axis
     if info.part != "decode" and graph_input and graph_input[axis].HasField("dim_value"):
         if graph_input[axis].dim_value != info.dim:
             raise MetadataError(f"{name}: the graph's input has dim {graph_input[axis].dim_value}; the metadata says "

@@ -367,12 +367,15 @@ class Quantizer:
             return _TokenView(x, x.shape[0], x.shape[1], False), tuple(x.shape[:-1])
         if x.ndim == 3:
             return _TokenView(x, x.shape[0], x.shape[2], True), (x.shape[0], x.shape[2])
-        batch, _, height, width = x.shape
+        batch, spatial = x.shape[0], tuple(x.shape[2:])  # (height, width) or (depth, height, width)
+        tokens = math.prod(spatial)
         try:
-            view = x.view(batch, info.dim, height * width)
-        except RuntimeError:  # strides that merge no (height, width) view: read it row by row
-            return _TokenView(x, batch, height * width, True, width=width), (batch, height, width)
-        return _TokenView(view, batch, height * width, True), (batch, height, width)
+            view = x.view(batch, info.dim, tokens)
+        except RuntimeError:  # strides that merge no view of the token axes
+            if x.ndim == 4:  # an image: read it row by row
+                return _TokenView(x, batch, tokens, True, width=spatial[-1]), (batch, *spatial)
+            view = x.reshape(batch, info.dim, tokens)  # a volume: one copy
+        return _TokenView(view, batch, tokens, True), (batch, *spatial)
 
     def _feed_vectors(self, chunk: torch.Tensor) -> torch.Tensor:
         """A chunk in the graph's layout: (1, c, d), (1, d, c), (1, d, 1, c) for images, (1, d, 1, 1, c) for volumes."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from typing import Any
 
 import onnx
@@ -150,6 +151,10 @@ class WholeModel(Quantizer):
         self.info = info
         self._runner = runner
         self.chunk_size = None  # a model runs whole: its inputs are not cut into chunks
+        # close() waits for calls in flight and refuses new ones, as a Quantizer's does.
+        self._state = threading.Condition()
+        self._active = 0
+        self._closed = False
         self.inputs = list(info.inputs)
         self.outputs = list(runner.output_names)
 
