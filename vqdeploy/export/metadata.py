@@ -246,7 +246,7 @@ def _check_quantizer_fields(info: ExportInfo, model: onnx.ModelProto, name: str)
         layout = layout_for(config.get("channel_last", True), config.get("accept_image_fmap", False),
                             config.get("accept_3d_fmap", False)).name
     elif info.kind in ("ResidualVQ", "GroupedResidualVQ"):
-        layout = "b n d" if config.get("channel_last", True) else "b d n"
+        layout = layout_for(config.get("channel_last", True), image=False).name
     else:
         layout = info.input_layout  # the codec kinds take (batch, dim, time)
     if info.input_layout not in (layout, TOKEN_MAJOR_LAYOUT):

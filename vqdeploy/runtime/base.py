@@ -36,7 +36,7 @@ from vqdeploy.spec import RESIDUAL_KINDS, QuantizerSpec
 
 # Scores a chunk may hold (float32) where the backend materialises them: 2M values = 8 MiB per
 # score-sized buffer in the backend (ONNX Runtime runs the function body MatMul -> ArgMin).
-CHUNK_SCORE_BUDGET = 2 * 2**20
+CHUNK_SCORE_BUDGET = 2**20
 # Vector values a chunk may hold where the search itself is tiled (the torch backend): 1M float32
 # = 4 MiB per vector-sized buffer; the search adds its own bounded tile (vqdeploy.ops.cpu_kernels).
 CHUNK_VECTOR_BUDGET = 2**20
