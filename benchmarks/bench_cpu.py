@@ -97,10 +97,12 @@ def per_round(numerator: list[float], denominator: list[float]) -> tuple[float, 
     return statistics.median(ratios), min(ratios), max(ratios)
 
 
-def run_size(n: int, d: int, k: int, repeats: int, warmup: int, tiles: bool, workdir: Path) -> dict[str, Any]:
+def run_size(
+    n: int, d: int, k: int, repeats: int, warmup: int, tiles: bool, workdir: Path, settle: float = 0.25
+) -> dict[str, Any]:
     methods, closables = build_methods(n, d, k, tiles, workdir)
     with torch.no_grad():
-        timings = time_interleaved(methods, n, repeats=repeats, warmup=warmup)
+        timings = time_interleaved(methods, n, repeats=repeats, warmup=warmup, settle_s=settle)
     for runner in closables:
         runner.close()
     seconds = {name: t.seconds for name, t in timings.items()}
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=parse_size, default=SIZES, help="NxDxK or 1..4 (default: all four)")
     parser.add_argument("--repeats", type=int, default=15, help="timed rounds (default 15)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--settle", type=float, default=0.25,
+                        help="seconds of sleep after each call, so spinning BLAS/OpenMP/ORT threads go idle (default 0.25)")
     parser.add_argument("--tiles", action="store_true", help="also the op with each GEMM at 4 and 32 MiB tiles")
     parser.add_argument("--json", metavar="PATH", help="also write every figure and the environment as JSON")
     args = parser.parse_args(argv)
@@ -200,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# bench_cpu  {env['date']}  {env['cpu']}  cores={env['cpu_count']}  torch threads={env['torch_threads']}")
     print(f"# vqdeploy at {env['git']}  versions: {env['versions']}  OPENBLAS_CORETYPE={env['OPENBLAS_CORETYPE']}")
     print(f"# {choice.describe()}")
-    print(f"# {' '.join(sys.argv)}  repeats={args.repeats} warmup={args.warmup}  loadavg={env['loadavg_start']}", flush=True)
+    print(f"# {' '.join(sys.argv)}  repeats={args.repeats} warmup={args.warmup} settle={args.settle}s  loadavg={env['loadavg_start']}", flush=True)
     results = []
     with tempfile.TemporaryDirectory() as workdir:
         for n, d, k in args.sizes:
-            results.append(run_size(n, d, k, args.repeats, args.warmup, args.tiles, Path(workdir)))
+            results.append(run_size(n, d, k, args.repeats, args.warmup, args.tiles, Path(workdir), args.settle))
             r = results[-1]
             print(f"# {r['size']}: " + ", ".join(f"{m} {v:.1f} ms" for m, v in r["median_ms"].items()))
             print(f"# loadavg now: {os.getloadavg()}\n{report([r])}\n", flush=True)  # each size as it completes

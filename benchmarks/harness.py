@@ -50,12 +50,16 @@ class Timing:
 
 
 def time_interleaved(
-    calls: Mapping[str, Callable[[], Any]], n_items: int, repeats: int = 5, warmup: int = 1
+    calls: Mapping[str, Callable[[], Any]], n_items: int, repeats: int = 5, warmup: int = 1,
+    settle_s: float = 0.0,
 ) -> dict[str, Timing]:
     """Time every callable `warmup + repeats` times, round-robin, and keep the timed repeats.
 
     The result of each method's last call is kept in `Timing.last_result` (for correctness checks),
-    so a benchmark needs no extra, untimed call.
+    so a benchmark needs no extra, untimed call. ``settle_s`` sleeps (untimed) after each call: the
+    worker threads of OpenBLAS (about 0.1 s by default), OpenMP and ONNX Runtime spin after a call
+    and slow whatever runs next; measured at 262144x32x256, the op right after numpy's matmul took
+    106 ms against 38 ms elsewhere in the same round.
     """
     timings = {name: Timing([], n_items) for name in calls}
     for round_index in range(warmup + repeats):
@@ -67,6 +71,8 @@ def time_interleaved(
                 timings[name].seconds.append(elapsed)
             timings[name].last_result = result
             del result
+            if settle_s:
+                time.sleep(settle_s)
     return timings
 
 

@@ -20,6 +20,8 @@ from vqdeploy.ops.contract import (
     nearest_code_exact,
     norm_upper_bound,
     recheck_rows,
+    score_error_bound,
+    squared_norms,
 )
 from vqdeploy.ops.custom_op import nearest_code
 
@@ -73,6 +75,23 @@ def test_tiny_and_huge_norms(path, scale):
     assert PATHS[path](x, codebook).tolist() == exact_by_fractions(x, codebook)
 
 
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("flush", [False, True], ids=["gradual underflow", "flush to zero"])
+def test_products_that_underflow(path, flush):
+    # Products of 1e-21 and 1e-22 are subnormal in float32; with flush-to-zero they vanish. The
+    # margin cannot prove such rows, so they must reach the exact re-check either way.
+    g = torch.Generator().manual_seed(8)
+    codebook = torch.randn(40, 16, generator=g) * 1e-21
+    x = torch.cat([near_ties(codebook, 40), torch.randn(40, 16, generator=g) * 1e-22])
+    if flush and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        tokens = PATHS[path](x, codebook).tolist()
+    finally:
+        torch.set_flush_denormal(False)
+    assert tokens == exact_by_fractions(x, codebook)
+
+
 def test_batch_invariance_of_the_op():
     """Each row's token is the same alone, in batches of every size, at any position, shuffled."""
     torch.manual_seed(3)
@@ -113,6 +132,50 @@ def test_margins_flag_near_ties_and_nothing_far():
     flagged = recheck_rows(32, indices, margin, x_norm, norm_upper_bound(codebook)).tolist()
     assert not any(r < 20 for r in flagged)  # on a code: the margin proves the token
     assert all(r in flagged for r in range(20, 40) if float(margin[r]) < 1e-4)
+
+
+def _score_forms(x: torch.Tensor, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every way vqdeploy's float32 searches form t_k = ||c_k||^2 - 2 x.c_k."""
+    norms = squared_norms(codes)
+    return {
+        "addmm (products summed onto the norm)": torch.addmm(norms, x, codes.t(), beta=1.0, alpha=-2.0),
+        "mm, then the norm (the CPU kernel)": norms - 2.0 * torch.mm(x, codes.t()),
+        "numpy matmul, then the norm": norms - 2.0 * torch.from_numpy(x.numpy() @ codes.numpy().T),
+    }
+
+
+@pytest.mark.parametrize("regime", ["short codes", "long codes", "rows along codes", "mixed signs"])
+def test_bound_3_covers_every_score_form(regime):
+    g = torch.Generator().manual_seed(5)
+    dim, k = 256, 128
+    x = torch.randn(64, dim, generator=g)
+    codes = torch.randn(k, dim, generator=g)
+    if regime == "short codes":
+        codes *= 0.003
+    elif regime == "long codes":
+        codes *= 300.0
+    elif regime == "rows along codes":  # every product x_i c_i of one sign: no cancellation
+        x = codes[:64].abs() * 7.0 + 1e-3
+        codes = codes.abs()
+    else:
+        x = x * torch.logspace(-6, 6, dim)
+    exact = (codes.double() ** 2).sum(1)[None] - 2.0 * x.double() @ codes.double().t()
+    allowed = score_error_bound(dim, norm_upper_bound(x)[:, None], norm_upper_bound(codes)[None])
+    for name, scores in _score_forms(x, codes).items():
+        ratio = float(((scores.double() - exact).abs() / allowed).max())
+        assert ratio <= 1.0, (name, ratio)
+
+
+def test_short_codes_leave_few_rows_to_re_check():
+    # A fresh codebook is much shorter than the rows it quantizes; the bound has no ||x||^2 term,
+    # so the margin proves almost every row (bound (1), which has one, flagged about a quarter).
+    g = torch.Generator().manual_seed(6)
+    codes = 0.04 / 16 * torch.randn(1024, 256, generator=g)
+    x = torch.randn(8192, 256, generator=g)
+    indices, margin, x_norm = nearest_code_blocked_with_margin(x, codes)
+    flagged = recheck_rows(256, indices, margin, x_norm, norm_upper_bound(codes))
+    assert flagged.numel() < 0.01 * x.shape[0]
+    assert nearest_code(x[flagged], codes).tolist() == exact_nearest(x[flagged], codes).tolist()
 
 
 @pytest.mark.skipif(not cpu_kernels.available(), reason="the numba kernel did not compile")

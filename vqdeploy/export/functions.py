@@ -14,8 +14,12 @@ same graph with this function inlined: one body, written once, here.
 
 from __future__ import annotations
 
+import math
+
 import onnx
 from onnx import TensorProto, defs, helper
+
+from vqdeploy.ops.contract import OVERFLOW_SCALE, UNDERFLOW_UNIT
 
 DOMAIN = "vqdeploy"
 OP_TYPE = "NearestCode"
@@ -112,7 +116,9 @@ def nearest_code_recheck_function(opset: int, dim: int) -> onnx.FunctionProto:
     """
     u = 2.0**-24
     gamma = (dim + 3) * u / (1 - (dim + 3) * u)
-    factor = gamma * (1.0 + (dim + 16) * 2.0**-22)  # the threshold's own float32 evaluation
+    # bound (3) of vqdeploy.ops.contract: 2 gamma_{D+3} ||c|| (||c|| + ||x||) per code, with room for
+    # the threshold's own float32 evaluation
+    factor = 2.0 * gamma * (1.0 + (dim + 16) * 2.0**-22)
     const = lambda name, value, dtype=TensorProto.FLOAT, dims=(): helper.make_node(  # noqa: E731
         "Constant", [], [name], value=helper.make_tensor(name, dtype, list(dims), [value] if not dims else value)
     )
@@ -137,18 +143,33 @@ def nearest_code_recheck_function(opset: int, dim: int) -> onnx.FunctionProto:
         helper.make_node("Sub", ["second", "best"], ["margin"]),
         helper.make_node("Mul", ["xf", "xf"], ["x_sq"]),
         helper.make_node("ReduceSum", ["x_sq", "axis1"], ["x_norm_sq"], keepdims=0),
-        helper.make_node("Sqrt", ["x_norm_sq"], ["x_norm"]),
-        helper.make_node("Sqrt", ["c_norm"], ["c_len"]),
+        const("underflow_sq", dim * UNDERFLOW_UNIT),  # what underflow can take from a sum of squares
+        helper.make_node("Add", ["x_norm_sq", "underflow_sq"], ["x_norm_sq_up"]),
+        helper.make_node("Add", ["c_norm", "underflow_sq"], ["c_norm_up"]),
+        helper.make_node("Sqrt", ["x_norm_sq_up"], ["x_norm"]),
+        helper.make_node("Sqrt", ["c_norm_up"], ["c_len"]),
         helper.make_node("Gather", ["c_len", "indices"], ["best_len"], axis=0),
         helper.make_node("ReduceMax", ["c_len"], ["max_len"], keepdims=0),
         helper.make_node("Add", ["x_norm", "best_len"], ["a"]),
         helper.make_node("Add", ["x_norm", "max_len"], ["b"]),
-        helper.make_node("Mul", ["a", "a"], ["a_sq"]),
-        helper.make_node("Mul", ["b", "b"], ["b_sq"]),
+        helper.make_node("Mul", ["a", "best_len"], ["a_sq"]),
+        helper.make_node("Mul", ["b", "max_len"], ["b_sq"]),
         helper.make_node("Add", ["a_sq", "b_sq"], ["ab"]),
         const("factor", factor),
-        helper.make_node("Mul", ["ab", "factor"], ["threshold"]),
-        helper.make_node("Greater", ["margin", "threshold"], ["proven"]),  # NaN: not proven
+        helper.make_node("Mul", ["ab", "factor"], ["relative"]),
+        # (3a) for both codes: 2^-124 (2 (D + 1) + sqrt(D) (a + b)), rounded up
+        helper.make_node("Add", ["a", "b"], ["a_plus_b"]),
+        const("underflow_per_norm", math.sqrt(dim) * UNDERFLOW_UNIT * (1.0 + 2.0**-20)),
+        helper.make_node("Mul", ["a_plus_b", "underflow_per_norm"], ["underflow_norms"]),
+        const("underflow_fixed", 2.0 * (dim + 1) * UNDERFLOW_UNIT * (1.0 + 2.0**-20)),
+        helper.make_node("Add", ["underflow_norms", "underflow_fixed"], ["underflow"]),
+        helper.make_node("Add", ["relative", "underflow"], ["threshold"]),
+        helper.make_node("Greater", ["margin", "threshold"], ["above"]),  # NaN: not proven
+        # a score may overflow float32 where (||x|| + ||c_max||)^2 >= 2^126: nothing is proven there
+        helper.make_node("Mul", ["b", "b"], ["scale"]),
+        const("overflow", OVERFLOW_SCALE),
+        helper.make_node("Less", ["scale", "overflow"], ["in_range"]),
+        helper.make_node("And", ["above", "in_range"], ["proven"]),
         helper.make_node("Not", ["proven"], ["recheck"]),
     ]
     return helper.make_function(

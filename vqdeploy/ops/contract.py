@@ -172,21 +172,77 @@ def certify(
 
 
 # -- the exact argmin --------------------------------------------------------------------------------
-# A float32 search that keeps its best score t_b and second-best score t_2 per row returns the exact
-# argmin b whenever t_2 - t_b > E_b + E_max, with E_k = gamma_{D+3} (||x|| + ||c_k||)^2 the bound (1)
-# and E_max the same with the largest code norm: then for every k != b,
-# s_k - s_b >= (t_k - E_k) - (t_b + E_b) >= t_2 - t_b - E_max - E_b > 0. Rows that fail the test
-# (0.02-0.3% of random rows, duplicates, exact midpoints) are re-solved by `exact_nearest`.
-# Covers computing the threshold in floating point and a margin t_2 - t_b rounded to float32 (at most
-# a relative 2^-24 above the exact difference of the two float32 scores).
+# vqdeploy's own searches (the CPU kernel, the blocked search, the ONNX re-check body) compute
+# t_k = fl(n_k - 2 d_k) with n_k = fl(||c_k||^2) and d_k = fl(x.c_k), or accumulate the products onto
+# n_k (torch.addmm / Gemm with beta = 1); neither ever adds ||x||^2. Their error is then bounded by
+#
+#     |t_k - s_k| <= E_k = 2 gamma_{D+3} ||c_k|| (||c_k|| + ||x||)                               (3)
+#
+# n_k is off by at most gamma_D ||c_k||^2 and d_k by gamma_D sum_i |x_i c_ki| <= gamma_D ||x|| ||c_k||
+# in any summation order; the final subtraction rounds once more (u |n_k - 2 d_k|), or, where the
+# products are summed onto n_k, the D + 1 term sum carries gamma_{D+1} (|n_k| + 2 sum_i |x_i c_ki|);
+# in both cases the ||c_k||^2 coefficient is at most 2 gamma_{D+3} and the ||x|| ||c_k|| one at most
+# 2 gamma_{D+3}. Unlike (1) it has no ||x||^2 term: with codes much shorter than the rows (a fresh
+# codebook, rows of unit variance) (1) flagged 26% of the rows at (65536, 256, 1024) and 99% at
+# (16384, 512, 8192), (3) flags 0.15% and 0.6% (benchmarks/RESULTS.md).
+# Underflow adds an absolute error the relative bound misses: at most 2^-150 per product with
+# gradual underflow, and with flush-to-zero / denormals-are-zero (torch.set_flush_denormal, or a
+# library that sets FTZ/DAZ) at most 2^-126 per flushed result and 2^-126 |other factor| per flushed
+# input. Over the 2D products, D + 1 additions and the factor 2 this stays below
+#
+#     A_k = 2^-124 (D + 1 + sqrt(D) (||x|| + ||c_k||)),                                         (3a)
+#
+# which `score_error_bound` adds to (3); negligible unless the rows or codes are tiny, where it sends
+# the rows to the exact re-check. Overflow: where (||x|| + ||c_max||)^2 >= 2^126 a partial sum may
+# overflow float32 (an infinite score proves nothing), so such rows are always re-checked.
+#
+# A search that keeps its best score t_b and second-best score t_2 per row returns the exact argmin b
+# whenever t_2 - t_b > E_b + E_max, E_max being (3) with the largest code norm (E_k grows with
+# ||c_k||): then for every k != b, s_k - s_b >= (t_k - E_k) - (t_b + E_b) >= t_2 - t_b - E_max - E_b > 0.
+# Rows that fail the test (near ties, duplicates, exact midpoints) are re-solved by `exact_nearest`.
+# RECHECK_SAFETY covers computing the threshold in floating point and a margin t_2 - t_b rounded to
+# float32 (at most a relative 2^-24 above the exact difference of the two float32 scores).
 RECHECK_SAFETY = 1.0 + 2.0**-20
+
+
+# Absolute error scale of a float32 operation whose result or input underflows (see (3a)).
+UNDERFLOW_UNIT = 2.0**-124
+# Beyond this (||x|| + ||c||)^2 a float32 score may overflow: the margin proves nothing.
+OVERFLOW_SCALE = 2.0**126
+
+
+def norm_bound_from_float32(norms: torch.Tensor, dim: int) -> torch.Tensor:
+    """float64 upper bounds of ||r|| from float32 norms sqrt(fl(sum r_i^2)) summed in any order.
+
+    The float32 sum of squares is at most gamma_D below the exact one, and underflow (gradual or
+    flushed to zero) loses at most D 2^-125 more; the square root rounds once.
+    """
+    norms = norms.double()
+    return torch.sqrt(norms * norms + dim * UNDERFLOW_UNIT) * (1.0 + (dim + 4) * 2.0**-23)
 
 
 def norm_upper_bound(rows: torch.Tensor) -> torch.Tensor:
     """float64 upper bounds of ||r|| for float32 rows, from one cheap float32 norm per row."""
     dim = rows.shape[-1] if rows.ndim else 1
-    norms = torch.linalg.vector_norm(rows.detach().to(torch.float32), dim=-1).double()
-    return norms * (1.0 + (dim + 4) * 2.0**-23)
+    return norm_bound_from_float32(torch.linalg.vector_norm(rows.detach().to(torch.float32), dim=-1), dim)
+
+
+def score_error_coefficients(dim: int, code_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, beta) with E_k + A_k of bounds (3) and (3a) = ||x|| alpha_k + beta_k, in float64:
+    alpha = 2 gamma_{D+3} ||c|| + 2^-124 sqrt(D), beta = 2 gamma_{D+3} ||c||^2 + 2^-124 (D + 1 + sqrt(D) ||c||)."""
+    u = UNIT_ROUNDOFF["float32"]
+    gamma = (dim + 3) * u / (1 - (dim + 3) * u)
+    code_norm = code_norm.double()
+    alpha = 2.0 * gamma * code_norm + UNDERFLOW_UNIT * math.sqrt(dim)
+    beta = 2.0 * gamma * code_norm * code_norm + UNDERFLOW_UNIT * (dim + 1 + math.sqrt(dim) * code_norm)
+    return alpha, beta
+
+
+def score_error_bound(dim: int, x_norm: torch.Tensor, code_norm: torch.Tensor) -> torch.Tensor:
+    """E_k + A_k of bounds (3) and (3a) above, in float64: how far vqdeploy's float32 score of a
+    code with norm ``code_norm`` may be from the exact s_k for a row of norm ``x_norm`` (broadcast)."""
+    alpha, beta = score_error_coefficients(dim, torch.as_tensor(code_norm))
+    return x_norm * alpha + beta
 
 
 def recheck_rows(
@@ -196,14 +252,22 @@ def recheck_rows(
 
     ``x_norm`` (M,) and ``code_norm`` (K,) are upper bounds of the norms (`norm_upper_bound`).
     Returns row numbers (int64, CPU); NaN margins are always re-checked.
+    The threshold E_b + E_max is ||x|| (alpha_b + alpha_max) + beta_b + beta_max: per-code sums,
+    gathered by the best index (two gathers and a multiply-add per row).
     """
     if best.numel() == 0:
         return torch.zeros(0, dtype=torch.int64)
-    u = UNIT_ROUNDOFF["float32"]
-    gamma = (dim + 3) * u / (1 - (dim + 3) * u)
-    x_norm, code_norm = x_norm.double().cpu(), code_norm.double().cpu()
-    threshold = gamma * ((x_norm + code_norm[best.cpu()]) ** 2 + (x_norm + code_norm.max()) ** 2)
-    return torch.nonzero(~(margin.detach().double().cpu() > threshold * RECHECK_SAFETY)).squeeze(1)
+    code_norm = code_norm.double().cpu()
+    longest = code_norm.max()
+    alpha, beta = score_error_coefficients(dim, code_norm)
+    alpha_max, beta_max = score_error_coefficients(dim, longest)
+    alpha = (alpha + alpha_max).mul_(RECHECK_SAFETY)
+    beta = (beta + beta_max).mul_(RECHECK_SAFETY)
+    best = best.cpu()
+    threshold = torch.addcmul(beta[best], x_norm.double().cpu(), alpha[best])
+    proven = margin.detach().cpu().double() > threshold  # NaN: not proven
+    proven &= x_norm.cpu() < math.sqrt(OVERFLOW_SCALE) - float(longest)  # beyond: a score may overflow
+    return torch.nonzero(~proven).squeeze(1)
 
 
 def _exact_differences(x: torch.Tensor, codes: torch.Tensor, ref: torch.Tensor) -> list[float]:
@@ -247,18 +311,62 @@ def _exact_nearest_among(x: torch.Tensor, codes: torch.Tensor, candidates: list[
     return int(index[0])
 
 
+def _candidate_codes(
+    rows32: torch.Tensor, codes32: torch.Tensor, code_sq32: torch.Tensor, code_norm: torch.Tensor
+) -> torch.Tensor:
+    """Codes that can be the exact argmin of at least one of ``rows32`` (int64, ascending).
+
+    The float32 score t_k of every code is within E_k of s_k (bounds (3), (3a)), so the exact
+    argmin k* has t_k* <= s_k* + E_k* <= s_b + E_k* <= t_b + E_b + E_max, b the float32 argmin.
+    Rows whose scores are not finite (overflow, NaN) keep every code. ``code_sq32`` are the codes'
+    float32 squared norms (`squared_norms`), ``code_norm`` their `norm_upper_bound`.
+    """
+    dim = codes32.shape[1]
+    scores = torch.addmm(code_sq32, rows32, codes32.t(), beta=1.0, alpha=-2.0).double()
+    x_norm = norm_upper_bound(rows32)
+    best_score, best = scores.min(dim=1)
+    reach = best_score + score_error_bound(dim, x_norm, code_norm[best])
+    reach = reach + score_error_bound(dim, x_norm, code_norm.max())  # E_k <= E_max: one bound per row
+    keep = scores <= (reach * RECHECK_SAFETY + reach.abs() * 2.0**-50)[:, None]
+    unproven = ~torch.isfinite(scores).all(dim=1) | ((x_norm + code_norm.max()) ** 2 >= OVERFLOW_SCALE)
+    keep[unproven] = True
+    return torch.nonzero(keep.any(dim=0)).squeeze(1)
+
+
 def exact_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """The exact argmin of ||x - c_k||^2 over the float32 values (ties to the lowest k), per row.
 
-    Distances in float64 first; codes whose float64 distance lies within float64 rounding of the
-    best are compared again exactly (`_exact_nearest_among`: exact float64 terms, math.fsum). For
-    the few rows a float32 search cannot prove (`recheck_rows`): cost O(rows K D).
+    A float32 pass narrows the codes to those that can win (`_candidate_codes`); then distances in
+    float64, and codes whose float64 distance lies within float64 rounding of the best are compared
+    again exactly (`_exact_nearest_among`: exact float64 terms, math.fsum). For the few rows a
+    float32 search cannot prove (`recheck_rows`): cost O(rows K D) in float32, far less in float64.
     """
-    rows = x.detach().to(torch.float32).double().cpu()
-    codes = codebook.detach().to(torch.float32).double().cpu()
-    out = torch.empty(rows.shape[0], dtype=torch.int64)
-    if rows.shape[0] == 0:
+    rows32 = x.detach().to(torch.float32).cpu()
+    codes32 = codebook.detach().to(torch.float32).cpu().contiguous()
+    out = torch.empty(rows32.shape[0], dtype=torch.int64)
+    if rows32.shape[0] == 0:
         return out
+    dim = codes32.shape[1]
+    gamma64 = (dim + 3) * 2.0**-53 / (1 - (dim + 3) * 2.0**-53)  # bound (1) in float64
+    code_sq32, code_norm32 = squared_norms(codes32), norm_upper_bound(codes32)
+    # A handful of (rows, K) temporaries live at once: keep each near 2 MiB.
+    step = max(1, 2**21 // (8 * max(codes32.shape[0], 1)))
+    for start in range(0, rows32.shape[0], step):
+        block32 = rows32[start : start + step]
+        columns = _candidate_codes(block32, codes32, code_sq32, code_norm32)
+        codes = codes32[columns].double()
+        block = block32.double()
+        code_norm, code_sq = codes.norm(dim=1), (codes * codes).sum(1)
+        dist = (block * block).sum(1)[:, None] + code_sq[None] - 2.0 * block @ codes.T  # (r, K') float64
+        bound = gamma64 * (block.norm(dim=1)[:, None] + code_norm[None]) ** 2
+        best = dist.argmin(dim=1)
+        reach = dist.gather(1, best[:, None]) + bound.gather(1, best[:, None]) + bound
+        within = dist <= reach
+        out[start : start + block.shape[0]] = columns[best]
+        for r in torch.nonzero(within.sum(1) > 1).squeeze(1).tolist():  # float64 cannot separate them
+            candidates = torch.nonzero(within[r]).squeeze(1).tolist()
+            out[start + r] = columns[_exact_nearest_among(block[r], codes, candidates)]
+    return out
     dim = codes.shape[1]
     gamma64 = (dim + 3) * 2.0**-53 / (1 - (dim + 3) * 2.0**-53)  # bound (1) in float64
     code_norm, code_sq = codes.norm(dim=1), (codes * codes).sum(1)

@@ -38,7 +38,13 @@ import numpy as np
 import torch
 
 from vqdeploy.ops import gemm
-from vqdeploy.ops.contract import norm_upper_bound, resolve_near_ties_, rows_per_block, squared_norms
+from vqdeploy.ops.contract import (
+    norm_bound_from_float32,
+    norm_upper_bound,
+    resolve_near_ties_,
+    rows_per_block,
+    squared_norms,
+)
 from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads, tile_product
 
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
@@ -255,12 +261,8 @@ def _search_numpy(
             _run_on_threads(work, workers)
     finally:
         _WORKSPACE.give(buffer)
-    dim = codes.shape[1]
-    # An upper bound of ||x|| from a float32 sum of squares in any order (as `norm_upper_bound`).
-    bound = x_sq.astype(np.float64)
-    np.sqrt(bound, out=bound)
-    bound *= 1.0 + (dim + 4) * 2.0**-23
-    return torch.from_numpy(bound)
+    np.sqrt(x_sq, out=x_sq)
+    return norm_bound_from_float32(torch.from_numpy(x_sq), codes.shape[1])
 
 
 gemm.register_timed_op(nearest_code_cpu)  # the GEMM library is chosen on this op as it runs

@@ -47,7 +47,8 @@ Notation of `vqdeploy.ops.contract`: gamma_n(u) = n u / (1 - n u); s_k = ||c_k||
 the exact score, t_k the score a pass computes; ||.|| the 2-norm; u = 2^-24, v = 2^-11 (TF32
 rounding), w = 2^-23 (tensor-core accumulation, allowing truncation); tf32(v) the TF32 rounding of
 a vector and r(v) = v - tf32(v) its residual; n_k the float32 code norm the kernel loads.
-The bounds assume no overflow or underflow.
+Underflow adds at most (3a) of `vqdeploy.ops.contract`, 2^-124 (D + 1 + sqrt(D) (||x|| + ||c_k||)),
+which `code_bound_terms` folds into g_k and q_k; the bounds assume no overflow.
 
 1. Input rounding. The tf32 pass rounds both operands to TF32 (10 explicit mantissa bits) with
    round-to-nearest *in the kernel* (the tensor core itself may truncate; pre-rounding makes its
@@ -129,7 +130,7 @@ from vqdeploy.errors import (
     InputShapeError,
     UnsupportedOptionError,
 )
-from vqdeploy.ops.contract import exact_nearest, squared_norms
+from vqdeploy.ops.contract import UNDERFLOW_UNIT, exact_nearest, squared_norms
 
 __all__ = [
     "MODES",
@@ -310,6 +311,9 @@ def code_bound_terms(
         g = (coef.cross + (coef.code_residual + coef.row_residual) * v) * norms
         h = torch.zeros_like(norms)
     q = coef.square * sq + coef.norm * norm_err
+    # (3a): what underflow (gradual or flushed) may add to a score, 2^-124 (D + 1 + sqrt(D) (||x|| + ||c_k||))
+    g = g + math.sqrt(dim) * UNDERFLOW_UNIT
+    q = q + UNDERFLOW_UNIT * (dim + 1 + math.sqrt(dim) * norms)
     terms = torch.nan_to_num(torch.stack([g, h, q]).mul_(1.0 + 2.0**-30), nan=math.inf)
     up = terms.float()
     return torch.where(up.double() < terms, torch.nextafter(up, torch.full_like(up, math.inf)), up).contiguous()

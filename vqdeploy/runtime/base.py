@@ -34,12 +34,14 @@ from vqdeploy.export.metadata import ExportInfo
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 from vqdeploy.spec import RESIDUAL_KINDS, QuantizerSpec
 
-# Scores a chunk may hold (float32) where the backend materialises them: 2M values = 8 MiB per
+# Scores a chunk may hold (float32) where the backend materialises them: 1M values = 4 MiB per
 # score-sized buffer in the backend (ONNX Runtime runs the function body MatMul -> ArgMin).
 CHUNK_SCORE_BUDGET = 2**20
-# Vector values a chunk may hold where the search itself is tiled (the torch backend): 1M float32
-# = 4 MiB per vector-sized buffer; the search adds its own bounded tile (vqdeploy.ops.cpu_kernels).
-CHUNK_VECTOR_BUDGET = 2**20
+# Vector values a chunk may hold where the search itself is tiled (the torch backend): 2M float32
+# = 8 MiB per vector-sized buffer; the search adds its own bounded tile (vqdeploy.ops.cpu_kernels).
+# Each chunk is one call of the op, whose set-up and exact re-check are per call: 2M values instead
+# of 1M took the torch backend from 51.6 to 47.8 ms at 262144x32x256 (op 43.7 ms; benchmarks/RESULTS.md).
+CHUNK_VECTOR_BUDGET = 2**21
 MIN_CHUNK = 256
 
 
