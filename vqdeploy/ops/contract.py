@@ -367,23 +367,6 @@ def exact_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
             candidates = torch.nonzero(within[r]).squeeze(1).tolist()
             out[start + r] = columns[_exact_nearest_among(block[r], codes, candidates)]
     return out
-    dim = codes.shape[1]
-    gamma64 = (dim + 3) * 2.0**-53 / (1 - (dim + 3) * 2.0**-53)  # bound (1) in float64
-    code_norm, code_sq = codes.norm(dim=1), (codes * codes).sum(1)
-    # A handful of (rows, K) float64 temporaries live at once: keep each near 2 MiB.
-    step = max(1, 2**21 // (8 * max(codes.shape[0], 1)))
-    for start in range(0, rows.shape[0], step):
-        block = rows[start : start + step]
-        dist = (block * block).sum(1)[:, None] + code_sq[None] - 2.0 * block @ codes.T  # (r, K) float64
-        bound = gamma64 * (block.norm(dim=1)[:, None] + code_norm[None]) ** 2
-        best = dist.argmin(dim=1)
-        reach = dist.gather(1, best[:, None]) + bound.gather(1, best[:, None]) + bound
-        within = dist <= reach
-        out[start : start + block.shape[0]] = best
-        for r in torch.nonzero(within.sum(1) > 1).squeeze(1).tolist():  # float64 cannot separate them
-            candidates = torch.nonzero(within[r]).squeeze(1).tolist()
-            out[start + r] = _exact_nearest_among(block[r], codes, candidates)
-    return out
 
 
 def resolve_near_ties_(
