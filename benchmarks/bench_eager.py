@@ -132,7 +132,7 @@ def run_size(n: int, d: int, k: int, repeats: int, warmup: int, memory: bool) ->
     """Time all methods interleaved, check index parity, measure memory; one dict per size."""
     case = build_case(n, d, k)
     with torch.no_grad():
-        timings = time_interleaved(method_calls(case), n, repeats=repeats, warmup=warmup)
+        timings = time_interleaved(method_calls(case), n, repeats=repeats, warmup=warmup, settle_s=0.25)
     ours = indices_of("vqdeploy", timings["vqdeploy"].last_result)
     parity = {
         "vqdeploy_vs_reference": compare_indices(

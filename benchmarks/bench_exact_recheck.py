@@ -154,7 +154,7 @@ def main() -> None:
             "ort argmin": lambda x=x, q=plain: q.encode(x[None])[0],
             "ort exact": lambda x=x, q=exact: q.encode(x[None])[0],
         }
-        timings = time_interleaved(calls, n, repeats=args.repeats, warmup=1)
+        timings = time_interleaved(calls, n, repeats=args.repeats, warmup=1, settle_s=0.25)
         solved = rechecked_rows(x, codebook)
         for base, cand in (("argmin only", "exact op"), ("ort argmin", "ort exact")):
             ratios = sorted(e / b for b, e in zip(timings[base].seconds, timings[cand].seconds, strict=True))

@@ -14,6 +14,13 @@ import torch
 from token_assertions import assert_tokens_certified
 
 from vqdeploy.ops import cpu_kernels, nearest_code, nearest_code_reference
+from vqdeploy.ops.contract import (
+    norm_bound_terms,
+    norm_upper_bound,
+    recheck_coefficients,
+    recheck_rows,
+    squared_norms,
+)
 
 
 def test_numba_kernel_is_available_and_used_by_the_op():
@@ -61,6 +68,38 @@ def test_tiles_and_thread_chunks_change_nothing(monkeypatch):
     assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), whole)
 
 
+def run_kernel(dots, norms, out, margin, chunks, x=None, codes=None):
+    """The compiled kernel on a (K, R) block of dots; returns its re-check flags. Without rows x and
+    codes, the test runs on zero rows with unit coefficients (flags then say margin <= 1)."""
+    num_codes, columns = dots.shape
+    if x is None:
+        x = np.zeros((columns, 1), dtype=np.float32)
+        alpha, beta, limit = np.ones(num_codes), np.ones(num_codes), np.inf
+        under, grow = 0.0, 1.0
+    else:
+        alpha, beta, limit = (v.numpy() if hasattr(v, "numpy") else v for v in
+                              recheck_coefficients(x.shape[1], norm_upper_bound(torch.from_numpy(codes))))
+        under, grow = norm_bound_terms(x.shape[1])
+    flags = np.full(columns, 7, dtype=np.uint8)
+    cpu_kernels._kernel()(dots, norms, out, margin, chunks, np.ascontiguousarray(x), alpha, beta, under, grow, limit, flags)
+    return flags
+
+
+def test_kernel_flags_the_rows_recheck_rows_flags():
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randn(64, 24, generator=g)
+    pairs = torch.randint(0, 64, (300, 2), generator=g)
+    x = torch.cat([(codes[pairs[:, 0]] + codes[pairs[:, 1]]) / 2, torch.randn(300, 24, generator=g)])
+    x[5, 3] = float("nan")
+    dots = (codes @ x.t()).contiguous().numpy()
+    norms = squared_norms(codes).numpy()
+    out, margin = np.empty(600, np.int64), np.empty(600, np.float32)
+    flags = run_kernel(dots, norms, out, margin, 2, x=x.numpy(), codes=codes.numpy())
+    expected = recheck_rows(24, torch.from_numpy(out), torch.from_numpy(margin), norm_upper_bound(x), norm_upper_bound(codes))
+    assert np.flatnonzero(flags).tolist() == expected.tolist()
+    assert 5 in expected.tolist() and 0 < len(expected) < 600
+
+
 @pytest.mark.parametrize("codes", [1, 2, 4, 5, 8, 9, 256, 1027])
 @pytest.mark.parametrize("columns, chunks", [(1, 1), (37, 2), (4096, 2), (300, 3)])
 def test_kernel_equals_numpy_argmin_of_the_same_float32_scores(codes, columns, chunks):
@@ -70,7 +109,7 @@ def test_kernel_equals_numpy_argmin_of_the_same_float32_scores(codes, columns, c
     norms = rng.integers(0, 3, size=codes).astype(np.float32) / 2
     out = np.full(columns, -1, dtype=np.int64)
     margin = np.full(columns, np.nan, dtype=np.float32)
-    cpu_kernels._kernel()(dots, norms, out, margin, chunks)
+    run_kernel(dots, norms, out, margin, chunks)
     scores = norms[:, None] - np.float32(2) * dots
     assert out.tolist() == np.argmin(scores, axis=0).tolist()
     ordered = np.sort(scores, axis=0)
@@ -88,12 +127,11 @@ def test_duplicate_codes_anywhere_tie_to_the_lower_index():
 
 
 def test_more_chunks_than_columns_leaves_no_row_unwritten():
-    kernel = cpu_kernels._kernel()
     rng = np.random.default_rng(0)
     dots = rng.standard_normal((7, 20)).astype(np.float32)
     norms = rng.standard_normal(7).astype(np.float32)
     out = np.full(20, -1, dtype=np.int64)
-    kernel(dots, norms, out, np.empty(20, np.float32), 8)  # chunks are 16 columns wide: two of them cover all 20, six are empty
+    run_kernel(dots, norms, out, np.empty(20, np.float32), 8)  # chunks are 16 columns wide: two of them cover all 20, six are empty
     assert out.tolist() == np.argmin(norms[:, None] - 2 * dots, axis=0).tolist()
 
 

@@ -6,9 +6,10 @@ import numba
 import numpy as np
 
 
-def running_argmin_over_codes(dots, norms, out, margin, num_chunks):
+def running_argmin_over_codes(dots, norms, out, margin, num_chunks, x, alpha, beta, under, grow, limit, flags):
     """out[r] = argmin_k (norms[k] - 2 dots[k, r]) over the K rows of dots, ties to the lowest k;
-    margin[r] = second-best score - best score (inf for K = 1), for the exact re-check.
+    margin[r] = second-best score - best score (inf for K = 1), and flags[r] the exact re-check's
+    verdict on it (`flag_unproven_rows`, on x, the tile's (R, D) rows, in the same thread).
 
     dots is (K, R) float32, C-contiguous; the R columns are split into num_chunks chunks (one per
     thread, a multiple of 16 columns wide). The inner loops run over the contiguous columns with no
@@ -80,3 +81,27 @@ def running_argmin_over_codes(dots, norms, out, margin, num_chunks):
         for r in range(width):
             out[first + r] = best_index[r]
             margin[first + r] = second[r] - best[r]
+        flag_unproven_rows(x, first, last, out, margin, alpha, beta, under, grow, limit, flags)
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, boundscheck=False)
+def flag_unproven_rows(x, first, last, out, margin, alpha, beta, under, grow, limit, flags):
+    """flags[r] = 1 for rows first <= r < last whose margin does not prove out[r] to be the exact
+    argmin, else 0: the test of `vqdeploy.ops.contract.recheck_rows`, row by row.
+
+    ||x_r|| is bounded by sqrt(fl(sum x_ri^2) + under) * grow (`norm_bound_from_float32`), and the row
+    is proven where margin[r] > ||x_r|| alpha[out[r]] + beta[out[r]] and ||x_r|| < limit (alpha,
+    beta, limit from `vqdeploy.ops.contract.recheck_coefficients`). Compiled with reassociation and
+    contraction only (no "nnan": a NaN margin or norm fails the test and leaves the row flagged):
+    the float32 sum of squares may then run in any order, which the norm bound allows, and
+    vectorises; the float64 threshold carries RECHECK_SAFETY for its own rounding.
+    """
+    dim = x.shape[1]
+    for r in range(first, last):
+        total = np.float32(0.0)
+        for i in range(dim):
+            total += x[r, i] * x[r, i]
+        bound = np.sqrt(np.float64(total) + under) * grow
+        best = out[r]
+        proven = np.float64(margin[r]) > bound * alpha[best] + beta[best] and bound < limit
+        flags[r] = 0 if proven else 1

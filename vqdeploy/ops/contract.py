@@ -211,14 +211,18 @@ UNDERFLOW_UNIT = 2.0**-124
 OVERFLOW_SCALE = 2.0**126
 
 
-def norm_bound_from_float32(norms: torch.Tensor, dim: int) -> torch.Tensor:
-    """float64 upper bounds of ||r|| from float32 norms sqrt(fl(sum r_i^2)) summed in any order.
+def norm_bound_terms(dim: int) -> tuple[float, float]:
+    """(under, grow): sqrt(fl(sum r_i^2) + under) * grow bounds ||r|| from above for a float32 sum
+    of squares in any order. The float32 sum is at most gamma_D below the exact one, underflow
+    (gradual or flushed to zero) loses at most D 2^-125 more, and the square root rounds once."""
+    return dim * UNDERFLOW_UNIT, 1.0 + (dim + 4) * 2.0**-23
 
-    The float32 sum of squares is at most gamma_D below the exact one, and underflow (gradual or
-    flushed to zero) loses at most D 2^-125 more; the square root rounds once.
-    """
+
+def norm_bound_from_float32(norms: torch.Tensor, dim: int) -> torch.Tensor:
+    """float64 upper bounds of ||r|| from float32 norms sqrt(fl(sum r_i^2)) (`norm_bound_terms`)."""
+    under, grow = norm_bound_terms(dim)
     norms = norms.double()
-    return torch.sqrt(norms * norms + dim * UNDERFLOW_UNIT) * (1.0 + (dim + 4) * 2.0**-23)
+    return torch.sqrt(norms * norms + under) * grow
 
 
 def norm_upper_bound(rows: torch.Tensor) -> torch.Tensor:
@@ -245,28 +249,36 @@ def score_error_bound(dim: int, x_norm: torch.Tensor, code_norm: torch.Tensor) -
     return x_norm * alpha + beta
 
 
-def recheck_rows(
-    dim: int, best: torch.Tensor, margin: torch.Tensor, x_norm: torch.Tensor, code_norm: torch.Tensor
-) -> torch.Tensor:
-    """Rows whose float32 margin t_2 - t_b does not prove ``best`` to be the exact argmin.
-
-    ``x_norm`` (M,) and ``code_norm`` (K,) are upper bounds of the norms (`norm_upper_bound`).
-    Returns row numbers (int64, CPU); NaN margins are always re-checked.
-    The threshold E_b + E_max is ||x|| (alpha_b + alpha_max) + beta_b + beta_max: per-code sums,
-    gathered by the best index (two gathers and a multiply-add per row).
-    """
-    if best.numel() == 0:
-        return torch.zeros(0, dtype=torch.int64)
+def recheck_coefficients(dim: int, code_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The re-check test's per-code terms: a row with best code b and norm bound ||x|| is proven
+    where t_2 - t_b > ||x|| alpha_b + beta_b (E_b + E_max of bound (3) and (3a), RECHECK_SAFETY
+    included) and ||x|| < limit (beyond it a float32 score may overflow). float64, CPU."""
     code_norm = code_norm.double().cpu()
     longest = code_norm.max()
     alpha, beta = score_error_coefficients(dim, code_norm)
     alpha_max, beta_max = score_error_coefficients(dim, longest)
     alpha = (alpha + alpha_max).mul_(RECHECK_SAFETY)
     beta = (beta + beta_max).mul_(RECHECK_SAFETY)
+    return alpha, beta, math.sqrt(OVERFLOW_SCALE) - float(longest)
+
+
+def recheck_rows(
+    dim: int, best: torch.Tensor, margin: torch.Tensor, x_norm: torch.Tensor, code_norm: torch.Tensor
+) -> torch.Tensor:
+    """Rows whose float32 margin t_2 - t_b does not prove ``best`` to be the exact argmin.
+
+    ``x_norm`` (M,) and ``code_norm`` (K,) are upper bounds of the norms (`norm_upper_bound`).
+    Returns row numbers (int64, CPU); NaN margins are always re-checked. Two gathers and a
+    multiply-add per row (`recheck_coefficients`); the compiled CPU kernel runs the same test
+    (`vqdeploy.ops._running_argmin.flag_unproven_rows`).
+    """
+    if best.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    alpha, beta, limit = recheck_coefficients(dim, code_norm)
     best = best.cpu()
     threshold = torch.addcmul(beta[best], x_norm.double().cpu(), alpha[best])
     proven = margin.detach().cpu().double() > threshold  # NaN: not proven
-    proven &= x_norm.cpu() < math.sqrt(OVERFLOW_SCALE) - float(longest)  # beyond: a score may overflow
+    proven &= x_norm.cpu() < limit
     return torch.nonzero(~proven).squeeze(1)
 
 

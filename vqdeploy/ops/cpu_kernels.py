@@ -15,11 +15,14 @@ once and cached: `vqdeploy.ops.gemm`) writes ``dots = codebook @ x_tile^T`` as a
 float32 block of at most SCORE_BLOCK_BYTES (`rows_per_block`, shared with
 `nearest_code_blocked`). The numba kernel then walks the K rows of that block once,
 forms the score ``s_k = ||c_k||^2 - 2 dot_k`` exactly as
-`nearest_code_blocked` does (``fl(n_k - 2 fl(x.c_k))``, so the error bound (1) of
-`vqdeploy.ops.contract` holds) and keeps a running (min, argmin) for every column with a strict
-``<``, so ties go to the lowest k. Its inner loops run over the R contiguous columns, independent
-from column to column, which the compiler vectorises; the columns are split into one chunk per
-thread (details in `vqdeploy.ops._running_argmin`). Nothing of size M x K is ever allocated.
+`nearest_code_blocked` does (``fl(n_k - 2 fl(x.c_k))``, so the error bound (3) of
+`vqdeploy.ops.contract` holds) and keeps a running (min, second, argmin) for every column with a
+strict ``<``, so ties go to the lowest k. Its inner loops run over the R contiguous columns,
+independent from column to column, which the compiler vectorises; the columns are split into one
+chunk per thread (details in `vqdeploy.ops._running_argmin`). In the same thread, each column's
+margin is then tested against the bound (`flag_unproven_rows`: the norm of its row of x, two
+per-code coefficients); flagged rows, 0.01-0.6% of random rows, are re-solved exactly afterwards
+(`vqdeploy.ops.contract.exact_nearest`). Nothing of size M x K is ever allocated.
 
 numba is a dependency of vqdeploy; where it cannot be imported or compiled, `available()` is
 False and the op uses `nearest_code_blocked` (same contract, slower at small D). The first call in
@@ -39,9 +42,10 @@ import torch
 
 from vqdeploy.ops import gemm
 from vqdeploy.ops.contract import (
-    norm_bound_from_float32,
+    exact_nearest,
+    norm_bound_terms,
     norm_upper_bound,
-    resolve_near_ties_,
+    recheck_coefficients,
     rows_per_block,
     squared_norms,
 )
@@ -84,7 +88,9 @@ class _Workspace:
 
 _WORKSPACE = _Workspace()
 
-_SIGNATURE = "void(float32[:, ::1], float32[::1], int64[::1], float32[::1], int64)"
+# dots, norms, out, margin, chunks; then the re-check test's x tile, alpha, beta, under, grow, limit, flags
+_SIGNATURE = ("void(float32[:, ::1], float32[::1], int64[::1], float32[::1], int64, "
+              "float32[:, ::1], float64[::1], float64[::1], float64, float64, float64, uint8[::1])")
 
 
 def _compile(function, parallel: bool):
@@ -147,13 +153,37 @@ def _thread_count() -> int:
     return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
 
 
+class _Recheck:
+    """What the re-check test needs per call (`vqdeploy.ops.contract.recheck_coefficients`), and the
+    per-row flags it writes: `flag_unproven_rows` runs it on each tile right after the kernel."""
+
+    def __init__(self, codes: torch.Tensor, num_rows: int):
+        dim = codes.shape[1]
+        alpha, beta, self.limit = recheck_coefficients(dim, norm_upper_bound(codes))
+        self.alpha, self.beta = alpha.numpy(), beta.numpy()
+        self.under, self.grow = norm_bound_terms(dim)
+        self.flags = np.empty(num_rows, dtype=np.uint8)
+
+    def run(self, kernel, dots: np.ndarray, norms: np.ndarray, tile: np.ndarray, out: np.ndarray,
+            margin: np.ndarray, start: int, chunks: int) -> None:
+        """The kernel on one tile (rows start.. of the call), flags included."""
+        kernel(dots, norms, out, margin, chunks, tile, self.alpha, self.beta, self.under, self.grow, self.limit,
+               self.flags[start : start + tile.shape[0]])
+
+
+def _rows_array(tile: torch.Tensor) -> np.ndarray:
+    """A float32 tile of rows as a C-contiguous numpy array (a view where it already is one)."""
+    return tile.to(torch.float32).resolve_neg().resolve_conj().contiguous().numpy()
+
+
 def nearest_code_cpu(
     x: torch.Tensor, codebook: torch.Tensor, gemm: str | None = None, block_bytes: int | None = None
 ) -> torch.Tensor:
     """The exact nearest code for every row of x (CPU tensors, any float dtype).
 
-    The compiled float32 search also returns each row's margin t_2 - t_b; rows whose margin does
-    not prove the float32 argmin exact are re-solved (`vqdeploy.ops.contract.resolve_near_ties_`).
+    The compiled float32 search keeps each row's margin t_2 - t_b and flags the rows whose margin
+    does not prove the float32 argmin exact (the test of `vqdeploy.ops.contract.recheck_rows`);
+    those are re-solved by `vqdeploy.ops.contract.exact_nearest`.
     ``gemm`` ("torch" / "numpy") overrides the library `vqdeploy.ops.gemm.gemm_choice` picks for
     the tile product, ``block_bytes`` the tile budget (SCORE_BLOCK_BYTES); both for benchmarks and tests.
     """
@@ -168,27 +198,26 @@ def nearest_code_cpu(
     library = gemm or gemm_choice().library
     threads = _thread_count()
     norms = squared_norms(codes).numpy()
-    margin = np.empty(num_rows, dtype=np.float32)
-    if library == "numpy":
-        x_norm = _search_numpy(x.detach(), codes, norms, out.numpy(), margin, threads, block_bytes)
-    else:
-        x_norm = _search_torch(x.detach(), codes, norms, out.numpy(), margin, threads, block_bytes)
-    resolve_near_ties_(x, codebook, out, torch.from_numpy(margin), x_norm=x_norm,
-                       code_norm=norm_upper_bound(codes))
+    recheck = _Recheck(codes, num_rows)
+    search = _search_numpy if library == "numpy" else _search_torch
+    search(x.detach(), codes, norms, out.numpy(), recheck, threads, block_bytes)
+    rows = torch.from_numpy(np.flatnonzero(recheck.flags))
+    if rows.numel():
+        out[rows] = exact_nearest(x.detach()[rows], codebook)
     return out
 
 
 def _search_torch(
-    x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, margin: np.ndarray,
+    x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, recheck: _Recheck,
     threads: int, block_bytes: int | None,
-) -> torch.Tensor:
+) -> None:
     """torch.mm (MKL, torch's threads) into each tile, then the kernel on numba's threads."""
     kernel = _kernel()
     num_rows, num_codes = x.shape[0], codes.shape[0]
     step = min(rows_per_block(num_codes, block_bytes), num_rows)
     buffer = _WORKSPACE.take(num_codes * step)
     block = torch.from_numpy(buffer)
-    x_norm = torch.empty(num_rows, dtype=torch.float64)
+    margin = np.empty(step, dtype=np.float32)
     try:
         for start in range(0, num_rows, step):
             stop = min(start + step, num_rows)
@@ -196,13 +225,11 @@ def _search_torch(
             dots = block[: num_codes * width].view(num_codes, width)  # contiguous for every width
             tile = x[start:stop].to(torch.float32)
             tile_product("torch", codes, tile, dots)
-            x_norm[start:stop] = norm_upper_bound(tile)
             chunks = max(1, min(threads, width // MIN_COLUMNS_PER_THREAD))
             with _KERNEL_LOCK:
-                kernel(dots.numpy(), norms, out[start:stop], margin[start:stop], chunks)
+                recheck.run(kernel, dots.numpy(), norms, _rows_array(tile), out[start:stop], margin[:width], start, chunks)
     finally:
         _WORKSPACE.give(buffer)
-    return x_norm
 
 
 def _run_on_threads(work, count: int) -> None:
@@ -230,9 +257,9 @@ def _run_on_threads(work, count: int) -> None:
 
 
 def _search_numpy(
-    x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, margin: np.ndarray,
+    x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, recheck: _Recheck,
     threads: int, block_bytes: int | None,
-) -> torch.Tensor:
+) -> None:
     """Each of `threads` worker threads takes every threads-th tile and runs, on its own core, a
     one-thread OpenBLAS GEMM and the one-thread kernel on it: no thread pool hands the cores to
     another between the two steps (with OpenBLAS's own threads, whose workers spin after each
@@ -244,25 +271,22 @@ def _search_numpy(
     workers = min(threads, len(starts))
     buffer = _WORKSPACE.take(workers * num_codes * step)
     codes_array = codes.numpy()
-    x_sq = np.empty(num_rows, dtype=np.float32)
 
     def work(worker: int) -> None:
         dots_all = buffer[worker * num_codes * step : (worker + 1) * num_codes * step]
+        margin = np.empty(step, dtype=np.float32)
         for start in starts[worker::workers]:
             stop = min(start + step, num_rows)
             dots = dots_all[: num_codes * (stop - start)].reshape(num_codes, stop - start)
-            tile = x[start:stop].to(torch.float32).resolve_neg().numpy()
+            tile = _rows_array(x[start:stop])
             np.matmul(codes_array, tile.T, out=dots)
-            np.einsum("ij,ij->i", tile, tile, out=x_sq[start:stop])
-            kernel(dots, norms, out[start:stop], margin[start:stop], 1)
+            recheck.run(kernel, dots, norms, tile, out[start:stop], margin[: stop - start], start, 1)
 
     try:
         with numpy_blas_threads(1):
             _run_on_threads(work, workers)
     finally:
         _WORKSPACE.give(buffer)
-    np.sqrt(x_sq, out=x_sq)
-    return norm_bound_from_float32(torch.from_numpy(x_sq), codes.shape[1])
 
 
 gemm.register_timed_op(nearest_code_cpu)  # the GEMM library is chosen on this op as it runs
