@@ -1,22 +1,14 @@
 """EnCodec's encode path (transformers' EncodecModel, random weights from a small config) with its
-quantizer replaced by a vqdeploy ResidualVQ holding the same codebooks.
-
-The mapping is the smallest honest one, written here because `vqdeploy.convert` is not on this
-branch: EnCodec's EncodecEuclideanCodebook keeps the EMA state ``embed``, ``embed_avg``,
-``cluster_size`` and ``inited`` per stage, which are exactly the buffers of a vqdeploy EMA codebook
-(``_codebook.embed[0]``, ``embed_avg[0]``, ``cluster_size[0]``, ``initted``); its search is the
-squared-L2 nearest code (it maximises -(|x|^2 - 2 x.e + |e|^2)) and its residual update
-``residual - embed[index]``, as ResidualVQ's without projections.
-"""
+quantizer converted by `vqdeploy.convert` (a channel-first ResidualVQ holding the same codebooks and
+EMA state; the stages EnCodec uses at a bandwidth are ``n_q`` at call time)."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
+from transformers_padding import fix_padding
 
-from vqdeploy import ResidualVQ
+import vqdeploy
 
 SAMPLING_RATE = 24_000
 BANDWIDTH = 6.0  # kbps: 8 stages of 1024 codes at 75 frames/s
@@ -46,43 +38,6 @@ def small_encodec(seed: int = 0):
     return model
 
 
-def residual_vq_from_encodec(quantizer: nn.Module, num_quantizers: int) -> ResidualVQ:
-    """A vqdeploy ResidualVQ with the first ``num_quantizers`` stages of an EncodecResidualVectorQuantizer."""
-    first = quantizer.layers[0].codebook
-    size, dim = first.embed.shape
-    rvq = ResidualVQ(dim=dim, num_quantizers=num_quantizers, codebook_size=size)
-    with torch.no_grad():
-        for layer, source in zip(rvq.layers, quantizer.layers[:num_quantizers], strict=True):
-            book, encodec = layer._codebook, source.codebook
-            book.embed[0].copy_(encodec.embed)
-            book.embed_avg[0].copy_(encodec.embed_avg)
-            book.cluster_size[0].copy_(encodec.cluster_size)
-            book.initted.fill_(bool(encodec.inited.item()))
-    return rvq.eval()
-
-
-def fix_padding(encoder: nn.Module) -> None:
-    """Make each EncodecConv1d's padding arithmetic plain Python for a fixed frame.
-
-    transformers keeps stride, kernel size and padding as tensor buffers and computes the padding
-    of every call from them, which torch.export cannot trace (a data-dependent guard in
-    ``_pad1d``). The same formula on Python ints gives the same padding for a fixed input length:
-    that is what exporting with a fixed frame means for this encoder.
-    """
-    for module in encoder.modules():
-        if not hasattr(module, "padding_total") or not hasattr(module, "_get_extra_padding_for_conv1d"):
-            continue
-        stride, kernel, total = (int(module._buffers.pop(name)) for name in ("stride", "kernel_size", "padding_total"))
-        module.stride, module.kernel_size, module.padding_total = stride, kernel, total
-
-        def extra_padding(hidden_states: torch.Tensor, stride=stride, kernel=kernel, total=total) -> int:
-            length = hidden_states.shape[-1]
-            frames = math.ceil((length - kernel + total) / stride + 1) - 1
-            return frames * stride + kernel - total - length
-
-        module._get_extra_padding_for_conv1d = extra_padding
-
-
 class EncodecEncodePath(nn.Module):
     """audio (batch, 1, samples) -> audio codes (batch, stages, frames), as EncodecModel.encode's
     ``audio_codes[0]`` at BANDWIDTH."""
@@ -91,10 +46,10 @@ class EncodecEncodePath(nn.Module):
         super().__init__()
         self.encoder = encodec.encoder
         fix_padding(self.encoder)
-        stages = encodec.quantizer.get_num_quantizers_for_bandwidth(bandwidth)
-        self.quantizer = residual_vq_from_encodec(encodec.quantizer, stages)
+        self.stages = encodec.quantizer.get_num_quantizers_for_bandwidth(bandwidth)
+        self.quantizer = vqdeploy.convert(encodec.quantizer).eval()  # ResidualVQ(channel_last=False)
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
-        embeddings = self.encoder(audio)  # (batch, hidden, frames)
-        _, indices, _ = self.quantizer(embeddings.transpose(1, 2))  # (stages, batch, frames)
+        embeddings = self.encoder(audio)  # (batch, hidden, frames): the converted quantizer's layout
+        _, indices, _ = self.quantizer(embeddings, n_q=self.stages)  # (stages, batch, frames)
         return indices.transpose(0, 1)

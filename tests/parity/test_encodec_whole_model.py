@@ -1,5 +1,5 @@
 """A whole codec encode path: transformers' EnCodec (random weights from a small 24 kHz config)
-with its quantizer as a vqdeploy ResidualVQ, exported in one call with a fixed one-second frame,
+with its quantizer converted by `vqdeploy.convert` (one call), exported in one call with a fixed one-second frame,
 run through runtime.load on ort and torch, and verified end to end."""
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def test_the_mapping_serves_encodecs_own_tokens(encodec, encode_path):
     with torch.no_grad():
         theirs = encodec.encode(clips, bandwidth=BANDWIDTH).audio_codes[0]  # (batch, stages, frames)
         ours = encode_path(clips)
-        rows = encode_path.quantizer.search_rows(encode_path.encoder(clips).transpose(1, 2))[0]
+        rows = encode_path.quantizer.search_rows(encode_path.encoder(clips))[0]
     assert ours.shape == theirs.shape == (2, STAGES, 75)
     # stage 0 searches the same encoder rows: any difference is a float32 tie of EnCodec's own formula
     differ = ours[:, 0].reshape(-1) != theirs[:, 0].reshape(-1)

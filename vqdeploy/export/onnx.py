@@ -49,9 +49,15 @@ QUANTIZER_KINDS = QUANTIZERS
 
 
 def find_quantizers(model: nn.Module) -> dict[str, nn.Module]:
-    """Module path -> VectorQuantize / ResidualVQ / GroupedResidualVQ inside `model` (their parts not listed)."""
+    """Module path -> VectorQuantize / ResidualVQ / GroupedResidualVQ inside `model` (their parts not listed).
+
+    A SplitResidualVQ (Mimi's semantic + acoustic stacks) is not one of them: its two ResidualVQ
+    halves are, each with its own searches.
+    """
     found: dict[str, nn.Module] = {}
     for path, module in model.named_modules():
+        if isinstance(module, SplitResidualVQ):
+            continue
         if isinstance(module, QUANTIZERS) and not any(path.startswith(p + ".") for p in found if p):
             found[path] = module
     return found

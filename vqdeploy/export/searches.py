@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqdeploy.nn import ResidualVQ, VectorQuantize
+from vqdeploy.nn import FactorizedResidualVQ, ResidualVQ, VectorQuantize
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed
 from vqdeploy.ops import nearest_code
 
@@ -29,7 +29,7 @@ from vqdeploy.ops import nearest_code
 class SearchCall:
     """One nearest-code search of the eager forward."""
 
-    quantizer: str  # module path of the VectorQuantize / ResidualVQ ("" for the model itself)
+    quantizer: str  # module path of the VectorQuantize / ResidualVQ / FactorizedResidualVQ ("" for the model itself)
     call: int  # which call of that quantizer (a model may call one quantizer more than once)
     search: int  # stage (ResidualVQ) or head (separate codebooks) within the call, else 0
     rows: torch.Tensor  # (M, d) float32: what the search saw
@@ -54,7 +54,10 @@ class Recording:
 
 
 def codebooks_of(quantizer: nn.Module) -> list[nn.Module]:
-    """The distinct EMA codebooks a quantizer searches (a shared ResidualVQ codebook once)."""
+    """The distinct EMA codebooks a quantizer searches (a shared ResidualVQ codebook once); the
+    stages of a FactorizedResidualVQ (each searches its own normalised codebook)."""
+    if isinstance(quantizer, FactorizedResidualVQ):
+        return list(quantizer.quantizers)
     layers = quantizer.layers if isinstance(quantizer, ResidualVQ) else [quantizer]
     seen: list[nn.Module] = []
     for layer in layers:
@@ -64,8 +67,8 @@ def codebooks_of(quantizer: nn.Module) -> list[nn.Module]:
 
 
 def search_label(quantizer: nn.Module, search: int) -> str:
-    """"stage s" for a ResidualVQ, "head h" for separate codebooks per head, else "codebook"."""
-    if isinstance(quantizer, ResidualVQ):
+    """"stage s" for a ResidualVQ / FactorizedResidualVQ, "head h" for separate codebooks per head, else "codebook"."""
+    if isinstance(quantizer, ResidualVQ | FactorizedResidualVQ):
         return f"stage {search}"
     if isinstance(quantizer, VectorQuantize) and quantizer.heads > 1 and quantizer.separate_codebook_per_head:
         return f"head {search}"
@@ -99,8 +102,8 @@ def record_searches(model: nn.Module, quantizers: dict[str, nn.Module], search_d
     def post_hook(path: str):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             call = next(c for c in reversed(recording.calls) if c.quantizer == path)
-            if isinstance(output, tuple) and len(output) > 1:
-                call.indices = output[1].detach()
+            if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+                call.indices = output[1].detach()  # a tuple of per-stage tensors (SNAC) names no one output
 
         return hook
 
@@ -123,12 +126,28 @@ def record_searches(model: nn.Module, quantizers: dict[str, nn.Module], search_d
 
         return nearest
 
+    def wrap_stage(path: str, stage: nn.Module):
+        """A FactorizedStage's search: (M, d) normalised rows, always in float32."""
+        original = stage.nearest
+
+        def nearest(rows: torch.Tensor) -> torch.Tensor:
+            indices = original(rows)
+            recording.searches.append(SearchCall(
+                path, current.get(path, 0), searches_in_call.get(path, 0), rows.detach(),
+                stage.search_codebook().detach(), indices.detach()))
+            searches_in_call[path] = searches_in_call.get(path, 0) + 1
+            return indices
+
+        return nearest
+
     try:
         for path, quantizer in quantizers.items():
             hooks.append(quantizer.register_forward_pre_hook(pre_hook(path), with_kwargs=True))
             hooks.append(quantizer.register_forward_hook(post_hook(path)))
+            factorized = isinstance(quantizer, FactorizedResidualVQ)
             for codebook in codebooks_of(quantizer):
-                codebook.nearest = wrap(path, codebook)  # an instance attribute shadows the method
+                # an instance attribute shadows the method
+                codebook.nearest = wrap_stage(path, codebook) if factorized else wrap(path, codebook)
                 patched.append(codebook)
         yield recording
     finally:
@@ -141,13 +160,16 @@ def record_searches(model: nn.Module, quantizers: dict[str, nn.Module], search_d
 def reference_rows(quantizer: nn.Module, x: torch.Tensor, served: list[torch.Tensor]) -> list[torch.Tensor]:
     """The rows each search of one call of ``quantizer`` sees on input ``x`` when its searches
     returned ``served`` (one (M,) tensor per search): for a ResidualVQ the residual of stage s is
-    x minus this module's codes of the served tokens of stages < s (`ResidualVQ.search_rows`)."""
+    x minus this module's codes of the served tokens of stages < s (`ResidualVQ.search_rows`;
+    `FactorizedResidualVQ.search_rows` with the codec's own residual arithmetic)."""
+    if isinstance(quantizer, FactorizedResidualVQ):
+        return quantizer.search_rows(x, served_indices(quantizer, x, served))[: len(served)]
     if isinstance(quantizer, ResidualVQ):
-        b, n = x.shape[:2]
+        shape = quantizer.spec.layout.index_shape(x.shape)  # (b, n) in either channel layout
         stages = len(served)
-        indices = torch.stack([t.reshape(-1).long().cpu() for t in served]).reshape(stages, b, n)
+        indices = torch.stack([t.reshape(-1).long().cpu() for t in served]).reshape(stages, *shape)
         if stages < quantizer.num_quantizers:
-            pad = torch.full((quantizer.num_quantizers - stages, b, n), -1, dtype=torch.long)
+            pad = torch.full((quantizer.num_quantizers - stages, *shape), -1, dtype=torch.long)
             indices = torch.cat([indices, pad])
         rows = quantizer.search_rows(x, indices.to(x.device))
         return [rows[s] for s in range(stages)]
@@ -157,9 +179,11 @@ def reference_rows(quantizer: nn.Module, x: torch.Tensor, served: list[torch.Ten
 
 def served_indices(quantizer: nn.Module, x: torch.Tensor, served: list[torch.Tensor]) -> torch.Tensor:
     """The indices a quantizer returns (its own layout) when its searches returned ``served``."""
+    if isinstance(quantizer, FactorizedResidualVQ):  # one (b, t_s) tensor per stage, stacked or a tuple
+        return quantizer._layout([t.reshape(x.shape[0], -1).long() for t in served])
     if isinstance(quantizer, ResidualVQ):
-        b, n = x.shape[:2]
-        seed = torch.stack([t.reshape(-1).long() for t in served]).reshape(len(served), b, n)
+        shape = quantizer.spec.layout.index_shape(x.shape)
+        seed = torch.stack([t.reshape(-1).long() for t in served]).reshape(len(served), *shape)
         return seed if quantizer.conventions == SEED else residual_indices_from_seed(quantizer.conventions, seed)
     shape = quantizer._index_shape(x.shape)
     if quantizer.heads == 1:

@@ -63,12 +63,16 @@ class FactorizedStage(nn.Module):
         """The (K, codebook_dim) normalised codebook the search sees."""
         return F.normalize(self.codebook.weight)
 
+    def nearest(self, rows: torch.Tensor) -> torch.Tensor:
+        """The stage's search: (M, codebook_dim) normalised rows -> (M,) nearest normalised codes (float32)."""
+        return nearest_code(rows.float().detach(), self.search_codebook().float().detach())
+
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(b, dim, t) -> out (b, dim, t), indices (b, t_s), commitment loss, codebook loss."""
         z_e = self.in_proj(self.pool(z))
         b = z_e.shape[0]
         rows = F.normalize(z_e.permute(0, 2, 1).reshape(-1, self.codebook_dim))
-        indices = nearest_code(rows.float().detach(), self.search_codebook().float().detach()).reshape(b, -1)
+        indices = self.nearest(rows).reshape(b, -1)
         z_q = F.embedding(indices, self.codebook.weight).transpose(1, 2)
         if self.training:
             commitment = F.mse_loss(z_e, z_q.detach())
