@@ -71,6 +71,10 @@ class MetadataError(NotAVQDeployModelError):
     of range, or that disagrees with the graph's own weights."""
 
 
+class ModelValuesError(NotAVQDeployModelError):
+    """A vqdeploy export whose weights (codebooks, projections) hold NaN or infinite values."""
+
+
 class ExternalDataError(NotAVQDeployModelError):
     """An ONNX file whose external-data references point outside the model's folder, or are missing."""
 

@@ -227,3 +227,23 @@ def test_residual_sizes_must_be_positive_integers():
     for config in (dict(codebook_dim=0), dict(codebook_size=True), dict(num_quantizers=True)):
         with pytest.raises(ConfigError):
             ResidualVQ(**(dict(dim=DIM, num_quantizers=2, codebook_size=16) | config))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["VectorQuantize", "ResidualVQ"])
+def test_a_projection_that_overflows_float32_is_refused(backend, kind, tmp_path):
+    """A finite input that project_in takes beyond float32 would reach the search as inf: eager
+    refuses it, and so must both backends (ort through its re-check of the flagged row)."""
+    from vqdeploy import ResidualVQ
+
+    torch.manual_seed(0)
+    extra = dict(num_quantizers=2) if kind == "ResidualVQ" else {}
+    module = (ResidualVQ if kind == "ResidualVQ" else VectorQuantize)(dim=DIM, codebook_size=16, codebook_dim=4, **extra).eval()
+    path = export_onnx(module, tmp_path / "projected.onnx", part="encode")
+    weight = module.project_in.weight
+    x = torch.zeros(1, 5, DIM)
+    x[0, 2] = 3e38 * torch.sign(weight[0]).detach()  # every product of the first output row adds up: inf
+    with torch.no_grad(), pytest.raises(NonFiniteInputError, match="project_in"):
+        module(x)
+    with runtime.load(path, backend=backend) as quantizer, pytest.raises(NonFiniteInputError, match="project_in"):
+        quantizer.encode(x.numpy())

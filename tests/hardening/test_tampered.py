@@ -127,3 +127,23 @@ def test_tampered_metadata_is_refused(export_path, tmp_path, change):
 def test_untouched_metadata_still_reads(export_path):
     info = read_metadata(export_path)
     assert info.codebook_size == 16 and info.heads == 1 and math.isfinite(info.opset)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_codebook_in_an_export_is_refused(export_path, tmp_path, value):
+    from onnx import numpy_helper
+
+    from vqdeploy.errors import ModelValuesError
+
+    model = onnx.load(str(export_path))
+    codebook = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)  # the largest weight
+    values = numpy_helper.to_array(codebook).copy()
+    values.reshape(-1)[3] = value
+    codebook.CopyFrom(numpy_helper.from_array(values, codebook.name))
+    bad = tmp_path / "nan_codebook.onnx"
+    bad.write_bytes(model.SerializeToString())
+    with pytest.raises(ModelValuesError, match=codebook.name):
+        read_metadata(bad)
+    for backend in ("ort", "torch"):
+        with pytest.raises(ModelValuesError):
+            runtime.load(bad, backend=backend)

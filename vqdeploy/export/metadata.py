@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 from torch import nn
 
-from vqdeploy.errors import ExternalDataError, MetadataError, NotAVQDeployModelError
+from vqdeploy.errors import ExternalDataError, MetadataError, ModelValuesError, NotAVQDeployModelError
 
 PREFIX = "vqdeploy."
 PARTS = ("encode", "decode", "quantize")
@@ -144,7 +146,26 @@ def read_metadata(model: onnx.ModelProto | bytes | str | os.PathLike) -> ExportI
     values = _parse_fields(props, name)
     info = ExportInfo(**values)
     check_info(info, model, name)
+    check_finite_weights(model, name)
     return info
+
+
+def check_finite_weights(model: onnx.ModelProto, name: str) -> None:
+    """Raise `ModelValuesError` when a float initializer held in the file is NaN or infinite (a NaN code
+    is never the nearest, so every backend would break the tie it makes its own way)."""
+    for initializer in model.graph.initializer:
+        if initializer.data_location == onnx.TensorProto.EXTERNAL or initializer.data_type not in _FLOAT_TENSOR_TYPES:
+            continue
+        values = numpy_helper.to_array(initializer)
+        if values.size and not np.isfinite(values.astype(np.float32, copy=False)).all():
+            bad = int((~np.isfinite(values.astype(np.float32, copy=False))).sum())
+            raise ModelValuesError(
+                f"{name}: weight {initializer.name!r} {tuple(values.shape)} holds {bad} NaN/Inf value(s); "
+                "export the model again from finite weights"
+            )
+
+
+_FLOAT_TENSOR_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
 
 
 TOKEN_MAJOR_LAYOUT = "n d"

@@ -677,10 +677,14 @@ class VectorQuantize(nn.Module):
     def eval_indices(self, x: torch.Tensor) -> torch.Tensor:
         """The indices an eval forward returns for ``x``, without the quantized vectors and losses it
         also computes (the runtime's encode: at D = 32 gathering codes and project_out took as long
-        as the search). ``x`` is not checked again: the caller (`vqdeploy.runtime`) checked it."""
+        as the search). ``x`` is not checked again: the caller (`vqdeploy.runtime`) checked it; the rows
+        after project_in are (a finite input can overflow there)."""
         tokens = self._to_tokens(x)
         b, n, _ = tokens.shape
-        indices = self._merge_heads(self._codebook.nearest(self._rows(tokens)), b, n)
+        rows = self._rows(tokens)
+        if self.has_projections and eager_checks_enabled():  # project_in may overflow what came in finite
+            check_finite(rows, "x after project_in", what="the codebook search")
+        indices = self._merge_heads(self._codebook.nearest(rows), b, n)
         indices = indices if self.heads > 1 else indices.squeeze(-1)
         return indices.reshape(*self._index_shape(x.shape), *indices.shape[2:])
 
