@@ -28,7 +28,9 @@ SWEEP = textwrap.dedent(
     import numpy as np, torch
     from vqdeploy import VectorQuantize, export_onnx, runtime
 
-    backend, folder, full = sys.argv[1], sys.argv[2], sys.argv[3] == "full"
+    backend, folder, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+    full = mode == "full"
+    at_size = mode in ("full", "sweep-k1024")  # K = 1024 and the backend's default chunk
     only = set(sys.argv[4].split(",")) if len(sys.argv) > 4 else None  # case numbers, for a quick look
     N, D = 4 * 2**20, 64
 
@@ -48,12 +50,12 @@ SWEEP = textwrap.dedent(
         return peak - before - indices.nbytes / 2**20
 
     torch.manual_seed(0)
-    codes = 1024 if full else 16
+    codes = 1024 if at_size else 16
     quantizers = {}
     for kind, options in {"b n d": {}, "b d n": dict(channel_last=False), "b d h w": dict(accept_image_fmap=True)}.items():
         vq = VectorQuantize(dim=D, codebook_size=codes, **options).eval()
         path = export_onnx(vq, f"{folder}/{kind.replace(' ', '')}.onnx", part="encode")
-        quantizers[kind] = runtime.load(path, backend=backend, chunk_size=None if full else 8192)
+        quantizers[kind] = runtime.load(path, backend=backend, chunk_size=None if at_size else 8192)
         quantizers[kind].encode(vq.spec.example_input("encode"))  # warm up (kernels, thread pools, tiles)
     base = torch.rand(N, D)
 
@@ -111,6 +113,8 @@ SWEEP = textwrap.dedent(
 
 
 def _run(backend: str, folder: Path, mode: str) -> list[dict]:
+    """The sweep in a fresh process: mode "sweep" (13 cases, K = 16), "full" (one case at K = 1024) or
+    "sweep-k1024" (13 cases at K = 1024, default chunks: minutes; run by hand, see RESULTS.md)."""
     result = subprocess.run([sys.executable, "-c", SWEEP, backend, str(folder), mode],
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]

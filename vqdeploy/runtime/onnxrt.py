@@ -149,14 +149,16 @@ class OnnxRuntimeRunner:
             self._exact = TorchRunner(self._source, self._info, device="cpu")
             if cpu_kernels.available():  # compiles (or loads from numba's cache) the CPU search kernel
                 # One full-size call now starts the kernel's thread pool and allocates the tile it
-                # keeps between calls (16 MiB) at load time, not inside the first encode that has a
-                # row to re-solve.
-                from vqdeploy.ops.contract import rows_per_block
+                # keeps between calls (16 MiB), and one exact re-solve starts the float64 GEMM's
+                # buffers, at load time, not inside the first encode that has a row to re-solve (the
+                # first such encode of a 4M-vector image grew the process by 94 MiB, later ones by 4).
+                from vqdeploy.ops.contract import exact_nearest, rows_per_block
 
                 dim, codes = self._info.codebook_dim, self._info.codebook_size
                 codebook = torch.randn(codes, dim, generator=torch.Generator().manual_seed(0))
                 rows = codebook[torch.arange(rows_per_block(codes)) % codes]  # on a code each: no near tie
                 cpu_kernels.nearest_code_cpu(rows, codebook)
+                exact_nearest(rows[: min(4096, rows.shape[0])], codebook)
         return self._exact
 
     def exact_infer(self, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
