@@ -248,3 +248,19 @@ class QuantizerSpec:
         if self.layout.channel_first:
             return {0: "batch", **{2 + i: name for i, name in enumerate(self.layout.token_axes)}}
         return {0: "batch", 1: "seq"}
+
+
+class CodecChannelFirst:
+    """`spec` and `input_layout` of a codec's quantizer that takes (batch, dim, time), as the codec
+    does (FactorizedResidualVQ, SplitResidualVQ): a mixin for modules with ``dim``,
+    ``codebook_size`` and ``num_quantizers``."""
+
+    @property
+    def spec(self) -> QuantizerSpec:
+        """What this module takes and returns (`vqdeploy.spec`): (batch, dim, time), as the codec."""
+        return QuantizerSpec(type(self).__name__, CHANNEL_FIRST, self.dim, self.codebook_size,
+                             num_quantizers=self.num_quantizers)
+
+    @property
+    def input_layout(self) -> str:
+        return self.spec.layout.name

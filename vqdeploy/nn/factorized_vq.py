@@ -28,8 +28,9 @@ from vqdeploy.checks import (
     eager_checks_enabled,
 )
 from vqdeploy.errors import ConfigError, InputShapeError
+from vqdeploy.nn.eval_mode import eval_forward_indices
 from vqdeploy.ops import nearest_code
-from vqdeploy.spec import CHANNEL_FIRST, QuantizerSpec
+from vqdeploy.spec import CodecChannelFirst
 
 STACKED = "stacked"  # DAC: indices (batch, quantizer, time)
 TUPLE = "tuple"  # SNAC: one (batch, time_s) tensor per stage
@@ -91,7 +92,7 @@ class FactorizedStage(nn.Module):
         return out.repeat_interleave(self.stride, dim=-1) if self.stride > 1 else out
 
 
-class FactorizedResidualVQ(nn.Module):
+class FactorizedResidualVQ(CodecChannelFirst, nn.Module):
     """Residual VQ with per-stage factorized codes (DAC, SNAC). Inputs and outputs are (b, dim, t).
 
     >>> import torch
@@ -154,16 +155,6 @@ class FactorizedResidualVQ(nn.Module):
         )
 
     @property
-    def input_layout(self) -> str:
-        return self.spec.layout.name
-
-    @property
-    def spec(self) -> QuantizerSpec:
-        """What this module takes and returns (`vqdeploy.spec`): (batch, dim, time), as the codec."""
-        return QuantizerSpec(type(self).__name__, CHANNEL_FIRST, self.dim, self.codebook_size,
-                             num_quantizers=self.num_quantizers)
-
-    @property
     def codebooks(self) -> list[torch.Tensor]:
         """The raw (K, codebook_dim_s) codebook of every stage."""
         return [stage.codebook.weight for stage in self.quantizers]
@@ -223,12 +214,7 @@ class FactorizedResidualVQ(nn.Module):
 
     def encode(self, x: torch.Tensor, n_q: int | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """The indices of an eval forward, in the module's layout, whatever mode the module is in."""
-        was_training = self.training
-        try:
-            with torch.no_grad():
-                return self.eval()(x, n_q=n_q)[1]
-        finally:
-            self.train(was_training)
+        return eval_forward_indices(self, x, n_q=n_q)
 
     def stage_indices(self, indices: torch.Tensor | tuple[torch.Tensor, ...] | list[torch.Tensor]) -> list[torch.Tensor]:
         """Indices in the module's layout -> one (b, t_s) tensor per stage given."""

@@ -30,6 +30,7 @@ from vqdeploy.errors import ConfigError, UnsupportedOptionError
 from vqdeploy.nn import conventions as conv
 from vqdeploy.nn import distributed
 from vqdeploy.nn.conventions import SEED, check_conventions
+from vqdeploy.nn.eval_mode import eval_forward_indices
 from vqdeploy.nn.residual_vq import ResidualVQ
 from vqdeploy.spec import CHANNEL_LAST, QuantizerSpec
 
@@ -141,12 +142,7 @@ class GroupedResidualVQ(nn.Module):
 
     def eval_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The indices an eval-mode forward gives for ``x`` (module layout), whatever mode the module is in."""
-        was_training = self.training
-        try:
-            with torch.no_grad():
-                return self.eval()(x)[1]
-        finally:
-            self.train(was_training)
+        return eval_forward_indices(self, x)
 
     # -- decode -----------------------------------------------------------------------------------
     def _check_indices(self, indices: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from vqdeploy.errors import ConfigError, UninitializedCodebookError, Unsupported
 from vqdeploy.nn import conventions as conv
 from vqdeploy.nn import distributed
 from vqdeploy.nn.conventions import SEED, check_conventions
+from vqdeploy.nn.eval_mode import eval_forward_indices
 from vqdeploy.nn.implicit_codebook import ImplicitCodebookMLP, frac_gradient
 from vqdeploy.nn.vector_quantize import ForwardCall, VectorQuantize
 from vqdeploy.spec import QuantizerSpec, layout_for
@@ -340,12 +341,7 @@ class ResidualVQ(nn.Module):
 
     def eval_tokens(self, x: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
         """The indices an eval-mode forward gives for ``x``, whatever mode the module is in."""
-        was_training = self.training
-        try:
-            with torch.no_grad():
-                return self.eval()(x, n_q=n_q)[1]
-        finally:
-            self.train(was_training)
+        return eval_forward_indices(self, x, n_q=n_q)
 
     def codebook_usage(self, dead_below: float | None = None) -> list[Any]:
         """`CodebookUsage` (perplexity, dead codes, from the EMA cluster sizes) of every stage."""

@@ -14,11 +14,12 @@ from torch import nn
 
 from vqdeploy.checks import check_axis_size, check_integer, check_rank
 from vqdeploy.errors import ConfigError
+from vqdeploy.nn.eval_mode import eval_forward_indices
 from vqdeploy.nn.residual_vq import ResidualVQ
-from vqdeploy.spec import CHANNEL_FIRST, QuantizerSpec
+from vqdeploy.spec import CodecChannelFirst
 
 
-class SplitResidualVQ(nn.Module):
+class SplitResidualVQ(CodecChannelFirst, nn.Module):
     """A semantic ResidualVQ and an acoustic ResidualVQ on the same (b, dim, t) input.
 
     >>> import torch
@@ -59,16 +60,6 @@ class SplitResidualVQ(nn.Module):
         self.acoustic = ResidualVQ(num_quantizers=num_quantizers - num_semantic_quantizers, **common)
 
     @property
-    def input_layout(self) -> str:
-        return self.spec.layout.name
-
-    @property
-    def spec(self) -> QuantizerSpec:
-        """What this module takes and returns (`vqdeploy.spec`): (batch, dim, time), as the codec."""
-        return QuantizerSpec(type(self).__name__, CHANNEL_FIRST, self.dim, self.codebook_size,
-                             num_quantizers=self.num_quantizers)
-
-    @property
     def layers(self) -> list[nn.Module]:
         """Every stage's VectorQuantize, semantic first."""
         return [*self.semantic.layers, *self.acoustic.layers]
@@ -95,12 +86,7 @@ class SplitResidualVQ(nn.Module):
 
     def encode(self, x: torch.Tensor, n_q: int | None = None) -> torch.Tensor:
         """The indices (n_q, b, t) of an eval forward, whatever mode the module is in."""
-        was_training = self.training
-        try:
-            with torch.no_grad():
-                return self.eval()(x, n_q=n_q)[1]
-        finally:
-            self.train(was_training)
+        return eval_forward_indices(self, x, n_q=n_q)
 
     eval_tokens = encode
 
