@@ -81,6 +81,19 @@ def build_encodec(seed: int = 0):
     return model, model.quantizer, seen[0]
 
 
+def _with_unit_codebooks(model):
+    """(model, quantizer, latents) of a DAC or SNAC: unit-scale codebook rows, as a trained codec has
+    (the config's init leaves them small), and the input its quantizer sees for one second of noise."""
+    for stage in model.quantizer.quantizers:
+        stage.codebook.weight.normal_()
+    audio = torch.randn(2, 1, 1600)
+    seen: list[torch.Tensor] = []
+    hook = model.quantizer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    model.encode(audio)
+    hook.remove()
+    return model, model.quantizer, seen[0]
+
+
 @torch.no_grad()
 def build_dac(seed: int = 0, weight_norm: bool = True):
     transformers = pytest.importorskip("transformers")
@@ -92,14 +105,7 @@ def build_dac(seed: int = 0, weight_norm: bool = True):
     model = transformers.DacModel(config).eval()
     if weight_norm:
         model.apply_weight_norm()
-    for stage in model.quantizer.quantizers:  # codebooks of unit-scale rows, as a trained DAC has
-        stage.codebook.weight.normal_()
-    audio = torch.randn(2, 1, 1600)
-    seen: list[torch.Tensor] = []
-    hook = model.quantizer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    model.encode(audio)
-    hook.remove()
-    return model, model.quantizer, seen[0]
+    return _with_unit_codebooks(model)
 
 
 @torch.no_grad()
@@ -110,14 +116,7 @@ def build_snac(seed: int = 0):
         sampling_rate=1600, encoder_dim=8, encoder_rates=[2, 4], decoder_dim=32, decoder_rates=[4, 2],
         attn_window_size=None, codebook_size=64, codebook_dim=8, vq_strides=[4, 2, 1],
     ).eval()
-    for stage in model.quantizer.quantizers:
-        stage.codebook.weight.normal_()
-    audio = torch.randn(2, 1, 1600)
-    seen: list[torch.Tensor] = []
-    hook = model.quantizer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
-    model.encode(audio)
-    hook.remove()
-    return model, model.quantizer, seen[0]
+    return _with_unit_codebooks(model)
 
 
 @torch.no_grad()
