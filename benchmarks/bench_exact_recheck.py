@@ -40,15 +40,16 @@ from harness import markdown_table, time_interleaved  # noqa: E402
 from vqdeploy import VectorQuantize, export_onnx, runtime  # noqa: E402
 from vqdeploy.ops import cpu_kernels, nearest_code  # noqa: E402
 from vqdeploy.ops.contract import norm_upper_bound, recheck_rows, rows_per_block, squared_norms
+from vqdeploy.ops.gemm import tile_product
 
 SIZES = ["65536x256x1024", "65536x64x4096", "16384x512x8192", "262144x32x256"]
 
 
 def argmin_only_loop(dots, norms, out, num_chunks):
-    """The running argmin of `vqdeploy.ops._running_argmin` without the second best (baseline)."""
+    """The running argmin of `vqdeploy.ops._running_argmin` without the second best (baseline); dots
+    hold -2 x.c, as the op's tiles do."""
     num_codes, num_columns = dots.shape
     step = ((num_columns + num_chunks - 1) // num_chunks + 15) // 16 * 16
-    two = np.float32(2.0)
     for chunk in numba.prange(num_chunks):
         first = chunk * step
         last = min(num_columns, first + step)
@@ -59,14 +60,14 @@ def argmin_only_loop(dots, norms, out, num_chunks):
         best_index = np.zeros(width, np.int32)
         row = dots[0, first:last]
         for r in range(width):
-            best[r] = norms[0] - two * row[r]
+            best[r] = norms[0] + row[r]
         k = 1
         while k + 4 <= num_codes:
             k0, k1, k2, k3 = np.int32(k), np.int32(k + 1), np.int32(k + 2), np.int32(k + 3)
             n0, n1, n2, n3 = norms[k], norms[k + 1], norms[k + 2], norms[k + 3]
             row0, row1, row2, row3 = dots[k, first:last], dots[k + 1, first:last], dots[k + 2, first:last], dots[k + 3, first:last]
             for r in range(width):
-                s0, s1, s2, s3 = n0 - two * row0[r], n1 - two * row1[r], n2 - two * row2[r], n3 - two * row3[r]
+                s0, s1, s2, s3 = n0 + row0[r], n1 + row1[r], n2 + row2[r], n3 + row3[r]
                 lower = s1 < s0
                 s01 = s1 if lower else s0
                 i01 = k1 if lower else k0
@@ -83,7 +84,7 @@ def argmin_only_loop(dots, norms, out, num_chunks):
         while k < num_codes:
             row = dots[k, first:last]
             for r in range(width):
-                score = norms[k] - two * row[r]
+                score = norms[k] + row[r]
                 lower = score < best[r]
                 best[r] = score if lower else best[r]
                 best_index[r] = np.int32(k) if lower else best_index[r]
@@ -110,7 +111,7 @@ def argmin_only(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         stop = min(start + step, num_rows)
         width = stop - start
         dots = block[: num_codes * width].view(num_codes, width)
-        torch.mm(codes, x[start:stop].t(), out=dots)
+        tile_product("torch", codes, x[start:stop], dots, alpha=-2.0)
         _ARGMIN_ONLY(dots.numpy(), norms, out.numpy()[start:stop], max(1, min(threads, width // 256)))
     return out
 

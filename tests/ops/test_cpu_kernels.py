@@ -69,8 +69,10 @@ def test_tiles_and_thread_chunks_change_nothing(monkeypatch):
 
 
 def run_kernel(dots, norms, out, margin, chunks, x=None, codes=None):
-    """The compiled kernel on a (K, R) block of dots; returns its re-check flags. Without rows x and
-    codes, the test runs on zero rows with unit coefficients (flags then say margin <= 1)."""
+    """The compiled kernel on a (K, R) block of dots x.c (handed to it as -2 x.c, as the op's GEMM
+    writes them: exact); returns its re-check flags. Without rows x and codes, the test runs on
+    zero rows with unit coefficients (flags then say margin <= 1)."""
+    dots = np.ascontiguousarray(np.float32(-2.0) * dots)
     num_codes, columns = dots.shape
     if x is None:
         x = np.zeros((columns, 1), dtype=np.float32)
@@ -190,3 +192,12 @@ def test_tile_buffer_is_reused_and_survives_inference_mode():
     assert torch.equal(inside, outside)
     with torch.no_grad():
         assert torch.equal(nearest_code(x, codebook), outside)
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 63, 64, 1000, 4099])
+def test_flagged_rows_are_the_nonzero_positions(size):
+    rng = np.random.default_rng(size)
+    for density in (0.0, 0.01, 0.5, 1.0):
+        flags = (rng.random(size) < density).astype(np.uint8) * rng.integers(1, 256, size, dtype=np.uint8)
+        got = cpu_kernels.flagged_rows(flags)
+        assert got.dtype == np.int64 and got.tolist() == np.flatnonzero(flags).tolist(), (size, density)

@@ -7,22 +7,23 @@ import numpy as np
 
 
 def running_argmin_over_codes(dots, norms, out, margin, num_chunks, x, alpha, beta, under, grow, limit, flags):
-    """out[r] = argmin_k (norms[k] - 2 dots[k, r]) over the K rows of dots, ties to the lowest k;
+    """out[r] = argmin_k (norms[k] + dots[k, r]) over the K rows of dots, ties to the lowest k;
     margin[r] = second-best score - best score (inf for K = 1), and flags[r] the exact re-check's
     verdict on it (`flag_unproven_rows`, on x, the tile's (R, D) rows, in the same thread).
 
-    dots is (K, R) float32, C-contiguous; the R columns are split into num_chunks chunks (one per
+    dots is (K, R) float32, C-contiguous, and holds -2 x.c (the GEMM's alpha is -2: scaling by a power
+    of two is exact, so fl(norms[k] + dots[k, r]) is the score fl(n_k - 2 fl(x.c_k)) of every
+    implementation, one add instead of a multiply and a subtract); the R columns are split into num_chunks chunks (one per
     thread, a multiple of 16 columns wide). The inner loops run over the contiguous columns with no
     dependence between columns, so they vectorise. Codes are taken four at a time: a small
     tournament (strict ``<``, so the lower index wins a tie) picks the best of the four, and only
     its winner is compared with the running best, which cuts the loads and stores of the running
     (min, argmin) fourfold. The group's second smallest, min(max(a, b), min(A, B)) for pair minima
     a, b and pair maxima A, B, and the loser of the winner's duel with the running best fold into a
-    running second-best. Scores are ``fl(norms[k] - 2 dots[k, r])``, as in every implementation.
+    running second-best.
     """
     num_codes, num_columns = dots.shape
     step = ((num_columns + num_chunks - 1) // num_chunks + 15) // 16 * 16
-    two = np.float32(2.0)
     for chunk in numba.prange(num_chunks):
         first = chunk * step
         last = min(num_columns, first + step)
@@ -35,7 +36,7 @@ def running_argmin_over_codes(dots, norms, out, margin, num_chunks, x, alpha, be
         norm = norms[0]
         row = dots[0, first:last]
         for r in range(width):
-            best[r] = norm - two * row[r]
+            best[r] = norm + row[r]
         k = 1
         while k + 4 <= num_codes:
             k0, k1, k2, k3 = np.int32(k), np.int32(k + 1), np.int32(k + 2), np.int32(k + 3)
@@ -43,10 +44,10 @@ def running_argmin_over_codes(dots, norms, out, margin, num_chunks, x, alpha, be
             row0, row1 = dots[k, first:last], dots[k + 1, first:last]
             row2, row3 = dots[k + 2, first:last], dots[k + 3, first:last]
             for r in range(width):
-                s0 = n0 - two * row0[r]
-                s1 = n1 - two * row1[r]
-                s2 = n2 - two * row2[r]
-                s3 = n3 - two * row3[r]
+                s0 = n0 + row0[r]
+                s1 = n1 + row1[r]
+                s2 = n2 + row2[r]
+                s3 = n3 + row3[r]
                 lower = s1 < s0
                 s01 = s1 if lower else s0
                 l01 = s0 if lower else s1
@@ -71,7 +72,7 @@ def running_argmin_over_codes(dots, norms, out, margin, num_chunks, x, alpha, be
             norm = norms[k]
             row = dots[k, first:last]
             for r in range(width):
-                score = norm - two * row[r]
+                score = norm + row[r]
                 old = best[r]
                 second[r] = min(second[r], max(old, score))
                 lower = score < old

@@ -345,13 +345,17 @@ def _candidate_codes(
     return torch.nonzero(keep.any(dim=0)).squeeze(1)
 
 
-def exact_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+def exact_nearest(
+    x: torch.Tensor, codebook: torch.Tensor, code_terms: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """The exact argmin of ||x - c_k||^2 over the float32 values (ties to the lowest k), per row.
 
     A float32 pass narrows the codes to those that can win (`_candidate_codes`); then distances in
     float64, and codes whose float64 distance lies within float64 rounding of the best are compared
     again exactly (`_exact_nearest_among`: exact float64 terms, math.fsum). For the few rows a
     float32 search cannot prove (`recheck_rows`): cost O(rows K D) in float32, far less in float64.
+    ``code_terms``: the codebook's float32 `squared_norms` and `norm_upper_bound`, where the caller
+    has them (the CPU op computes them once per call).
     """
     rows32 = x.detach().to(torch.float32).cpu()
     codes32 = codebook.detach().to(torch.float32).cpu().contiguous()
@@ -360,7 +364,7 @@ def exact_nearest(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         return out
     dim = codes32.shape[1]
     gamma64 = (dim + 3) * 2.0**-53 / (1 - (dim + 3) * 2.0**-53)  # bound (1) in float64
-    code_sq32, code_norm32 = squared_norms(codes32), norm_upper_bound(codes32)
+    code_sq32, code_norm32 = code_terms if code_terms is not None else (squared_norms(codes32), norm_upper_bound(codes32))
     # A handful of (rows, K) temporaries live at once: keep each near 2 MiB.
     step = max(1, 2**21 // (8 * max(codes32.shape[0], 1)))
     for start in range(0, rows32.shape[0], step):

@@ -217,15 +217,20 @@ def numpy_blas_threads(threads: int) -> contextlib.AbstractContextManager[None]:
     return _NUMPY_BLAS.limit(threads)
 
 
-def tile_product(library: str, codes: torch.Tensor, tile: torch.Tensor, out: torch.Tensor) -> None:
-    """out (K, R) = codes (K, D) @ tile (R, D)^T in float32, by torch.mm or numpy.matmul on views.
+def tile_product(library: str, codes: torch.Tensor, tile: torch.Tensor, out: torch.Tensor, alpha: float = 1.0) -> None:
+    """out (K, R) = alpha codes (K, D) @ tile (R, D)^T in float32, by torch (MKL's alpha) or
+    numpy.matmul on views (numpy has no alpha: only 1 there; scale the codes instead).
 
     ``codes`` and ``out`` are C-contiguous float32 CPU tensors; ``tile`` any float32 CPU view.
     """
     if library == "numpy":
+        if alpha != 1.0:
+            raise ValueError("numpy's matmul takes no alpha: scale the codes")
         np.matmul(codes.numpy(), tile.resolve_neg().numpy().T, out=out.numpy())
-    else:
+    elif alpha == 1.0:
         torch.mm(codes, tile.t(), out=out)
+    else:  # beta = 0: out's old values are ignored, NaN included
+        torch.addmm(out, codes, tile.t(), beta=0.0, alpha=alpha, out=out)
 
 
 # -- measuring -------------------------------------------------------------------------------------------
