@@ -67,3 +67,23 @@ def test_certify_names_its_arithmetic_and_keeps_the_old_keyword():
     assert torch.equal(new.tau, old.tau) and not torch.equal(new.tau, certify(x, codebook, tokens).tau)
     with pytest.raises(UnsupportedOptionError, match="arithmetic"):
         certify(x, codebook, tokens, arithmetic="exact")  # the runtime's precision is not an arithmetic
+
+
+@pytest.mark.parametrize("search", ["op", "cpu kernel", "blocked"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e300])
+def test_a_row_with_nan_or_inf_in_float32_is_refused(search, bad):
+    """Such rows have no nearest code; every search flags them and its exact re-solve refuses them,
+    wherever they are (first, in the middle of a tile, last row), float64 values beyond float32 included."""
+    from vqdeploy.errors import NonFiniteInputError
+    from vqdeploy.ops import cpu_kernels
+    from vqdeploy.ops.contract import nearest_code_exact
+
+    run = {"op": nearest_code, "cpu kernel": cpu_kernels.nearest_code_cpu, "blocked": nearest_code_exact}[search]
+    codebook = torch.randn(40, 12)
+    for row in (0, 777, 1999):
+        x = torch.randn(2000, 12, dtype=torch.float64)
+        x[row, 5] = bad
+        with pytest.raises(NonFiniteInputError, match="1 NaN/Inf value"):
+            run(x, codebook)
+    large = torch.randn(2000, 12, dtype=torch.float64) * 1e30  # finite in float32: searched, exactly
+    assert torch.equal(run(large, codebook), nearest_code_exact(large.float(), codebook))

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vqdeploy.errors import UnsupportedOptionError
+from vqdeploy.errors import NonFiniteInputError, UnsupportedOptionError
 
 UNIT_ROUNDOFF = {
     "float32": 2.0**-24,
@@ -356,8 +356,21 @@ def exact_nearest(
     float32 search cannot prove (`recheck_rows`): cost O(rows K D) in float32, far less in float64.
     ``code_terms``: the codebook's float32 `squared_norms` and `norm_upper_bound`, where the caller
     has them (the CPU op computes them once per call).
+
+    Rows with a NaN or an infinity in float32 (a float64 1e300 included) have no nearest code: they
+    raise `NonFiniteInputError`. Every search flags such rows (their norm bound or margin is not
+    finite, so the test cannot prove them) and sends them here, so a search that re-solves its
+    flagged rows detects them at no cost to the others (the runtime's torch backend on CPU relies on
+    it: `vqdeploy.runtime.torch_backend.TorchRunner.search_detects_non_finite`).
     """
     rows32 = x.detach().to(torch.float32).cpu()
+    finite = torch.isfinite(rows32)
+    if not bool(finite.all()):
+        raise NonFiniteInputError(
+            f"the rows of the nearest-code search must be finite, got {int((~finite).sum())} NaN/Inf value(s) "
+            f"in float32 (the dtype it searches in; largest {torch.finfo(torch.float32).max:.6g}) in "
+            f"{int((~finite.all(dim=-1)).sum())} row(s)"
+        )
     codes32 = codebook.detach().to(torch.float32).cpu().contiguous()
     out = torch.empty(rows32.shape[0], dtype=torch.int64)
     if rows32.shape[0] == 0:

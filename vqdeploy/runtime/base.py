@@ -29,7 +29,7 @@ from vqdeploy.checks import (
     check_positive_int,
     check_rank,
 )
-from vqdeploy.errors import BackendOutputError, QuantizerClosedError, UnsupportedOptionError
+from vqdeploy.errors import BackendOutputError, NonFiniteInputError, QuantizerClosedError, UnsupportedOptionError
 from vqdeploy.export.metadata import ExportInfo
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 from vqdeploy.spec import RESIDUAL_KINDS, QuantizerSpec
@@ -348,6 +348,22 @@ class Quantizer:
     def _returned(self, tensor: torch.Tensor, as_numpy: bool) -> Any:
         return tensor.numpy() if as_numpy else tensor
 
+    def _check_finite(self, x: torch.Tensor) -> None:
+        """NonFiniteInputError naming the user's input, on what the search sees: x after the cast to
+        the graph's dtype (a float64 1e300 is inf there)."""
+        check_finite(x, "x", dtype=_search_dtype(self._runner.float_dtype), what=f"the {self.backend} backend's search")
+
+    def _infer_checked(self, x: torch.Tensor, feed: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The runner on one chunk. A runner whose search detects NaN/Inf itself raises
+        NonFiniteInputError on the chunk's rows; the error is worded on the user's whole input (the
+        count, its shape and dtype) by the check the Quantizer skipped, which then runs once."""
+        try:
+            return self._runner.infer(feed)
+        except NonFiniteInputError:
+            if getattr(self._runner, "search_detects_non_finite", False):
+                self._check_finite(x)  # raises, naming x; if x is finite, the rows went bad inside the graph
+            raise
+
     def _token_view(self, x: torch.Tensor) -> tuple[_TokenView, tuple[int, ...]]:
         """Check x and view it as token groups (no copy, whatever its strides); returns the view and
         the shape indices come back in."""
@@ -360,8 +376,8 @@ class Quantizer:
             check_rank(x, layout.ranks, "x", layout.expected())
         dim_axis = 1 if self._channel_first else -1
         check_axis_size(x, dim_axis, info.dim, "x", "dim")
-        # On what the search sees: after the cast to the graph's dtype (a float64 1e300 is inf there).
-        check_finite(x, "x", dtype=_search_dtype(self._runner.float_dtype), what=f"the {self.backend} backend's search")
+        if not getattr(self._runner, "search_detects_non_finite", False):
+            self._check_finite(x)
         if x.ndim == 2:  # one token per batch row: (b, d) -> (1, b, d), or (1, d, b) channel first
             view = x.t().unsqueeze(0) if self._channel_first else x.unsqueeze(0)
             return _TokenView(view, 1, x.shape[0], self._channel_first), (x.shape[0],)
@@ -409,7 +425,7 @@ class Quantizer:
                 chunk = block.permute(1, 0, 2).reshape(1, info.dim, count)
             else:
                 chunk = block.reshape(1, count, info.dim)
-            outputs, flagged = self._split_flags(self._runner.infer({name: self._feed_vectors(chunk.to(float_dtype))}), count)
+            outputs, flagged = self._split_flags(self._infer_checked(x, {name: self._feed_vectors(chunk.to(float_dtype))}), count)
             if flagged is not None and flagged.numel():  # chunk order is (group, token)
                 flagged_groups.append(g0 + flagged // (t1 - t0))
                 flagged_tokens.append(t0 + flagged % (t1 - t0))

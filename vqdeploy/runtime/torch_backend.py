@@ -18,6 +18,7 @@ from vqdeploy.errors import NotAVQDeployModelError, UnsupportedOptionError
 from vqdeploy.export.metadata import STATE_PREFIX, ExportInfo
 from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, SplitResidualVQ, VectorQuantize
 from vqdeploy.nn.parts import PART_MODULES
+from vqdeploy.ops import cpu_kernels
 from vqdeploy.runtime.devices import check_device
 from vqdeploy.spec import RESIDUAL_KINDS
 
@@ -104,6 +105,10 @@ class TorchRunner:
         else:
             self.graph = PART_MODULES[info.part](self.quantizer, n_q).eval()
         self.device = device
+        # On CPU the op's compiled search flags every row holding a NaN or an infinity (its norm bound
+        # is not finite) and its exact re-solve refuses them (`vqdeploy.ops.contract.exact_nearest`):
+        # the Quantizer then skips its own pass over the input and checks it only to word the error.
+        self.search_detects_non_finite = device == "cpu" and cpu_kernels.available()
         self.float_dtype = next(p.dtype for p in self.quantizer.state_dict().values() if p.is_floating_point())
 
     @torch.inference_mode()
