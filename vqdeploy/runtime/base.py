@@ -29,7 +29,12 @@ from vqdeploy.checks import (
     check_positive_int,
     check_rank,
 )
-from vqdeploy.errors import BackendOutputError, NonFiniteInputError, QuantizerClosedError, UnsupportedOptionError
+from vqdeploy.errors import (
+    BackendOutputError,
+    NonFiniteInputError,
+    QuantizerClosedError,
+    UnsupportedOptionError,
+)
 from vqdeploy.export.metadata import ExportInfo
 from vqdeploy.nn.conventions import SEED, residual_indices_from_seed, residual_indices_to_seed
 from vqdeploy.spec import RESIDUAL_KINDS, QuantizerSpec
@@ -43,6 +48,11 @@ CHUNK_SCORE_BUDGET = 2**20
 # of 1M took the torch backend from 51.6 to 47.8 ms at 262144x32x256 (op 43.7 ms; benchmarks/RESULTS.md).
 CHUNK_VECTOR_BUDGET = 2**21
 MIN_CHUNK = 256
+# Tokens per chunk where a chunk is a view of the user's input that the search reads as it is (the
+# torch backend's encode of a VectorQuantize without projection or cosine: `view_chunk_tokens`).
+# Such a chunk copies nothing, and only the op's int64 indices and flags (9 MiB here) scale with it;
+# fewer op calls save their per-call set-up and exact re-solve (benchmarks/RESULTS.md).
+VIEW_CHUNK_TOKENS = 2**20
 
 
 def default_chunk_size(info: ExportInfo, materializes_scores: bool = True) -> int:
@@ -141,6 +151,8 @@ class Quantizer:
         # A runner with a fixed largest input (a TensorRT engine's profile) says so in max_tokens.
         self.chunk_size = check_positive_int(chunk_size, "chunk_size", UnsupportedOptionError) if chunk_size is not None \
             else getattr(runner, "max_tokens", None) or default_chunk_size(info, runner.materializes_scores)
+        # Larger chunks where they are views the search reads as they are (never with a chunk_size asked for).
+        self._view_chunk = getattr(runner, "view_chunk_tokens", None) if chunk_size is None else None
         # close() waits for calls in flight and refuses new ones (QuantizerClosedError).
         self._state = threading.Condition()
         self._active = 0
@@ -418,7 +430,10 @@ class Quantizer:
         name = self.info.inputs[0]
         flagged_groups: list[torch.Tensor] = []
         flagged_tokens: list[torch.Tensor] = []
-        for g0, g1, t0, t1 in tiles(tokens.groups, tokens.tokens, self.chunk_size):
+        size = self.chunk_size
+        if self._view_chunk and not self._channel_first and x.dtype == float_dtype and x.is_contiguous():
+            size = max(size, self._view_chunk)  # every chunk is then a view of x: nothing is copied
+        for g0, g1, t0, t1 in tiles(tokens.groups, tokens.tokens, size):
             count = (g1 - g0) * (t1 - t0)
             block = tokens.block(g0, g1, t0, t1)
             if self._channel_first:  # (gb, d, tc) -> (1, d, gb * tc): one copy of the chunk

@@ -19,6 +19,7 @@ from vqdeploy.export.metadata import STATE_PREFIX, ExportInfo
 from vqdeploy.nn import GroupedResidualVQ, ResidualVQ, SplitResidualVQ, VectorQuantize
 from vqdeploy.nn.parts import PART_MODULES
 from vqdeploy.ops import cpu_kernels
+from vqdeploy.runtime.base import VIEW_CHUNK_TOKENS
 from vqdeploy.runtime.devices import check_device
 from vqdeploy.spec import RESIDUAL_KINDS
 
@@ -100,8 +101,12 @@ class TorchRunner:
                 sub.set_search_mode(precision)
         stages = getattr(self.quantizer, "num_quantizers", 1)
         n_q = info.num_quantizers if info.num_quantizers < stages else None  # an export with n_q baked in
+        self.view_chunk_tokens = None
         if info.part == "encode" and isinstance(self.quantizer, VectorQuantize):
             self.graph = _EncodeIndices(self.quantizer).eval()
+            vq = self.quantizer
+            if not vq.has_projections and not vq._codebook.use_cosine_sim and vq.heads == 1:
+                self.view_chunk_tokens = VIEW_CHUNK_TOKENS  # the search reads the chunk as it comes
         else:
             self.graph = PART_MODULES[info.part](self.quantizer, n_q).eval()
         self.device = device
