@@ -24,6 +24,7 @@ from vqdeploy.errors import (
     ConfigError,
     InputDtypeError,
     InputShapeError,
+    NonFiniteInputError,
     UninitializedCodebookError,
     UnsupportedOptionError,
 )
@@ -263,14 +264,24 @@ class VectorQuantize(nn.Module):
         return QuantizerSpec(type(self).__name__, self.layout, self.dim, self.codebook_size, heads=self.heads)
 
     # -- layouts ------------------------------------------------------------------------------
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, finite: bool = True) -> None:
         layout = self.layout
         check_tensor(x, "x")
         check_floating(x, "x")
         check_rank(x, layout.ranks, "x", layout.expected())
         check_axis_size(x, 1 if x.ndim == 2 and not layout.image else layout.feature_axis, self.dim, "x", "dim")
-        if eager_checks_enabled():  # the search sees float32: a float64 1e300 would be inf there
-            check_finite(x, "x", dtype=torch.float32 if x.dtype == torch.float64 else None, what="the codebook search")
+        if finite and eager_checks_enabled():
+            self._check_finite(x)
+
+    def _check_finite(self, x: torch.Tensor) -> None:
+        # the search sees float32: a float64 1e300 would be inf there
+        check_finite(x, "x", dtype=torch.float32 if x.dtype == torch.float64 else None, what="the codebook search")
+
+    def _search_checks_finite(self, x: torch.Tensor) -> bool:
+        """Whether this forward can leave the NaN/Inf check of x to the search: in eval on CPU the
+        op flags and refuses every non-finite row itself (`vqdeploy.ops.contract.exact_nearest`),
+        so x is read once, not twice; the error is then worded on x by the check, run after it."""
+        return not self.training and x.device.type == "cpu" and eager_checks_enabled()
 
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Any accepted input layout -> (batch, tokens, dim)."""
@@ -343,12 +354,27 @@ class VectorQuantize(nn.Module):
         """
         if indices is not None:
             conv.check_forward_options("VectorQuantize", conv.VQ_FORWARD, dict(indices=indices))
-        self._check_input(x)
+        self._check_input(x, finite=False)
         call = ForwardCall(
             mask=self._forward_mask(x, mask, lens), topk=self._check_topk(topk), sample_codebook_temp=sample_codebook_temp,
             freeze_codebook=freeze_codebook, codebook_transform_fn=codebook_transform_fn,
             ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, ema_update=ema_update,
         )
+        # The plain eval forward searches with the op, which refuses NaN/Inf rows itself on CPU.
+        search_checks = call.plain and not return_loss_breakdown and self._search_checks_finite(x)
+        if not search_checks:
+            if eager_checks_enabled():
+                self._check_finite(x)
+            return self._forward_checked(x, call, return_loss_breakdown)
+        try:
+            return self._forward_checked(x, call, return_loss_breakdown)
+        except NonFiniteInputError:
+            self._check_finite(x)  # names x; if x is finite, its rows went bad after project_in
+            raise
+
+    def _forward_checked(self, x: torch.Tensor, call: ForwardCall, return_loss_breakdown: bool) -> tuple[torch.Tensor, ...]:
+        """`forward` on a checked x (its values too, unless the search checks them)."""
+        freeze_codebook, ema_update = call.freeze_codebook, call.ema_update
         tokens = self._to_tokens(x)
         if call.plain and not return_loss_breakdown:  # the seed's path, one graph for eval and export
             quantized, indices, loss = self.quantize_tokens(
