@@ -321,13 +321,31 @@ def test_loss_breakdown_matches_the_reference(digits):
         torch.testing.assert_close(getattr(got, name), getattr(want, name).detach(), **TOL, msg=name)
 
 
-@pytest.mark.parametrize("name, value", [
-    ("indices", torch.zeros(8, 64, dtype=torch.long)),
+@pytest.mark.parametrize("kwargs, topk", [
+    (dict(codebook_size=64, codebook_dim=16), None),
+    (dict(codebook_size=64, codebook_dim=16), 2),  # topk takes heads=1 (as in 1.32)
+    (dict(codebook_size=32, heads=2, codebook_dim=16, separate_codebook_per_head=True), None),
+    (dict(codebook_size=32, heads=2, codebook_dim=16, use_cosine_sim=True), None),
 ])
-def test_refused_vq_forward_argument_is_named(name, value, digits):
-    ours = _convert(reference.VectorQuantize(dim=64, codebook_size=64))
-    with pytest.raises(UnsupportedOptionError, match=name):
-        ours(_input(digits, {}), **{name: value})
+def test_cross_entropy_mode_matches_the_reference(kwargs, topk, digits):
+    """forward(x, indices=codes): 1.32's (codebook-space quantized, cross entropy), gradients, EMA step."""
+    ref = reference.VectorQuantize(dim=64, **kwargs)
+    ours = _convert(ref)
+    x = _input(digits, {}, n=256)
+    heads = kwargs.get("heads", 1)
+    codes = torch.randint(-1, kwargs["codebook_size"], (8, 32, heads) if heads > 1 else (8, 32),
+                          generator=torch.Generator().manual_seed(0))
+    for mode in ("eval", "train"):
+        x_ref, x_ours = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want = getattr(ref, mode)()(x_ref, indices=codes, topk=topk)
+        got = getattr(ours, mode)()(x_ours, indices=codes, topk=topk)
+        assert len(got) == 2 and got[0].shape == want[0].shape and got[1].shape == want[1].shape == ()
+        torch.testing.assert_close(got[0], want[0].detach(), **TOL)
+        torch.testing.assert_close(got[1], want[1].detach(), **TOL)
+        (want[0].sum() + want[1]).backward()
+        (got[0].sum() + got[1]).backward()
+        torch.testing.assert_close(x_ours.grad, x_ref.grad, **TOL)
+    torch.testing.assert_close(ours.codebook, ref.codebook.detach(), **TOL)  # the training call's EMA step
 
 
 # -- ResidualVQ -------------------------------------------------------------------------------------------

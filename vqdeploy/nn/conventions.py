@@ -152,7 +152,7 @@ GRVQ_OPTIONS = _options(
 )
 
 VQ_FORWARD = _options(
-    ("indices", None, REFUSED, "the cross-entropy-to-given-codes mode is not implemented"),
+    ("indices", None, NATIVE, "the cross-entropy mode: returns (codebook-space quantized, cross entropy to these codes)"),
     ("mask", None, NATIVE, "(batch, seq) bool: padded positions neither update the codebook nor count in the loss"),
     ("lens", None, NATIVE, "(batch,) lengths, the same as mask"),
     ("topk", None, NATIVE, "heads=1, as in 1.32"),

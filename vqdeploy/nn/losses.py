@@ -52,11 +52,18 @@ def sample_codes(
 
 
 def orthogonal_loss(codebook: torch.Tensor) -> torch.Tensor:
-    """Eq. (2) of Shin et al. 2021 (arXiv:2112.00384) on codebook (H, K, d), as 1.32 computes it."""
+    """Eq. (2) of Shin et al. 2021 (arXiv:2112.00384) on codebook (H, K, d): the mean squared error
+    of the cosine Gram matrix to the identity.
+
+    1.32 computes ``sum(G^2) / (H K^2) - 1 / K``, which is the same value (and gradient) while every
+    code has norm >= 1e-6 (a unit diagonal), but goes negative for a zero code (G_ii = 0), so a
+    zero code lowers the loss. vqdeploy keeps the diagonal's error: a zero codebook costs 1 / K.
+    """
     h, n = codebook.shape[:2]
     normed = F.normalize(codebook, p=2, dim=-1, eps=1e-6)
     cosine = torch.einsum("hid,hjd->hij", normed, normed)
-    return (cosine**2).sum() / (h * n**2) - (1 / n)
+    eye = torch.eye(n, dtype=cosine.dtype, device=cosine.device)
+    return (cosine - eye).square().sum() / (h * n**2)
 
 
 def diversity_loss(logits: torch.Tensor, temperature: float, seq: int) -> torch.Tensor:

@@ -221,6 +221,11 @@ class VectorQuantize(nn.Module):
         return embed if self.separate_codebook_per_head else embed[0]
 
     @property
+    def commitment_weight(self) -> float:
+        """The weight on the commitment loss (`commitment`), by 1.32's attribute name."""
+        return self.commitment
+
+    @property
     def effective_codebook(self) -> torch.Tensor:
         """The codes the search compares with, detached: `codebook`, or with affine_param the codebook
         moved to the tracked batch statistics. Shape as `codebook`."""
@@ -349,11 +354,14 @@ class VectorQuantize(nn.Module):
         for this call; `ema_update_weight` scales each code's EMA step ((K,), (H, K) or a callable
         (sums, counts) -> weight); `accum_ema_update` accumulates the statistics until the next
         update; `codebook_transform_fn` maps the codebook (H, K, d) to one codebook per position
-        (H, batch, seq, K, d) (ResidualVQ's implicit neural codebooks). `indices` (the cross-entropy
-        mode) is refused (UnsupportedOptionError).
+        (H, batch, seq, K, d) (ResidualVQ's implicit neural codebooks).
+
+        Given `indices` (the codes the input should take, as forward returns them; -1 is ignored),
+        forward is 1.32's cross-entropy mode: it returns (quantized, ce_loss), the cross entropy of
+        the negative distances to the given codes, and quantized as 1.32 returns it there: in
+        codebook space (before project_out), heads not merged, (batch, tokens, [k,] codebook_dim).
+        A training forward updates the codebook as usual.
         """
-        if indices is not None:
-            conv.check_forward_options("VectorQuantize", conv.VQ_FORWARD, dict(indices=indices))
         self._check_input(x, finite=False)
         call = ForwardCall(
             mask=self._forward_mask(x, mask, lens), topk=self._check_topk(topk), sample_codebook_temp=sample_codebook_temp,
@@ -361,21 +369,27 @@ class VectorQuantize(nn.Module):
             ema_update_weight=ema_update_weight, accum_ema_update=accum_ema_update, ema_update=ema_update,
         )
         # The plain eval forward searches with the op, which refuses NaN/Inf rows itself on CPU.
-        search_checks = call.plain and not return_loss_breakdown and self._search_checks_finite(x)
+        search_checks = indices is None and call.plain and not return_loss_breakdown and self._search_checks_finite(x)
         if not search_checks:
             if eager_checks_enabled():
                 self._check_finite(x)
-            return self._forward_checked(x, call, return_loss_breakdown)
+            return self._forward_checked(x, call, return_loss_breakdown, indices)
         try:
-            return self._forward_checked(x, call, return_loss_breakdown)
+            return self._forward_checked(x, call, return_loss_breakdown, indices)
         except NonFiniteInputError:
             self._check_finite(x)  # names x; if x is finite, its rows went bad after project_in
             raise
 
-    def _forward_checked(self, x: torch.Tensor, call: ForwardCall, return_loss_breakdown: bool) -> tuple[torch.Tensor, ...]:
+    def _forward_checked(
+        self, x: torch.Tensor, call: ForwardCall, return_loss_breakdown: bool, indices: torch.Tensor | None
+    ) -> tuple[torch.Tensor, ...]:
         """`forward` on a checked x (its values too, unless the search checks them)."""
         freeze_codebook, ema_update = call.freeze_codebook, call.ema_update
         tokens = self._to_tokens(x)
+        if indices is not None:
+            target = self._cross_entropy_target(indices, tokens.shape[0], tokens.shape[1])
+            result = self.quantize_call(tokens, call, input_requires_grad=x.requires_grad, ce_target=target)
+            return result.quantized, result.loss
         if call.plain and not return_loss_breakdown:  # the seed's path, one graph for eval and export
             quantized, indices, loss = self.quantize_tokens(
                 tokens, input_requires_grad=x.requires_grad, freeze_codebook=freeze_codebook, ema_update=ema_update
@@ -416,6 +430,33 @@ class VectorQuantize(nn.Module):
         if tuple(mask.shape) != (x.shape[0], seq):
             raise InputShapeError(f"mask must have shape (batch, seq) = {(x.shape[0], seq)}, got {tuple(mask.shape)}")
         return mask.to(x.device)
+
+    def _cross_entropy_target(self, indices: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """Given codes (batch, tokens[, heads]) (or the forward's index layout) -> (H, M) over the search rows."""
+        check_tensor(indices, "indices")
+        check_integer(indices, "indices")
+        if indices.ndim < 1 or indices.shape[0] != b or indices.numel() != b * n * self.heads:
+            raise InputShapeError(
+                f"indices must hold one code per token{' and head' if self.heads > 1 else ''} "
+                f"({b} x {n}{f' x {self.heads}' if self.heads > 1 else ''}), got shape {tuple(indices.shape)}"
+            )
+        if eager_checks_enabled() and bool(((indices < -1) | (indices >= self.codebook_size)).any()):
+            raise InputShapeError(f"indices must lie in [-1, {self.codebook_size}) (-1: ignored), got "
+                                  f"{int(indices.min())}..{int(indices.max())}")
+        target = indices.reshape(b, n, self.heads).long()
+        if self.separate_codebook_per_head:
+            return target.permute(2, 0, 1).reshape(self.heads, b * n)
+        return target.reshape(1, b * n * self.heads)
+
+    def _cross_entropy_codes(self, codes: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        """Search-row codes (H, M, [k,] d) -> 1.32's quantize of the cross-entropy mode."""
+        tail = codes.shape[2:]
+        if self.heads == 1:
+            return codes.reshape(b, n, *tail)
+        if self.separate_codebook_per_head:
+            return codes.reshape(self.heads, b, n, *tail)
+        per_token = codes.reshape(b, n, self.heads, *tail).movedim(2, 1)  # 1.32: '1 (b h) n d'
+        return per_token.reshape(1, b * self.heads, n, *tail)
 
     def _check_topk(self, topk: int | None) -> int | None:
         if topk is None:
@@ -499,8 +540,13 @@ class VectorQuantize(nn.Module):
 
     def quantize_call(
         self, tokens: torch.Tensor, call: ForwardCall, input_requires_grad: bool | None = None, refresh_embed: bool = True,
+        ce_target: torch.Tensor | None = None,
     ) -> QuantizeResult:
-        """The general forward on (b, n, dim) tokens: every training option, masks, top-k, transformed codebooks."""
+        """The general forward on (b, n, dim) tokens: every training option, masks, top-k, transformed codebooks.
+
+        With `ce_target` ((H, M) codes over the search rows), the cross-entropy mode: the result's
+        quantized is the codes in 1.32's layout of that mode and its loss the cross entropy.
+        """
         codebook, opts = self._codebook, self.options
         if self.training and self.eval_only_options:
             raise conv.eval_only_error("VectorQuantize", self.eval_only_options)
@@ -533,7 +579,7 @@ class VectorQuantize(nn.Module):
         if transform is not None:
             heads_, num_codes, d = embed.shape
             transformed = transform(embed).reshape(heads_, b * n, num_codes, d)
-        need_logits = (topk is not None or transformed is not None or sampled
+        need_logits = (topk is not None or transformed is not None or sampled or ce_target is not None
                        or (self.training and opts.needs_distances))
         logits = soft = None
         if need_logits:
@@ -589,6 +635,12 @@ class VectorQuantize(nn.Module):
                 if refresh_embed and ema_update and not opts.manual_ema_update:
                     codebook.refresh_embed_()
                 codebook.expire_dead_codes_(valid_rows)
+
+        if ce_target is not None:  # 1.32 returns here: codebook-space codes and the cross entropy to the given codes
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ce_target.reshape(-1), ignore_index=-1)
+            zero_ = torch.zeros((), device=device)
+            return QuantizeResult(self._cross_entropy_codes(codes.to(dtype), b, n), ce_target, ce,
+                                  LossBreakdown(zero_, zero_, zero_, zero_))
 
         if topk is not None and not self.training:
             per = F.mse_loss(codes, x_rows, reduction="none").mean(dim=-1)  # (1, M, k)
