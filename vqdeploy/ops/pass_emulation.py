@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vqdeploy.errors import UnsupportedOptionError
-from vqdeploy.ops.contract import exact_nearest, squared_norms
+from vqdeploy.ops.contract import CANDIDATE_NORM_LIMIT, exact_nearest, resolve_candidates, squared_norms
 from vqdeploy.ops.triton_kernels import (
     BOUND_DOTS,
     U_ACC_TC,
@@ -76,10 +76,6 @@ __all__ = [
 
 BOUNDS = ("residual", "per-code", "legacy")
 CHUNK_SCORES = 2**22  # float32 scores per block of rows (16 MiB)
-# Candidate lists need no overflow anywhere in the pass: |x~.c~| and its partial sums stay below
-# (1 + 2^-8)^2 ||x|| max_k ||c_k|| <= 2^121 when the host-checkable ||x|| max ||c_k|| <= 2^120.
-CANDIDATE_NORM_LIMIT = 2.0**120
-U_FP64 = 2.0**-53
 
 
 @dataclass
@@ -241,53 +237,6 @@ def emulate_pass(
     return PassResult(tokens=tokens, flagged=flagged, candidates=cand, listed=listed)
 
 
-def _float64_separation(dim: int) -> float:
-    """F with: fl64(d_j) * F < fl64(d_k) (F's product rounded) proves d_j < d_k (exact values).
-
-    Each float64 distance of float32 rows, sum of D squared float64 differences, errs by at most
-    gamma_{D+2}(2^-53) of itself (all terms are >= 0), so d_j <= fl(d_j) / (1 - g) and
-    d_k >= fl(d_k) / (1 + g); F = (1 + g) / (1 - g), widened to cover its own and the product's
-    rounding.
-    """
-    g = _gamma(dim + 2, U_FP64)
-    return (1.0 + g) / (1.0 - g) * (1.0 + 2.0**-50)
-
-
-def resolve_candidates(
-    x: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decide rows from complete candidate lists: (tokens, decided), both [rows].
-
-    ``candidates`` [rows, L] holds, per row, every code that can be the exact argmin (-1 pads).
-    The float64 distances of those codes decide the row when the smallest is below every other
-    by more than float64 rounding (`_float64_separation`); the token is then the exact argmin
-    (the codes outside the list are strictly farther). Undecided rows (exact or float64 ties)
-    need the exact re-check. Cost O(rows L D): what a gathered GPU pass over the listed codes
-    only would do.
-    """
-    x = x.detach().float()
-    codebook = codebook.detach().float()
-    rows, width = candidates.shape
-    tokens = torch.full((rows,), -1, dtype=torch.int64)
-    decided = torch.zeros(rows, dtype=torch.bool)
-    if rows == 0 or width == 0:
-        return tokens, decided
-    factor = _float64_separation(codebook.shape[1])
-    codes64 = codebook.double()
-    step = max(1, 2**22 // max(width * codebook.shape[1], 1))  # float64 temporaries near 32 MiB
-    for start in range(0, rows, step):
-        idx = candidates[start : start + step]
-        diff = x[start : start + step].double()[:, None, :] - codes64[idx.clamp(min=0)]
-        dist = torch.where(idx >= 0, (diff * diff).sum(-1), torch.inf)
-        best, pos = dist.min(dim=1)
-        others = dist.clone()
-        others[torch.arange(idx.shape[0]), pos] = torch.inf
-        decided[start : start + step] = (best * factor < others.min(dim=1).values) & torch.isfinite(best)
-        tokens[start : start + step] = idx[torch.arange(idx.shape[0]), pos]
-    tokens[~decided] = -1
-    return tokens, decided
-
-
 def emulate_chain(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -296,6 +245,7 @@ def emulate_chain(
     final: str = "exact",
     candidates: int = 0,
     slack_scale: float = 1.0,
+    interpreted: bool = False,
 ) -> ChainResult:
     """Run ``chain`` as `_run_mode` does: each pass recomputes only the rows the last one flagged.
 
@@ -305,7 +255,7 @@ def emulate_chain(
     pass's argmin on every row that reaches it (meant for chains ending with ``ieee``).
     ``candidates=L`` gives every pass candidate lists: flagged rows whose list is complete are
     decided by `resolve_candidates` (undecided ones join the exact re-check) and only the others
-    go on to the next pass.
+    go on to the next pass. ``interpreted`` as in `emulate_pass` (every pass of the chain).
     """
     if final not in ("exact", "ieee"):
         raise UnsupportedOptionError(f"final must be 'exact' or 'ieee', got {final!r}")
@@ -332,6 +282,7 @@ def emulate_chain(
             track=track,
             candidates=candidates if track else 0,
             slack_scale=slack_scale,
+            interpreted=interpreted,
         )
         tokens[rows] = passed.tokens
         if passed.listed is not None and bool(passed.listed.any()):
