@@ -130,7 +130,13 @@ from vqdeploy.errors import (
     InputShapeError,
     UnsupportedOptionError,
 )
-from vqdeploy.ops.contract import UNDERFLOW_UNIT, exact_nearest, squared_norms
+from vqdeploy.ops.contract import (
+    CANDIDATE_NORM_LIMIT,
+    UNDERFLOW_UNIT,
+    exact_nearest,
+    resolve_candidates,
+    squared_norms,
+)
 
 __all__ = [
     "MODES",
@@ -138,7 +144,9 @@ __all__ = [
     "KernelConfig",
     "code_bound_terms",
     "launch_on_stream",
+    "list_norm_limit",
     "margin_threshold_coefficients",
+    "mode_chain",
     "nearest_code_into",
     "nearest_code_pass",
     "nearest_code_triton",
@@ -149,10 +157,13 @@ __all__ = [
 ]
 
 MODES = ("exact", "fast")
-DOTS = ("ieee", "tf32x3", "tf32")
-# Precisions with an error model (steps 1 to 4): the kernel's, and bf16, which only
-# `vqdeploy.ops.pass_emulation` runs so far (docs/design.md, "Fast mode with a bf16 first pass").
-BOUND_DOTS = DOTS + ("bf16",)
+DOTS = ("ieee", "tf32x3", "tf32", "bf16")
+# Precisions with an error model (steps 1 to 4): every pass of the kernel.
+BOUND_DOTS = DOTS
+# The passes of each mode and their candidate lists (docs/design.md section 10).
+EXACT_CHAIN = ("tf32x3", "ieee")
+FAST_CHAIN = ("bf16", "tf32", "tf32x3", "ieee")
+FAST_CANDIDATES = 3
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 U_FP32 = 2.0**-24  # unit roundoff of float32, round to nearest
@@ -334,21 +345,32 @@ def _nearest_code_kernel(
     M,
     K,
     D,
+    list_norm_max,
     out_ptr,
+    cand_ptr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
+    ROUND: tl.constexpr,
     TRACK_SECOND: tl.constexpr,
     NORMS_IN_KERNEL: tl.constexpr,
     ROWS_INDEXED: tl.constexpr,
+    LIST: tl.constexpr,
+    LIST_WIDTH: tl.constexpr,
+    BF16_OPERANDS: tl.constexpr,
 ):
     """Rows [pid*BLOCK_M, +BLOCK_M) (or rows_ptr[...] of them): index of the nearest code.
 
-    Non-constexpr arguments are ordered (inputs, scalars, output) so that the AOT variant
-    (cnorm_ptr, rows_ptr, bound_ptr made constexpr) matches TensorRT's launch convention.
-    With TRACK_SECOND, bound_ptr holds the [3, K] float32 terms of `code_bound_terms`.
+    Non-constexpr arguments are ordered (inputs, scalars, outputs) so that the AOT variant
+    (cnorm_ptr, rows_ptr, bound_ptr, list_norm_max, cand_ptr made constexpr) matches TensorRT's
+    launch convention. With TRACK_SECOND, bound_ptr holds the [3, K] float32 terms of
+    `code_bound_terms`. ROUND ("", "tf32" or "bf16") rounds both operands in the kernel (DOT
+    "tf32" or "bf16"). With LIST = L > 0 (candidate lists, step 6), cand_ptr is int32 [M, L]:
+    row m's candidates (by position m in this launch, not by row number) where the row is listed,
+    -1 everywhere else. LIST_WIDTH is a power of two > L. BF16_OPERANDS feeds tl.dot bf16
+    tensors (the bf16 tensor-core product); the interpreter keeps the same values in float32,
+    since its tl.dot multiplies the stored bits of bf16 tensors.
     """
     pid = tl.program_id(0)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -367,6 +389,11 @@ def _nearest_code_kernel(
     other_lo = tl.full([BLOCK_M], float("inf"), tl.float32)
     best_lo = tl.full([BLOCK_M], float("inf"), tl.float32)
     best_hi = tl.full([BLOCK_M], float("inf"), tl.float32)
+    # Step 6: the LIST + 1 smallest t_k - e_k (ascending, in columns 0..LIST) and their codes.
+    cols = tl.arange(0, LIST_WIDTH)
+    list_lo = tl.full([BLOCK_M, LIST_WIDTH], float("inf"), tl.float32)
+    list_code = tl.full([BLOCK_M, LIST_WIDTH], -1, tl.int32)
+    nan_lo = tl.zeros([BLOCK_M], tl.int32)
     x_sq = tl.zeros([BLOCK_M], tl.float32)
     r_sq = tl.zeros([BLOCK_M], tl.float32)
     if TRACK_SECOND:
@@ -375,9 +402,12 @@ def _nearest_code_kernel(
             xt = tl.load(x_rows[:, None] + dd[None, :], mask=m_mask[:, None] & (dd < D)[None, :], other=0.0)
             xt = xt.to(tl.float32)
             x_sq += tl.sum(xt * xt, axis=1)
-            if ROUND_TF32:
-                # x - tf32(x) is exact in float32: the TF32 rounding residual r(x).
+            # x - tf32(x) and x - bf16(x) are exact in float32: the rounding residual r(x).
+            if ROUND == "tf32":
                 rt = xt - ((xt.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+                r_sq += tl.sum(rt * rt, axis=1)
+            if ROUND == "bf16":
+                rt = xt - ((xt.to(tl.int32, bitcast=True) + 0x8000) & -65536).to(tl.float32, bitcast=True)
                 r_sq += tl.sum(rt * rt, axis=1)
     # sqrt_rn: IEEE square root (tl.sqrt may be the approximate one); the bound counts one rounding.
     x_norm = tl.sqrt_rn(x_sq)
@@ -398,11 +428,21 @@ def _nearest_code_kernel(
             ct = ct.to(tl.float32)
             if NORMS_IN_KERNEL:
                 c_norm += tl.sum(ct * ct, axis=1)
-            if ROUND_TF32:
-                # Round to nearest TF32 (ties away): the tensor core then converts exactly.
+            # Round to nearest (ties away) in the kernel: the tensor core then converts exactly.
+            if ROUND == "tf32":
                 xt = ((xt.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
                 ct = ((ct.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
-            acc = tl.dot(xt, tl.trans(ct), acc, input_precision=DOT)
+            if ROUND == "bf16":
+                xt = ((xt.to(tl.int32, bitcast=True) + 0x8000) & -65536).to(tl.float32, bitcast=True)
+                ct = ((ct.to(tl.int32, bitcast=True) + 0x8000) & -65536).to(tl.float32, bitcast=True)
+            if DOT == "bf16":
+                if BF16_OPERANDS:
+                    # bf16 values already: the conversion is exact, products are exact in float32.
+                    acc = tl.dot(xt.to(tl.bfloat16), tl.trans(ct.to(tl.bfloat16)), acc)
+                else:
+                    acc = tl.dot(xt, tl.trans(ct), acc)
+            else:
+                acc = tl.dot(xt, tl.trans(ct), acc, input_precision=DOT)
         if not NORMS_IN_KERNEL:
             c_norm = tl.load(cnorm_ptr + codes, mask=k_mask, other=0.0)
         scores = c_norm[None, :] - 2.0 * acc
@@ -416,7 +456,7 @@ def _nearest_code_kernel(
             g = tl.load(bound_ptr + codes, mask=k_mask, other=0.0)
             q = tl.load(bound_ptr + 2 * K + codes, mask=k_mask, other=0.0)
             err = x_norm[:, None] * g[None, :]
-            if ROUND_TF32:
+            if ROUND != "":
                 h = tl.load(bound_ptr + K + codes, mask=k_mask, other=0.0)
                 err = err + r_norm[:, None] * h[None, :]
             err = err + q[None, :]
@@ -430,6 +470,24 @@ def _nearest_code_kernel(
             other_lo = tl.where(better, new_other, keep_other)
             best_lo = tl.where(better, tile_lo, best_lo)
             best_hi = tl.where(better, tile_best + tile_err, best_hi)
+            if LIST > 0:
+                # Merge: the LIST + 1 smallest of (kept values) u (this tile's), taken one at a
+                # time; a code is in one tile only, so its index identifies the value taken.
+                lo_t = tl.where(k_mask[None, :], lo, float("inf"))
+                nan_lo = tl.maximum(nan_lo, tl.max(tl.where(k_mask[None, :] & (lo != lo), 1, 0), axis=1))
+                merged_lo = tl.full([BLOCK_M, LIST_WIDTH], float("inf"), tl.float32)
+                merged_code = tl.full([BLOCK_M, LIST_WIDTH], -1, tl.int32)
+                for j in tl.static_range(LIST + 1):
+                    least = tl.minimum(tl.min(lo_t, axis=1), tl.min(list_lo, axis=1))
+                    code_t = tl.min(tl.where(lo_t == least[:, None], codes[None, :], K), axis=1)
+                    code_l = tl.min(tl.where(list_lo == least[:, None], list_code, K), axis=1)
+                    code = tl.minimum(code_t, code_l)
+                    merged_lo = tl.where(cols[None, :] == j, least[:, None], merged_lo)
+                    merged_code = tl.where(cols[None, :] == j, code[:, None], merged_code)
+                    lo_t = tl.where(codes[None, :] == code[:, None], float("inf"), lo_t)
+                    list_lo = tl.where(list_code == code[:, None], float("inf"), list_lo)
+                list_lo = merged_lo
+                list_code = merged_code
         best_idx = tl.where(better, tile_idx, best_idx)
         best = tl.where(better, tile_best, best)
 
@@ -438,6 +496,17 @@ def _nearest_code_kernel(
         # Not (other_lo > best_hi): a NaN anywhere re-checks the row.
         recheck = ~(other_lo > best_hi)
         result = tl.where(recheck, -1 - result, result)
+        if LIST > 0:
+            # Listed: flagged, the (LIST + 1)-th smallest lower bound above hi (so the kept codes
+            # with lo <= hi are all of C), finite hi, no NaN bound, no overflow (x_norm limit).
+            lam = tl.min(tl.where(cols[None, :] == LIST, list_lo, float("inf")), axis=1)
+            sane = (nan_lo == 0) & (best_hi < float("inf")) & (best_hi > -float("inf"))
+            sane = sane & (x_norm <= list_norm_max)
+            listed = recheck & (lam > best_hi) & sane
+            keep = listed[:, None] & (list_lo <= best_hi[:, None]) & (cols[None, :] < LIST)
+            cand = tl.where(keep, list_code, -1)
+            cand_ptrs = cand_ptr + offs_m.to(tl.int64)[:, None] * LIST + cols[None, :]
+            tl.store(cand_ptrs, cand, mask=m_mask[:, None] & (cols[None, :] < LIST))
     tl.store(out_ptr + rows, result, mask=m_mask)
 
 
@@ -518,6 +587,24 @@ def _check_inputs(x: torch.Tensor, codebook: torch.Tensor) -> None:
         )
 
 
+def list_norm_limit(codebook: torch.Tensor) -> float:
+    """The largest float32 n with n max_k ||c_k|| <= 2^120 (in float64): rows with ||x|| <= n may be
+    listed (no overflow anywhere in the pass; docs/design.md section 10, `CANDIDATE_NORM_LIMIT`)."""
+    c_max = float(torch.linalg.vector_norm(codebook.detach().float(), dim=1, dtype=torch.float64).max())
+    top = torch.tensor(torch.finfo(torch.float32).max)
+    if not math.isfinite(c_max):
+        return 0.0
+    if c_max == 0.0:
+        return float(top)
+    limit = torch.tensor(min(CANDIDATE_NORM_LIMIT / c_max, float(top)), dtype=torch.float32)
+    down, up = torch.tensor(-math.inf), torch.tensor(math.inf)
+    while float(limit) * c_max > CANDIDATE_NORM_LIMIT:
+        limit = torch.nextafter(limit, down)
+    while limit < top and float(torch.nextafter(limit, up)) * c_max <= CANDIDATE_NORM_LIMIT:
+        limit = torch.nextafter(limit, up)
+    return float(limit)
+
+
 def nearest_code_pass(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -528,28 +615,42 @@ def nearest_code_pass(
     config: KernelConfig | None = None,
     bound_terms: torch.Tensor | None = None,
     flag: bool | None = None,
-) -> None:
+    candidates: int = 0,
+    list_limit: float | None = None,
+) -> torch.Tensor | None:
     """One launch: writes ``out[rows]`` (all rows if None) for contiguous x and codebook.
 
     A flagging pass writes ``-1 - index`` for the rows whose margin is within the bound of the
-    module docstring (step 4), to be re-checked; the others write indices. ``"tf32"`` and
-    ``"tf32x3"`` always flag; ``"ieee"`` flags when ``flag=True`` (the exact mode's last pass).
+    module docstring (step 4), to be re-checked; the others write indices. ``"bf16"``, ``"tf32"``
+    and ``"tf32x3"`` always flag; ``"ieee"`` flags when ``flag=True`` (each mode's last pass).
     ``bound_terms`` is ``code_bound_terms(codebook, dot, code_norms)`` (computed here if None).
+
+    ``candidates=L > 0`` (a flagging pass) also keeps candidate lists (step 6) and returns them:
+    int32 [rows, L], one line per row of the launch in the order of ``rows``, holding the codes
+    that can be the exact argmin where the row is *listed* (flagged, its candidate set complete
+    within L codes; ``[:, 0] >= 0``), -1 everywhere else. ``list_limit`` is `list_norm_limit`
+    (computed here if None). Returns None without lists.
     """
     if dot not in DOTS:
         raise UnsupportedOptionError(f"dot precision must be one of {DOTS}, got {dot!r}")
+    if candidates < 0:
+        raise UnsupportedOptionError(f"candidates must be >= 0, got {candidates}")
     if not (
         x.is_contiguous() and codebook.is_contiguous() and code_norms.is_contiguous() and out.is_contiguous()
     ):
         raise InputShapeError("nearest_code_pass needs contiguous tensors (the kernel uses row stride D)")
     num_rows = x.shape[0] if rows is None else rows.shape[0]
-    if num_rows == 0:
-        return
     dim, num_codes = x.shape[1], codebook.shape[0]
-    cfg = config or select_config(dim, num_codes, dot)
     track = dot != "ieee" if flag is None else bool(flag) or dot != "ieee"
+    width = candidates if track else 0
+    cand = torch.full((num_rows, width), -1, dtype=torch.int32, device=x.device) if width else None
+    if num_rows == 0:
+        return cand
+    cfg = config or select_config(dim, num_codes, dot)
     if track and bound_terms is None:
         bound_terms = code_bound_terms(codebook, dot, code_norms=code_norms)
+    if width and list_limit is None:
+        list_limit = list_norm_limit(codebook)
     grid = (triton.cdiv(num_rows, cfg.block_m),)
     _kernel_for(x.device)[grid](
         x,
@@ -560,19 +661,25 @@ def nearest_code_pass(
         num_rows,
         num_codes,
         dim,
+        float(list_limit or 0.0),
         out,
+        cand,
         BLOCK_M=cfg.block_m,
         BLOCK_K=cfg.block_k,
         BLOCK_D=cfg.block_d,
         DOT=dot,
-        ROUND_TF32=dot == "tf32",
+        ROUND=dot if dot in _ROUNDING else "",
         TRACK_SECOND=track,
         NORMS_IN_KERNEL=False,
         ROWS_INDEXED=rows is not None,
+        LIST=width,
+        LIST_WIDTH=_pow2_at_least(width + 1, floor=2),
+        BF16_OPERANDS=not _interpreting(),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         enable_fp_fusion=FP_FUSION,
     )
+    return cand
 
 
 def _flagged(out: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -582,6 +689,19 @@ def _flagged(out: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return rows[out[rows] < 0]
 
 
+def mode_chain(mode: str, dim: int) -> tuple[tuple[str, ...], int]:
+    """(passes, candidate list length L) of a mode at dimension ``dim`` (module docstring).
+
+    A low-precision pass whose bound does not exist (D too large) is left out: it would flag
+    every row.
+    """
+    if mode not in MODES:
+        raise UnsupportedOptionError(f"mode must be one of {MODES}, got {mode!r}")
+    chain, width = (FAST_CHAIN, FAST_CANDIDATES) if mode == "fast" else (EXACT_CHAIN, 0)
+    chain = tuple(d for d in chain if d == "ieee" or margin_threshold_coefficients(d, dim).is_finite())
+    return chain, width
+
+
 def _run_mode(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -589,20 +709,48 @@ def _run_mode(
     out: torch.Tensor,
     mode: str,
     config: KernelConfig | None,
+    trace: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    dim = x.shape[1]
-    chain = ("tf32", "tf32x3", "ieee") if mode == "fast" else ("tf32x3", "ieee")
-    # Skip a low-precision pass whose bound does not exist (D too large): it would flag every row.
-    chain = tuple(d for d in chain if d == "ieee" or margin_threshold_coefficients(d, dim).is_finite())
+    """The chain of ``mode`` over every row; ``trace`` (if given) receives, per pass, the rows
+    that entered it, and under ``"candidates"`` / ``"exact"`` the rows decided from lists / by
+    the exact re-check (row numbers, on x's device)."""
+    chain, width = mode_chain(mode, x.shape[1])
+    list_limit = list_norm_limit(codebook) if width else None
+    all_rows = torch.arange(x.shape[0], device=x.device)
     rows: torch.Tensor | None = None
+    pending: list[torch.Tensor] = []  # listed rows whose candidates float64 cannot separate
+    listed_all: list[torch.Tensor] = []
     for dot in chain:
+        if trace is not None:
+            trace[dot] = all_rows if rows is None else rows
         # The ieee pass flags too: its flagged rows (near ties, duplicates) get the exact re-check.
-        nearest_code_pass(x, codebook, code_norms, out, dot, rows=rows, config=config, flag=True)
-        rows = _flagged(out, rows)
+        cand = nearest_code_pass(
+            x, codebook, code_norms, out, dot, rows=rows, config=config, flag=True,
+            candidates=width, list_limit=list_limit,
+        )
+        entered = all_rows if rows is None else rows
+        flagged = out[entered] < 0
+        if cand is not None:
+            listed = cand[:, 0] >= 0
+            listed_rows = entered[listed]
+            if listed_rows.numel():
+                tokens, decided = resolve_candidates(x[listed_rows], codebook, cand[listed])
+                out[listed_rows[decided]] = tokens[decided]
+                pending.append(listed_rows[~decided])
+                listed_all.append(listed_rows)
+            flagged &= ~listed
+        rows = entered[flagged]
         if rows.numel() == 0:
-            return
-    exact = exact_nearest(x[rows].cpu(), codebook.cpu())
-    out[rows] = exact.to(out.device)
+            break
+    if trace is not None:
+        empty = all_rows[:0]
+        trace["candidates"] = torch.cat(listed_all) if listed_all else empty
+    rows = torch.cat([rows, *pending])
+    if trace is not None:
+        trace["exact"] = rows
+    if rows.numel():
+        exact = exact_nearest(x[rows].cpu(), codebook.cpu())
+        out[rows] = exact.to(out.device)
 
 
 def nearest_code_into(
