@@ -1,8 +1,10 @@
 """CPU emulation, in torch, of the Triton kernel's passes and of their re-check flags.
 
-`vqdeploy.ops.triton_kernels` runs ``fast`` as a chain of passes (``tf32``, ``tf32x3``, ``ieee``);
-each low-precision pass flags the rows whose best-vs-second margin lies inside its rigorous error
-bound (that module's docstring, steps 1 to 4) and only those rows go on to the next pass. How
+`vqdeploy.ops.triton_kernels` runs ``fast`` as a chain of passes (``bf16``, ``tf32``, ``tf32x3``,
+``ieee``, each with candidate lists of 3 codes) and ``exact`` as ``tf32x3``, ``ieee``; each
+low-precision pass flags the rows whose best-vs-second margin lies inside its rigorous error
+bound (that module's docstring, steps 1 to 4) and only those rows go on to the next pass, less
+the rows its candidate lists decide (step 6). How
 many rows leave each pass decides what ``fast`` costs, and the Triton interpreter cannot tell:
 its ``tl.dot`` is numpy's float32 matmul whatever precision is asked for. This module computes
 what the GPU computes, on CPU:
@@ -24,17 +26,19 @@ value whichever tile holds it), so on the same float32 products the flags are id
 interpreted kernel is checked against this in ``tests/ops/test_triton_kernels.py``
 (``test_interpreted_flags_equal_emulation``, on data whose dots are exact in any order).
 
-``bf16`` (not a pass of the kernel yet; docs/design.md, "Fast mode with a bf16 first pass"):
-both operands rounded to bf16 with the same bit trick (8-bit significands, round to nearest,
-ties away), products exact in float32, float32 accumulation; its bound is the ``tf32`` one with
-2^-8 rounding and bf16 residual norms.
+``bf16`` (the fast mode's first pass; docs/design.md section 10): both operands rounded to bf16
+with the same bit trick (8-bit significands, round to nearest, ties away), products exact in
+float32, float32 accumulation; its bound is the ``tf32`` one with 2^-8 rounding and bf16
+residual norms.
 
 Candidate lists (``candidates=L``): a flagged row's possible exact argmins are the codes with
 t_k - e_k <= t_b + e_b (every other code has s_k >= t_k - e_k > t_b + e_b >= s_b). A pass that
 keeps the L smallest t_k - e_k of a row, with their codes, and the (L+1)-th value, knows that set
 completely when that value exceeds t_b + e_b; `resolve_candidates` then decides the row from the
 float64 distances of at most L codes, and only rows whose candidate set is larger go on to the
-next pass (``PassResult.listed``).
+next pass (``PassResult.listed``). The kernel keeps the same L + 1 values tile by tile; its lists
+are checked against these in ``tests/ops/test_triton_kernels.py``
+(``test_interpreted_lists_equal_emulation``, ``test_fast_chain_equals_emulated_chain``).
 
 ``bound="legacy"`` evaluates the kernel's former test, ``second - best <= A ||x|| C + B C^2``
 (C the largest code norm), and ``bound="per-code"`` the new test without residual norms

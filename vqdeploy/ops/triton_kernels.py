@@ -5,11 +5,12 @@
 tile of BLOCK_M rows loops over tiles of BLOCK_K codes, accumulates x.c over slices of BLOCK_D
 with `tl.dot`, forms the score s_k = ||c_k||^2 - 2 x.c_k in float32 (code norms computed once per
 call, in float32) and keeps a running (min, argmin) per row in registers. Memory: the inputs, the
-int64 output, K code norms, 3 x K bound terms, and the index list of rows that need a re-check.
+int64 output, K code norms, 3 x K bound terms, the index list of rows that need a re-check and,
+in ``fast``, an int32 [rows, 3] candidate list per pass (12 bytes a row).
 
 Passes and modes
 ----------------
-The kernel runs with one of three dot precisions:
+The kernel runs with one of four dot precisions:
 
 * ``ieee``: float32 FMA (CUDA cores). Its scores obey the bound of `vqdeploy.ops.contract`
   (eq. (1), u = 2^-24), so its argmin differs from the float64 argmin only by certified ties.
@@ -18,28 +19,39 @@ The kernel runs with one of three dot precisions:
 * ``tf32x3``: three TF32 tensor-core products (hi*hi + hi*lo + lo*hi), close to float32 accuracy
   and ~3x faster than ``ieee`` on an H100 (docs/design.md section 5).
 * ``tf32``: one TF32 tensor-core pass, ~10x faster than ``ieee``, with 2^-11 input rounding.
+* ``bf16``: both operands rounded to bf16 in the kernel (2^-8), a bf16 tensor-core ``tl.dot``
+  with float32 accumulation (about half the TF32 GEMM's time on an H100: docs/design.md section
+  10); its bound is the ``tf32`` one with bf16 residuals (steps 1, 2).
 
 A low-precision pass also flags every row whose best-vs-second margin is within its rigorous error
 bound (step 4 below); flagged rows (returned as ``-1 - index`` by the kernel, so no extra buffer
-is needed) are gathered by index and recomputed by the next pass.
+is needed) are gathered by index and recomputed by the next pass. A pass with candidate lists
+(step 6) also returns, for a flagged row whose possible exact argmins are at most L codes, those
+codes (the row is *listed*); the host decides listed rows from them (`resolve_candidates`) and
+only the other flagged rows go on.
 
-The error model also covers ``bf16`` (`BOUND_DOTS`; 2^-8 rounding, residual norms as for
-``tf32``), a pass only `vqdeploy.ops.pass_emulation` runs so far, with candidate lists
-(docs/design.md section 10).
-
-* ``exact``: a ``tf32x3`` pass, then ``ieee`` on its flagged rows.
-* ``fast``: a ``tf32`` pass, then ``tf32x3`` on its flagged rows, then ``ieee`` on those it flags.
+* ``exact``: a ``tf32x3`` pass, then ``ieee`` on its flagged rows (no lists).
+* ``fast``: ``bf16[3] > tf32[3] > tf32x3[3] > ieee[3]`` (`FAST_CHAIN`, lists of L = 3 in every
+  pass, as `vqdeploy.ops.pass_emulation.emulate_chain` runs it): each pass sees the rows the
+  previous one neither decided nor listed.
 
 In both modes the ``ieee`` pass flags too, with its own bound, and the rows it flags (near ties,
-duplicates, exact midpoints: 0.02-0.14% of random rows, emulated) are re-solved on the host by
+duplicates, exact midpoints: 0.02-0.14% of random rows, emulated), with the listed rows whose
+float64 distances do not separate (exact and float64 ties), are re-solved on the host by
 `vqdeploy.ops.contract.exact_nearest`. Every pass certifies the exact argmin of the rows it
-does not flag, so both modes return the exact argmin, row by row, and the same tokens.
+does not flag, listed rows are decided exactly, so both modes return the exact argmin, row by
+row, and the same tokens.
 
-`vqdeploy.ops.pass_emulation` emulates the passes on CPU (TF32 rounding, float32 accumulation,
-the kernel's flag in float32) and ``benchmarks/bench_pass_bounds.py`` counts the rows that leave
-each pass. At (256, 1024) on random rows about 3.8% leave the ``tf32`` pass and 0.7% the
-``tf32x3`` one (benchmarks/RESULTS.md); sending the ``tf32`` pass's rows straight to ``ieee``
-would cost more (0.038 x 26.6 ms vs 0.038 x 7.9 + 0.007 x 26.6 ms per million rows on an H100).
+`vqdeploy.ops.pass_emulation` emulates the passes on CPU (TF32 and bf16 rounding, float32
+accumulation, the kernel's flag and lists in float32) and ``benchmarks/bench_pass_bounds.py``
+counts the rows that leave each pass. At (256, 1024) on random rows the bf16 pass flags 26.7% of
+the rows and lists all but 1.5% of them; 0.008% reach the tf32x3 pass (benchmarks/RESULTS.md,
+emulated). The interpreted kernel's flags, lists and per-pass row counts equal the emulation's
+row for row on data whose dots are exact in any order (tests/ops/test_triton_kernels.py). Not
+measured (no GPU was available): the time of the bf16 pass, of the list tracking (per row and
+tile, L + 1 = 4 extractions of a tile minimum and its lowest code, two reductions each, and one
+NaN check), and of the listed rows' float64 check, so the 2.5 ms target of docs/design.md
+section 10 is open.
 
 Error bound of a pass and the re-check test
 -------------------------------------------
@@ -56,7 +68,9 @@ which `code_bound_terms` folds into g_k and q_k; the bounds assume no overflow.
    (11-bit significands) is exact in float32. With x~ = tf32(x), c~ = tf32(c), exactly
        x.c - x~.c~ = r(x).c + x~.r(c),  so  |x.c - x~.c~| <= ||r(x)|| ||c|| + (1 + v) ||x|| ||r(c)||
    by Cauchy-Schwarz on the residuals. ||r(x)|| is typically ~0.4 v ||x||, not v ||x||: this is
-   where the bound gains most over bounding every product by (2v + v^2) |x_i c_i|.
+   where the bound gains most over bounding every product by (2v + v^2) |x_i c_i|. The bf16
+   pass is the same with v = 2^-8 and r the bf16 residual (`round_bf16`: 8-bit significands,
+   whose products are exact in float32; converting the rounded values to bf16 is exact).
 2. Accumulation of n products in float32 adds at most gamma_n(w) * sum |products| (w = 2^-24 for
    the FMA ``ieee`` pass) and sum_i |a_i b_i| <= ||a|| ||b||. Hence |fl(x.c_k) - x.c_k| <= Delta_k,
        tf32:   Delta_k = ||r(x)|| ||c_k|| + (1 + v) ||x|| ||r(c_k)|| + gamma_D(w) (1 + v)^2 ||x|| ||c_k||
@@ -94,19 +108,40 @@ which `code_bound_terms` folds into g_k and q_k; the bounds assume no overflow.
    The former test (flag when second - best <= A ||x|| C + B C^2 with C = max_k ||c_k||, A and B
    covering this pass's and the ``ieee`` pass's errors) flagged 10.6% of random rows at (256, 1024)
    where this one flags 3.8%; `vqdeploy.ops.pass_emulation` keeps it as ``bound="legacy"``.
-5. Tokens. A row that a pass does not flag gets the exact argmin; flagged rows go on, and the
-   ``ieee`` pass decides the rest. The exact re-check that follows it (the exact-tokens issue)
+5. Tokens. A row that a pass does not flag gets the exact argmin; a listed row gets it from its
+   candidates (step 6); other flagged rows go on, and the ``ieee`` pass decides the rest. The exact re-check that follows it (the exact-tokens issue)
    makes every mode return the exact argmin, so ``fast`` and ``exact`` agree row by row. Without
    that re-check the ``ieee`` pass returns its own argmin, which differs from the exact one only
    by a tie certified by ``tie_tolerance(..., arithmetic="float32")``; the two modes can then
    differ only on such rows (a row the ``tf32`` pass certified and the ``tf32x3`` pass did not).
+6. Candidate lists (docs/design.md section 10). With lo_k = fl(t_k - e_k) and hi = fl(t_b + e_b)
+   as step 4 computes them, lo_k <= s_k and s_b <= hi, so every code with lo_k > hi is strictly
+   farther than b: the exact argmin (ties to the lowest k) is the exact argmin over
+   C = {k : lo_k <= hi}, and b is in C. Per row the kernel keeps the L + 1 smallest lo_k with
+   their codes, merged tile by tile: L + 1 times, the least value of (kept) u (tile), its lowest
+   code, removed by code (a code lives in one tile, so the index identifies it). The kept values
+   are the L + 1 smallest of all lo_k whichever tile held them, so they equal a global selection
+   (the emulation's `torch.topk`); which of equal values is kept does not matter, since every code
+   with lo_k <= hi < lambda is kept. A flagged row is *listed* when lambda, the (L + 1)-th
+   smallest, exceeds hi (then the kept codes with lo_k <= hi are all of C), hi is finite, no lo_k
+   is NaN, and ||x|| <= `list_norm_limit` (||x|| max ||c_k|| <= 2^120: no product, partial sum
+   or score overflows). The kernel writes the listed row's codes with lo_k <= hi into an int32
+   [rows, L] buffer (-1 pads; -1 throughout for rows not listed). The host decides a listed row
+   with `vqdeploy.ops.contract.resolve_candidates`: the float64 distances of its <= L codes,
+   j the smallest, decide when fl(d^_j F) < d^_k for every other candidate (F covers float64
+   rounding); the rest (exact or float64 ties) go to the exact re-check. Rows flagged and not
+   listed go on to the next pass.
 
 Other entry points: `nearest_code_into` (write into a given int64 buffer), `launch_on_stream`
 (for the TensorRT plugin: run on a given CUDA stream), `compile_exact_ptx` (PTX of the
 single-pass ``ieee`` kernel for the TensorRT AOT plugin).
 
 With ``TRITON_INTERPRET=1`` set before triton is imported, the kernel runs in the Triton
-interpreter on CPU tensors (slow; for tests: it checks the logic, not the GPU's arithmetic).
+interpreter on CPU tensors (slow; for tests: it checks the logic, not the GPU's arithmetic). The
+interpreter's ``tl.dot`` is float32 whatever the precision (the kernel's own rounding makes the
+tf32 and bf16 passes' products what the tensor core computes) and multiplies the stored bits of
+bf16 tensors, so there the bf16 pass keeps its bf16-rounded operands in float32
+(``BF16_OPERANDS=False``).
 """
 
 from __future__ import annotations
@@ -785,7 +820,8 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, mode: str = "ex
 
     ``x`` [M, D] and ``codebook`` [K, D] may be float32, float16 or bfloat16 (computed in float32).
     ``mode="exact"`` and ``mode="fast"`` return the same tokens (module docstring); ``fast`` starts
-    from one TF32 pass and re-checks only the rows whose margin is within its error bound.
+    from one bf16 pass with candidate lists and recomputes only the rows whose margin is within
+    its error bound and whose candidate set overflows the list.
 
     >>> import torch
     >>> codes = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
