@@ -36,6 +36,7 @@ from vqdeploy.ops.contract import (  # noqa: E402
     UNIT_ROUNDOFF,
     nearest_code_exact,
     nearest_code_reference,
+    resolve_candidates,
     squared_norms,
 )
 from vqdeploy.ops.pass_emulation import emulate_chain, emulate_pass  # noqa: E402
@@ -50,6 +51,7 @@ from vqdeploy.ops.triton_kernels import (  # noqa: E402
     nearest_code_into,
     nearest_code_pass,
     nearest_code_triton,
+    resolve_listed,
     round_bf16,
     round_tf32,
     score_error_coefficients,
@@ -457,6 +459,34 @@ def test_no_lists_where_a_pass_could_overflow() -> None:
 
 
 @interpreted
+@pytest.mark.parametrize("indexed", [False, True])
+def test_resolve_listed_decides_as_resolve_candidates(indexed: bool) -> None:
+    """The listed rows' kernel (float64 distances of <= L codes, read in place) decides the rows
+    `resolve_candidates` decides, with its tokens; it leaves unlisted rows and ties untouched."""
+    generator = torch.Generator().manual_seed(5)
+    x, codebook = torch.randn(90, 11, generator=generator), torch.randn(30, 11, generator=generator)
+    codebook[17] = codebook[4]
+    cand = torch.randint(0, 30, (60, 3), generator=generator, dtype=torch.int32)
+    cand[:10, 2] = -1  # two candidates
+    cand[10:20, 1:] = -1  # one
+    cand[20:30] = -1  # not listed
+    cand[30:40, :2] = torch.tensor([4, 17], dtype=torch.int32)  # duplicates: a tie
+    x[:90:3] = codebook[4]  # on the duplicated code: an exact tie where both are candidates
+    rows = torch.randperm(90, generator=generator)[:60] if indexed else None
+    out = torch.full((90,), -5, dtype=torch.int64)
+    resolve_listed(x, codebook, out, cand, rows=rows, block_m=16)
+    picked = torch.arange(60) if rows is None else rows
+    tokens, decided = resolve_candidates(x[picked], codebook, cand)
+    listed = cand[:, 0] >= 0
+    assert torch.equal(out[picked] >= 0, decided & listed)
+    assert torch.equal(out[picked][decided], tokens[decided])
+    assert 0 < int(decided.sum()) < int(listed.sum())  # both outcomes occur
+    untouched = torch.ones(90, dtype=torch.bool)
+    untouched[picked[decided]] = False
+    assert (out[untouched] == -5).all()
+
+
+@interpreted
 def test_indexed_rows_pass_writes_only_those_rows() -> None:
     x, codebook = torch.randn(50, 9), torch.randn(20, 9)
     out = torch.full((50,), -7, dtype=torch.int64)
@@ -620,6 +650,23 @@ def test_aot_ptx_compiles_without_gpu(dtype: torch.dtype) -> None:
     assert kernel.block_x == 4 * 32 and kernel.shared_mem <= 48 * 1024  # no opt-in shared memory
     assert kernel.grid_x(1) == 1 and kernel.grid_x(kernel.block_m + 1) == 2
 
+
+@pytest.mark.slow
+@pytest.mark.skipif(INTERPRETED, reason="needs the compiled (not interpreted) kernel")
+def test_resolve_listed_kernel_compiles_for_h100() -> None:
+    """The listed rows' kernel lowers to float64 PTX for sm_90 without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from vqdeploy.ops.triton_kernels import _resolve_listed_kernel
+
+    signature = {"x_ptr": "*fp32", "c_ptr": "*fp32", "rows_ptr": "*i64", "cand_ptr": "*i32"}
+    signature.update({"factor_ptr": "*fp64", "M": "i32", "D": "i32", "out_ptr": "*i64"})
+    constexprs = {"LIST": 3, "BLOCK_M": 64, "BLOCK_D": 64, "ROWS_INDEXED": True}
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    source = triton.compiler.ASTSource(fn=_resolve_listed_kernel, signature=signature, constexprs=constexprs)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": True}).asm["ptx"]
+    assert re.search(r"(fma|mul)\.rn\.f64", ptx) and "cvt.f64.f32" in ptx
 
 def test_strip_unused_trailing_params() -> None:
     from vqdeploy.ops.triton_aot import _strip_unused_trailing_params

@@ -388,7 +388,7 @@ CANDIDATE_NORM_LIMIT = 2.0**120
 U_FP64 = 2.0**-53
 
 
-def _float64_separation(dim: int) -> float:
+def float64_separation(dim: int) -> float:
     """F with: fl64(d_j) * F < fl64(d_k) (F's product rounded) proves d_j < d_k (exact values).
 
     Each float64 distance of float32 rows, sum of D squared float64 differences, errs by at most
@@ -408,10 +408,10 @@ def resolve_candidates(
 
     ``candidates`` [rows, L] holds, per row, every code that can be the exact argmin (-1 pads).
     The float64 distances of those codes decide the row when the smallest is below every other
-    by more than float64 rounding (`_float64_separation`); the token is then the exact argmin
+    by more than float64 rounding (`float64_separation`); the token is then the exact argmin
     (the codes outside the list are strictly farther). Undecided rows (exact or float64 ties)
-    need the exact re-check. Cost O(rows L D): what a gathered GPU pass over the listed codes
-    only would do.
+    need the exact re-check. Cost O(rows L D). The Triton kernel's `resolve_listed` applies the
+    same test to the rows it lists, reading them in place.
     """
     x = x.detach().float()
     codebook = codebook.detach().float().to(x.device)
@@ -421,7 +421,7 @@ def resolve_candidates(
     decided = torch.zeros(rows, dtype=torch.bool, device=x.device)
     if rows == 0 or width == 0:
         return tokens, decided
-    factor = _float64_separation(codebook.shape[1])
+    factor = float64_separation(codebook.shape[1])
     codes64 = codebook.double()
     step = max(1, 2**22 // max(width * codebook.shape[1], 1))  # float64 temporaries near 32 MiB
     for start in range(0, rows, step):

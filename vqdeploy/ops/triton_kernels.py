@@ -27,8 +27,8 @@ A low-precision pass also flags every row whose best-vs-second margin is within 
 bound (step 4 below); flagged rows (returned as ``-1 - index`` by the kernel, so no extra buffer
 is needed) are gathered by index and recomputed by the next pass. A pass with candidate lists
 (step 6) also returns, for a flagged row whose possible exact argmins are at most L codes, those
-codes (the row is *listed*); the host decides listed rows from them (`resolve_candidates`) and
-only the other flagged rows go on.
+codes (the row is *listed*); a second launch decides listed rows from them (`resolve_listed`)
+and only the other flagged rows go on.
 
 * ``exact``: a ``tf32x3`` pass, then ``ieee`` on its flagged rows (no lists).
 * ``fast``: ``bf16[3] > tf32[3] > tf32x3[3] > ieee[3]`` (`FAST_CHAIN`, lists of L = 3 in every
@@ -50,7 +50,7 @@ emulated). The interpreted kernel's flags, lists and per-pass row counts equal t
 row for row on data whose dots are exact in any order (tests/ops/test_triton_kernels.py). Not
 measured (no GPU was available): the time of the bf16 pass, of the list tracking (per row and
 tile, L + 1 = 4 extractions of a tile minimum and its lowest code, two reductions each, and one
-NaN check), and of the listed rows' float64 check, so the 2.5 ms target of docs/design.md
+NaN check), and of `resolve_listed`'s float64 check, so the 2.5 ms target of docs/design.md
 section 10 is open.
 
 Error bound of a pass and the re-check test
@@ -126,10 +126,12 @@ which `code_bound_terms` folds into g_k and q_k; the bounds assume no overflow.
    smallest, exceeds hi (then the kept codes with lo_k <= hi are all of C), hi is finite, no lo_k
    is NaN, and ||x|| <= `list_norm_limit` (||x|| max ||c_k|| <= 2^120: no product, partial sum
    or score overflows). The kernel writes the listed row's codes with lo_k <= hi into an int32
-   [rows, L] buffer (-1 pads; -1 throughout for rows not listed). The host decides a listed row
-   with `vqdeploy.ops.contract.resolve_candidates`: the float64 distances of its <= L codes,
-   j the smallest, decide when fl(d^_j F) < d^_k for every other candidate (F covers float64
-   rounding); the rest (exact or float64 ties) go to the exact re-check. Rows flagged and not
+   [rows, L] buffer (-1 pads; -1 throughout for rows not listed). A second launch
+   (`resolve_listed`) decides the listed rows with the test of
+   `vqdeploy.ops.contract.resolve_candidates`: the float64 distances of a row's <= L codes (each
+   read in place, float64 differences of float32 values, summed in any order), j the smallest,
+   decide when fl(d^_j F) < d^_k for every other candidate (F = `float64_separation`, passed
+   as float64); the rest (exact or float64 ties) go to the exact re-check. Rows flagged and not
    listed go on to the next pass.
 
 Other entry points: `nearest_code_into` (write into a given int64 buffer), `launch_on_stream`
@@ -169,7 +171,7 @@ from vqdeploy.ops.contract import (
     CANDIDATE_NORM_LIMIT,
     UNDERFLOW_UNIT,
     exact_nearest,
-    resolve_candidates,
+    float64_separation,
     squared_norms,
 )
 
@@ -185,6 +187,7 @@ __all__ = [
     "nearest_code_into",
     "nearest_code_pass",
     "nearest_code_triton",
+    "resolve_listed",
     "round_bf16",
     "round_tf32",
     "score_error_coefficients",
@@ -545,6 +548,61 @@ def _nearest_code_kernel(
     tl.store(out_ptr + rows, result, mask=m_mask)
 
 
+@triton.jit
+def _resolve_listed_kernel(
+    x_ptr,
+    c_ptr,
+    rows_ptr,
+    cand_ptr,
+    factor_ptr,
+    M,
+    D,
+    out_ptr,
+    LIST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROWS_INDEXED: tl.constexpr,
+):
+    """Listed rows of a pass (step 6): out[row] = the exact argmin where the float64 distances of
+    the row's candidates separate it, as `vqdeploy.ops.contract.resolve_candidates` decides;
+    other rows (not listed, or ties) are left as they are. Positions [pid*BLOCK_M, +BLOCK_M) of
+    the pass's cand_ptr [M, LIST]; rows_ptr maps positions to rows. factor_ptr holds F
+    (`float64_separation`) as float64: a Python float argument would be passed as float32."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    if ROWS_INDEXED:
+        rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        rows = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    factor = tl.load(factor_ptr)
+    best = tl.full([BLOCK_M], float("inf"), tl.float64)
+    second = tl.full([BLOCK_M], float("inf"), tl.float64)
+    best_code = tl.full([BLOCK_M], -1, tl.int32)
+    first = tl.load(cand_ptr + offs_m.to(tl.int64) * LIST, mask=m_mask, other=-1)
+    listed = m_mask & (first >= 0)
+    for j in tl.static_range(LIST):
+        code = tl.load(cand_ptr + offs_m.to(tl.int64) * LIST + j, mask=listed, other=-1)
+        valid = listed & (code >= 0)
+        dist = tl.zeros([BLOCK_M], tl.float64)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + offs_d
+            mask = valid[:, None] & (dd < D)[None, :]
+            xt = tl.load(x_ptr + rows[:, None] * D + dd[None, :], mask=mask, other=0.0)
+            ct = tl.load(c_ptr + code.to(tl.int64)[:, None] * D + dd[None, :], mask=mask, other=0.0)
+            diff = xt.to(tl.float32).to(tl.float64) - ct.to(tl.float32).to(tl.float64)  # exact
+            dist += tl.sum(diff * diff, axis=1)
+        dist = tl.where(valid, dist, float("inf"))
+        # The first smallest wins equal distances (then undecided anyway), as torch.min does.
+        better = dist < best
+        second = tl.where(better, best, tl.minimum(second, dist))
+        best_code = tl.where(better, code, best_code)
+        best = tl.where(better, dist, best)
+    decided = listed & (best * factor < second) & (best < float("inf"))
+    tl.store(out_ptr + rows, best_code.to(tl.int64), mask=decided)
+
+
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
@@ -587,14 +645,15 @@ def _interpreting() -> bool:
     return not isinstance(_nearest_code_kernel, triton.runtime.JITFunction)
 
 
-def _kernel_for(device: torch.device) -> Any:
-    """The kernel for tensors on ``device``: CUDA, or CPU under the Triton interpreter."""
+def _kernel_for(device: torch.device, kernel: Any = None) -> Any:
+    """The kernel (default: the search) for tensors on ``device``: CUDA, or CPU under the Triton
+    interpreter."""
     if device.type == "cpu" and not _interpreting():
         raise DeviceNotAvailableError(
             "the Triton kernel needs CUDA tensors; CPU tensors run only in the Triton interpreter "
             "(set TRITON_INTERPRET=1 before triton is imported). On CPU use vqdeploy.ops.contract."
         )
-    return _nearest_code_kernel
+    return _nearest_code_kernel if kernel is None else kernel
 
 
 def _check_inputs(x: torch.Tensor, codebook: torch.Tensor) -> None:
@@ -724,6 +783,41 @@ def _flagged(out: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     return rows[out[rows] < 0]
 
 
+def resolve_listed(
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    out: torch.Tensor,
+    cand: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    block_m: int = 64,
+) -> None:
+    """Decide a pass's listed rows from their candidates (step 6): writes ``out[row]`` = the exact
+    argmin where float64 separates it (`vqdeploy.ops.contract.resolve_candidates`' test, in one
+    launch that reads each listed row and its <= L codes, no gathered copy); rows not listed and
+    listed rows float64 cannot decide keep their ``-1 - index``. ``cand`` and ``rows`` are those of
+    the `nearest_code_pass` launch."""
+    num, width = cand.shape
+    if num == 0 or width == 0:
+        return
+    dim = x.shape[1]
+    grid = (triton.cdiv(num, block_m),)
+    _kernel_for(x.device, _resolve_listed_kernel)[grid](
+        x,
+        codebook,
+        rows,
+        cand,
+        torch.tensor([float64_separation(dim)], dtype=torch.float64, device=x.device),
+        num,
+        dim,
+        out,
+        LIST=width,
+        BLOCK_M=block_m,
+        BLOCK_D=min(64, _pow2_at_least(dim)),
+        ROWS_INDEXED=rows is not None,
+        enable_fp_fusion=FP_FUSION,
+    )
+
+
 def mode_chain(mode: str, dim: int) -> tuple[tuple[str, ...], int]:
     """(passes, candidate list length L) of a mode at dimension ``dim`` (module docstring).
 
@@ -751,37 +845,36 @@ def _run_mode(
     the exact re-check (row numbers, on x's device)."""
     chain, width = mode_chain(mode, x.shape[1])
     list_limit = list_norm_limit(codebook) if width else None
-    all_rows = torch.arange(x.shape[0], device=x.device)
-    rows: torch.Tensor | None = None
+    rows: torch.Tensor | None = None  # None: every row
     pending: list[torch.Tensor] = []  # listed rows whose candidates float64 cannot separate
     listed_all: list[torch.Tensor] = []
+
+    def row_numbers(positions: torch.Tensor) -> torch.Tensor:
+        return positions if rows is None else rows[positions]
+
     for dot in chain:
         if trace is not None:
-            trace[dot] = all_rows if rows is None else rows
+            trace[dot] = torch.arange(x.shape[0], device=x.device) if rows is None else rows
         # The ieee pass flags too: its flagged rows (near ties, duplicates) get the exact re-check.
         cand = nearest_code_pass(
             x, codebook, code_norms, out, dot, rows=rows, config=config, flag=True,
             candidates=width, list_limit=list_limit,
         )
-        entered = all_rows if rows is None else rows
-        flagged = out[entered] < 0
+        if cand is not None:
+            resolve_listed(x, codebook, out, cand, rows=rows)
+        unsolved = (out < 0) if rows is None else (out[rows] < 0)
         if cand is not None:
             listed = cand[:, 0] >= 0
-            listed_rows = entered[listed]
-            if listed_rows.numel():
-                tokens, decided = resolve_candidates(x[listed_rows], codebook, cand[listed])
-                out[listed_rows[decided]] = tokens[decided]
-                pending.append(listed_rows[~decided])
-                listed_all.append(listed_rows)
-            flagged &= ~listed
-        rows = entered[flagged]
+            pending.append(row_numbers(torch.nonzero(unsolved & listed).squeeze(1)))
+            if trace is not None:
+                listed_all.append(row_numbers(torch.nonzero(listed).squeeze(1)))
+            unsolved &= ~listed
+        rows = row_numbers(torch.nonzero(unsolved).squeeze(1))
         if rows.numel() == 0:
             break
-    if trace is not None:
-        empty = all_rows[:0]
-        trace["candidates"] = torch.cat(listed_all) if listed_all else empty
     rows = torch.cat([rows, *pending])
     if trace is not None:
+        trace["candidates"] = torch.cat(listed_all) if listed_all else rows[:0]
         trace["exact"] = rows
     if rows.numel():
         exact = exact_nearest(x[rows].cpu(), codebook.cpu())
