@@ -7,10 +7,10 @@ and the table gives the % of all rows entering each pass, the % decided from can
 % reaching the exact re-check on the host, the rows whose token differs from the exact argmin
 (`nearest_code_exact`), and the estimated GPU time.
 
-Chains: ``before`` is the kernel's current ``fast`` (``tf32`` > ``tf32x3`` > ``ieee`` > exact
+Chains: ``before`` is the kernel's former ``fast`` (``tf32`` > ``tf32x3`` > ``ieee`` > exact
 re-check, residual bound) and its former bound (``legacy``); ``after`` candidates start with a
-``bf16`` pass, some with candidate lists of L codes (``[L]``; docs/design.md, "Fast mode with a
-bf16 first pass").
+``bf16`` pass, some with candidate lists of L codes in every pass (``[L]``; docs/design.md
+section 10). ``after: bf16[3] ...`` is what the kernel's ``fast`` now runs.
 
 Time model (ms at N = 1,048,576; every figure an assumption, stated in the output):
 * full passes of the baseline fused kernel on an H100 (measured 2026-11-26): tf32 2.85, tf32x3
@@ -34,9 +34,10 @@ towards one code by a relative 10^-8..10^-2).
 Usage: ``python benchmarks/bench_pass_bounds.py [--rows 65536] [--sizes 256x1024,64x4096]``
 (about an hour on 2 loaded cores at the defaults, most of it scikit-learn's k-means with
 4096 clusters for ``digits-kmeans`` at 64x4096; ``--quick`` for 8192 rows). ``--gpu`` (needs CUDA and
-Triton) adds, per size and data set, the share of rows the real kernel's ``tf32`` and ``tf32x3``
-passes flag next to the emulated share, and the % of rows on which the two flags agree (not
-100% by construction: the tensor cores sum in another order than the CPU).
+Triton) adds, per size and data set, the share of rows the real kernel's ``bf16``, ``tf32`` and
+``tf32x3`` passes flag and list (lists of 3) next to the emulated shares, and the % of rows on
+which the flags and the listings agree (not 100% by construction: the tensor cores sum in
+another order than the CPU).
 """
 
 from __future__ import annotations
@@ -153,14 +154,18 @@ def gpu_flags(x: torch.Tensor, codebook: torch.Tensor, size: str, data: str) -> 
     xg, cg = x.cuda(), codebook.cuda()
     norms = squared_norms(cg)
     lines = []
-    for dot in ("tf32", "tf32x3"):
+
+    def pct(mask: torch.Tensor) -> str:
+        return f"{100 * float(mask.float().mean()):.3f}"
+
+    for dot in ("bf16", "tf32", "tf32x3"):
         out = torch.empty(x.shape[0], dtype=torch.int64, device="cuda")
-        nearest_code_pass(xg, cg, norms, out, dot)
-        gpu = (out < 0).cpu()
-        emulated = emulate_pass(x, codebook, dot, code_norms=norms.cpu()).flagged
+        cand = nearest_code_pass(xg, cg, norms, out, dot, candidates=3)
+        gpu, gpu_listed = (out < 0).cpu(), (cand[:, 0] >= 0).cpu()
+        emulated = emulate_pass(x, codebook, dot, code_norms=norms.cpu(), candidates=3)
         lines.append(
-            f"| {size} | {data} | {dot} | {100 * float(gpu.float().mean()):.3f} | "
-            f"{100 * float(emulated.float().mean()):.3f} | {100 * float((gpu == emulated).float().mean()):.3f} |"
+            f"| {size} | {data} | {dot} | {pct(gpu)} | {pct(emulated.flagged)} | {pct(gpu == emulated.flagged)} | "
+            f"{pct(gpu_listed)} | {pct(emulated.listed)} | {pct(gpu_listed == emulated.listed)} |"
         )
     return lines
 
@@ -216,8 +221,11 @@ def main() -> None:
                 ]
                 print(f"| {dim}x{codes} | {data} | {name} | {' | '.join(cells)} | {wrong} | {' | '.join(est)} |", flush=True)
     if gpu_rows:
-        print("\n| D x K | data | pass | GPU flagged % | emulated flagged % | flags agree % |")
-        print("|---|---|---|---:|---:|---:|")
+        print(
+            "\n| D x K | data | pass | GPU flagged % | emulated flagged % | flags agree % "
+            "| GPU listed % | emulated listed % | listings agree % |"
+        )
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
         print("\n".join(gpu_rows))
 
 

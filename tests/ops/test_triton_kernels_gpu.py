@@ -1,9 +1,11 @@
-"""The fused Triton nearest-code kernel on a CUDA device: the real arithmetic (TF32, tf32x3, ieee).
+"""The fused Triton nearest-code kernel on a CUDA device: the real arithmetic (bf16, TF32, tf32x3,
+ieee).
 
 Skipped without a GPU. Checked here: both modes against the float64 argmin (every difference a
 certified float32 tie) on random data, real data (scikit-learn digits) and adversarial near-ties;
-``fast`` == ``exact`` token for token; the custom op uses the kernel on CUDA; the AOT PTX, launched
-the way TensorRT launches it, gives the same tokens.
+``fast`` == ``exact`` token for token; the bf16 and tf32 passes' unflagged rows and candidate
+lists against the exact argmin (the bounds on the tensor cores' own arithmetic); the custom op
+uses the kernel on CUDA; the AOT PTX, launched the way TensorRT launches it, gives the same tokens.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ pytestmark = [
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install triton)")
 
 from vqdeploy.ops import nearest_code, nearest_code_reference  # noqa: E402
+from vqdeploy.ops.contract import nearest_code_exact  # noqa: E402
 from vqdeploy.ops.triton_aot import compile_exact_ptx  # noqa: E402
 from vqdeploy.ops.triton_kernels import launch_on_stream, nearest_code_pass, nearest_code_triton  # noqa: E402
 
@@ -39,6 +42,27 @@ def test_random_data_exact_and_fast(rows: int, codes: int, dim: int) -> None:
     fast = nearest_code_triton(x, codebook, mode="fast")
     assert torch.equal(fast, exact)
     assert assert_tokens_certified(x, codebook, exact) > 99.9
+    if rows <= 20000:
+        assert torch.equal(fast.cpu(), nearest_code_exact(x.cpu(), codebook.cpu()))
+
+
+@pytest.mark.parametrize("dot", ["bf16", "tf32"])
+@pytest.mark.parametrize(("rows", "codes", "dim"), [(8192, 1024, 256), (8192, 4096, 64)])
+def test_pass_decisions_and_lists_hold_on_the_tensor_cores(dot: str, rows: int, codes: int, dim: int) -> None:
+    """Every row the pass does not flag has the exact argmin; every listed row's list holds it."""
+    x = torch.randn(rows, dim, device="cuda")
+    codebook = torch.randn(codes, dim, device="cuda")
+    pairs = torch.randint(0, codes, (rows // 4, 2), device="cuda")
+    x[: rows // 4] = 0.5 * (codebook[pairs[:, 0]] + codebook[pairs[:, 1]])  # near ties
+    out = torch.empty(rows, dtype=torch.int64, device="cuda")
+    cand = nearest_code_pass(x, codebook, codebook.square().sum(1), out, dot, candidates=3)
+    exact = nearest_code_exact(x.cpu(), codebook.cpu())
+    out, cand = out.cpu(), cand.cpu().long()
+    decided = out >= 0
+    assert torch.equal(out[decided], exact[decided])
+    listed = cand[:, 0] >= 0
+    assert listed.any() and not (listed & decided).any()
+    assert (cand[listed] == exact[listed][:, None]).any(dim=1).all()
 
 
 def test_real_data_digits() -> None:

@@ -398,6 +398,62 @@ def exact_nearest(
     return out
 
 
+# Candidate lists (docs/design.md section 10) need no overflow anywhere in a pass: |x~.c~| and its
+# partial sums stay below (1 + 2^-8)^2 ||x|| max_k ||c_k|| <= 2^121 when the host-checkable
+# ||x|| max ||c_k|| <= 2^120.
+CANDIDATE_NORM_LIMIT = 2.0**120
+U_FP64 = 2.0**-53
+
+
+def float64_separation(dim: int) -> float:
+    """F with: fl64(d_j) * F < fl64(d_k) (F's product rounded) proves d_j < d_k (exact values).
+
+    Each float64 distance of float32 rows, sum of D squared float64 differences, errs by at most
+    gamma_{D+2}(2^-53) of itself (all terms are >= 0), so d_j <= fl(d_j) / (1 - g) and
+    d_k >= fl(d_k) / (1 + g); F = (1 + g) / (1 - g), widened to cover its own and the product's
+    rounding.
+    """
+    nu = (dim + 2) * U_FP64
+    g = nu / (1.0 - nu)
+    return (1.0 + g) / (1.0 - g) * (1.0 + 2.0**-50)
+
+
+def resolve_candidates(
+    x: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decide rows from complete candidate lists: (tokens, decided), both [rows].
+
+    ``candidates`` [rows, L] holds, per row, every code that can be the exact argmin (-1 pads).
+    The float64 distances of those codes decide the row when the smallest is below every other
+    by more than float64 rounding (`float64_separation`); the token is then the exact argmin
+    (the codes outside the list are strictly farther). Undecided rows (exact or float64 ties)
+    need the exact re-check. Cost O(rows L D). The Triton kernel's `resolve_listed` applies the
+    same test to the rows it lists, reading them in place.
+    """
+    x = x.detach().float()
+    codebook = codebook.detach().float().to(x.device)
+    candidates = candidates.to(device=x.device, dtype=torch.int64)
+    rows, width = candidates.shape
+    tokens = torch.full((rows,), -1, dtype=torch.int64, device=x.device)
+    decided = torch.zeros(rows, dtype=torch.bool, device=x.device)
+    if rows == 0 or width == 0:
+        return tokens, decided
+    factor = float64_separation(codebook.shape[1])
+    codes64 = codebook.double()
+    step = max(1, 2**22 // max(width * codebook.shape[1], 1))  # float64 temporaries near 32 MiB
+    for start in range(0, rows, step):
+        idx = candidates[start : start + step]
+        diff = x[start : start + step].double()[:, None, :] - codes64[idx.clamp(min=0)]
+        dist = torch.where(idx >= 0, (diff * diff).sum(-1), torch.inf)
+        best, pos = dist.min(dim=1)
+        others = dist.clone()
+        others[torch.arange(idx.shape[0], device=x.device), pos] = torch.inf
+        decided[start : start + step] = (best * factor < others.min(dim=1).values) & torch.isfinite(best)
+        tokens[start : start + step] = idx[torch.arange(idx.shape[0], device=x.device), pos]
+    tokens[~decided] = -1
+    return tokens, decided
+
+
 def resolve_near_ties_(
     x: torch.Tensor, codebook: torch.Tensor, indices: torch.Tensor, margin: torch.Tensor,
     x_norm: torch.Tensor | None = None, code_norm: torch.Tensor | None = None,

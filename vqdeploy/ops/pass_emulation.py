@@ -1,8 +1,10 @@
 """CPU emulation, in torch, of the Triton kernel's passes and of their re-check flags.
 
-`vqdeploy.ops.triton_kernels` runs ``fast`` as a chain of passes (``tf32``, ``tf32x3``, ``ieee``);
-each low-precision pass flags the rows whose best-vs-second margin lies inside its rigorous error
-bound (that module's docstring, steps 1 to 4) and only those rows go on to the next pass. How
+`vqdeploy.ops.triton_kernels` runs ``fast`` as a chain of passes (``bf16``, ``tf32``, ``tf32x3``,
+``ieee``, each with candidate lists of 3 codes) and ``exact`` as ``tf32x3``, ``ieee``; each
+low-precision pass flags the rows whose best-vs-second margin lies inside its rigorous error
+bound (that module's docstring, steps 1 to 4) and only those rows go on to the next pass, less
+the rows its candidate lists decide (step 6). How
 many rows leave each pass decides what ``fast`` costs, and the Triton interpreter cannot tell:
 its ``tl.dot`` is numpy's float32 matmul whatever precision is asked for. This module computes
 what the GPU computes, on CPU:
@@ -24,17 +26,19 @@ value whichever tile holds it), so on the same float32 products the flags are id
 interpreted kernel is checked against this in ``tests/ops/test_triton_kernels.py``
 (``test_interpreted_flags_equal_emulation``, on data whose dots are exact in any order).
 
-``bf16`` (not a pass of the kernel yet; docs/design.md, "Fast mode with a bf16 first pass"):
-both operands rounded to bf16 with the same bit trick (8-bit significands, round to nearest,
-ties away), products exact in float32, float32 accumulation; its bound is the ``tf32`` one with
-2^-8 rounding and bf16 residual norms.
+``bf16`` (the fast mode's first pass; docs/design.md section 10): both operands rounded to bf16
+with the same bit trick (8-bit significands, round to nearest, ties away), products exact in
+float32, float32 accumulation; its bound is the ``tf32`` one with 2^-8 rounding and bf16
+residual norms.
 
 Candidate lists (``candidates=L``): a flagged row's possible exact argmins are the codes with
 t_k - e_k <= t_b + e_b (every other code has s_k >= t_k - e_k > t_b + e_b >= s_b). A pass that
 keeps the L smallest t_k - e_k of a row, with their codes, and the (L+1)-th value, knows that set
 completely when that value exceeds t_b + e_b; `resolve_candidates` then decides the row from the
 float64 distances of at most L codes, and only rows whose candidate set is larger go on to the
-next pass (``PassResult.listed``).
+next pass (``PassResult.listed``). The kernel keeps the same L + 1 values tile by tile; its lists
+are checked against these in ``tests/ops/test_triton_kernels.py``
+(``test_interpreted_lists_equal_emulation``, ``test_fast_chain_equals_emulated_chain``).
 
 ``bound="legacy"`` evaluates the kernel's former test, ``second - best <= A ||x|| C + B C^2``
 (C the largest code norm), and ``bound="per-code"`` the new test without residual norms
@@ -51,7 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vqdeploy.errors import UnsupportedOptionError
-from vqdeploy.ops.contract import exact_nearest, squared_norms
+from vqdeploy.ops.contract import CANDIDATE_NORM_LIMIT, exact_nearest, resolve_candidates, squared_norms
 from vqdeploy.ops.triton_kernels import (
     BOUND_DOTS,
     U_ACC_TC,
@@ -76,10 +80,6 @@ __all__ = [
 
 BOUNDS = ("residual", "per-code", "legacy")
 CHUNK_SCORES = 2**22  # float32 scores per block of rows (16 MiB)
-# Candidate lists need no overflow anywhere in the pass: |x~.c~| and its partial sums stay below
-# (1 + 2^-8)^2 ||x|| max_k ||c_k|| <= 2^121 when the host-checkable ||x|| max ||c_k|| <= 2^120.
-CANDIDATE_NORM_LIMIT = 2.0**120
-U_FP64 = 2.0**-53
 
 
 @dataclass
@@ -241,53 +241,6 @@ def emulate_pass(
     return PassResult(tokens=tokens, flagged=flagged, candidates=cand, listed=listed)
 
 
-def _float64_separation(dim: int) -> float:
-    """F with: fl64(d_j) * F < fl64(d_k) (F's product rounded) proves d_j < d_k (exact values).
-
-    Each float64 distance of float32 rows, sum of D squared float64 differences, errs by at most
-    gamma_{D+2}(2^-53) of itself (all terms are >= 0), so d_j <= fl(d_j) / (1 - g) and
-    d_k >= fl(d_k) / (1 + g); F = (1 + g) / (1 - g), widened to cover its own and the product's
-    rounding.
-    """
-    g = _gamma(dim + 2, U_FP64)
-    return (1.0 + g) / (1.0 - g) * (1.0 + 2.0**-50)
-
-
-def resolve_candidates(
-    x: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decide rows from complete candidate lists: (tokens, decided), both [rows].
-
-    ``candidates`` [rows, L] holds, per row, every code that can be the exact argmin (-1 pads).
-    The float64 distances of those codes decide the row when the smallest is below every other
-    by more than float64 rounding (`_float64_separation`); the token is then the exact argmin
-    (the codes outside the list are strictly farther). Undecided rows (exact or float64 ties)
-    need the exact re-check. Cost O(rows L D): what a gathered GPU pass over the listed codes
-    only would do.
-    """
-    x = x.detach().float()
-    codebook = codebook.detach().float()
-    rows, width = candidates.shape
-    tokens = torch.full((rows,), -1, dtype=torch.int64)
-    decided = torch.zeros(rows, dtype=torch.bool)
-    if rows == 0 or width == 0:
-        return tokens, decided
-    factor = _float64_separation(codebook.shape[1])
-    codes64 = codebook.double()
-    step = max(1, 2**22 // max(width * codebook.shape[1], 1))  # float64 temporaries near 32 MiB
-    for start in range(0, rows, step):
-        idx = candidates[start : start + step]
-        diff = x[start : start + step].double()[:, None, :] - codes64[idx.clamp(min=0)]
-        dist = torch.where(idx >= 0, (diff * diff).sum(-1), torch.inf)
-        best, pos = dist.min(dim=1)
-        others = dist.clone()
-        others[torch.arange(idx.shape[0]), pos] = torch.inf
-        decided[start : start + step] = (best * factor < others.min(dim=1).values) & torch.isfinite(best)
-        tokens[start : start + step] = idx[torch.arange(idx.shape[0]), pos]
-    tokens[~decided] = -1
-    return tokens, decided
-
-
 def emulate_chain(
     x: torch.Tensor,
     codebook: torch.Tensor,
@@ -296,6 +249,7 @@ def emulate_chain(
     final: str = "exact",
     candidates: int = 0,
     slack_scale: float = 1.0,
+    interpreted: bool = False,
 ) -> ChainResult:
     """Run ``chain`` as `_run_mode` does: each pass recomputes only the rows the last one flagged.
 
@@ -305,7 +259,7 @@ def emulate_chain(
     pass's argmin on every row that reaches it (meant for chains ending with ``ieee``).
     ``candidates=L`` gives every pass candidate lists: flagged rows whose list is complete are
     decided by `resolve_candidates` (undecided ones join the exact re-check) and only the others
-    go on to the next pass.
+    go on to the next pass. ``interpreted`` as in `emulate_pass` (every pass of the chain).
     """
     if final not in ("exact", "ieee"):
         raise UnsupportedOptionError(f"final must be 'exact' or 'ieee', got {final!r}")
@@ -332,6 +286,7 @@ def emulate_chain(
             track=track,
             candidates=candidates if track else 0,
             slack_scale=slack_scale,
+            interpreted=interpreted,
         )
         tokens[rows] = passed.tokens
         if passed.listed is not None and bool(passed.listed.any()):
