@@ -374,6 +374,19 @@ def code_bound_terms(
 
 
 @triton.jit
+def _program_rows(rows_ptr, M, BLOCK_M: tl.constexpr, ROWS_INDEXED: tl.constexpr):
+    """This program's positions [pid*BLOCK_M, +BLOCK_M), which of them exist (< M), and their row
+    numbers: rows_ptr[position] with ROWS_INDEXED, else the positions (int64: M * D may exceed 2^31)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    if ROWS_INDEXED:
+        rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    else:
+        rows = offs_m.to(tl.int64)
+    return offs_m, m_mask, rows
+
+
+@triton.jit
 def _nearest_code_kernel(
     x_ptr,
     c_ptr,
@@ -410,13 +423,7 @@ def _nearest_code_kernel(
     tensors (the bf16 tensor-core product); the interpreter keeps the same values in float32,
     since its tl.dot multiplies the stored bits of bf16 tensors.
     """
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    if ROWS_INDEXED:
-        rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    else:
-        rows = offs_m.to(tl.int64)
+    offs_m, m_mask, rows = _program_rows(rows_ptr, M, BLOCK_M, ROWS_INDEXED)
     x_rows = x_ptr + rows * D  # int64 offsets: M * D may exceed 2^31
     offs_k = tl.arange(0, BLOCK_K)
     offs_d = tl.arange(0, BLOCK_D)
@@ -568,13 +575,7 @@ def _resolve_listed_kernel(
     other rows (not listed, or ties) are left as they are. Positions [pid*BLOCK_M, +BLOCK_M) of
     the pass's cand_ptr [M, LIST]; rows_ptr maps positions to rows. factor_ptr holds F
     (`float64_separation`) as float64: a Python float argument would be passed as float32."""
-    pid = tl.program_id(0)
-    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < M
-    if ROWS_INDEXED:
-        rows = tl.load(rows_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
-    else:
-        rows = offs_m.to(tl.int64)
+    offs_m, m_mask, rows = _program_rows(rows_ptr, M, BLOCK_M, ROWS_INDEXED)
     offs_d = tl.arange(0, BLOCK_D)
     factor = tl.load(factor_ptr)
     best = tl.full([BLOCK_M], float("inf"), tl.float64)
