@@ -138,10 +138,10 @@ def check_finite(x, name: str = "x", dtype: torch.dtype | None = None, what: str
     Reads x a block of views at a time (`blocks`): one min/max reduction per block (NaN and Inf
     propagate through it), so the memory a check takes is one block's cast at most, whatever x's
     size and strides; blocks with a bad value are counted element-wise. A cast that cannot
-    overflow (to a dtype whose range holds x's: float16 to float32) is not made; a narrowing one
-    is written into one buffer that every block reuses: a fresh 4 MiB cast per block, freed
-    between other allocations, grew glibc's heap by up to 24 MiB per encode of 4M vectors
-    (tests/hardening/test_memory.py).
+    overflow (to a dtype whose range holds x's: float16 to float32) is not made; a narrowing one,
+    and a strided block (whose min/max torch reads from a contiguous copy), is written into one
+    buffer that every block reuses: a fresh 4 MiB copy per block, freed among other allocations,
+    grew glibc's heap by up to 24 MiB per encode of 4M vectors (tests/hardening/test_memory.py).
     """
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(x)
@@ -152,7 +152,7 @@ def check_finite(x, name: str = "x", dtype: torch.dtype | None = None, what: str
     count = 0
     buffer: torch.Tensor | None = None
     for block in blocks(x):
-        if block.dtype == reads:
+        if block.dtype == reads and block.is_contiguous():
             seen = block
         else:
             if buffer is None:
