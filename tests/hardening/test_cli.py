@@ -87,19 +87,16 @@ def _wait_for_library(pid: int, name: str, limit: float = 60) -> bool:
 def test_sigint_during_start_up_exits_130_with_one_line(library):
     """A Ctrl-C while start-up imports torch (or onnx): one line, exit status 130, no traceback.
 
-    Timing-sensitive (the signal must land while the library loads): inside the full suite on a
-    busy machine the onnx case failed 2 runs in ~8 (cause not found), so a second try is allowed;
-    both tries must not fail."""
-    for attempt in range(2):
-        child = subprocess.Popen([sys.executable, "-m", "vqdeploy", "inspect", "nothing.onnx"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert _wait_for_library(child.pid, library), "start-up never loaded " + library
-        child.send_signal(signal.SIGINT)
-        _, stderr = child.communicate(timeout=120)
-        if child.returncode == 130 or attempt == 1:
-            break
-    if child.returncode == 1 and "does not exist" in stderr:
-        pytest.skip("start-up was over before the signal arrived")  # never seen: the imports take seconds
+    A KeyboardInterrupt raised inside onnx's native module as it loaded killed the interpreter
+    (SIGSEGV, SIGABRT) or was lost; the CLI defers the signal until the libraries have loaded
+    (vqdeploy.cli.app.interrupts_deferred)."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a child inherits it (pytest started with `&`)
+        pytest.skip("SIGINT is ignored in this process, so in the command's too")
+    child = subprocess.Popen([sys.executable, "-m", "vqdeploy", "inspect", "nothing.onnx"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert _wait_for_library(child.pid, library), "start-up never loaded " + library
+    child.send_signal(signal.SIGINT)
+    _, stderr = child.communicate(timeout=120)
     assert child.returncode == 130, (child.returncode, stderr)
     assert stderr.strip() == "vqdeploy: error: interrupted", stderr
 

@@ -196,6 +196,22 @@ def test_non_contiguous_layouts_give_eager_tokens(hardening_exports, backend):
                 assert torch.allclose(got_vectors, expected_vectors, atol=1e-6), (kind, x.shape)
 
 
+
+def test_an_image_read_row_by_row_copies_every_tile_exactly():
+    """_TokenView.copy_into (an image whose height and width merge into no view): every tile, a
+    partial first row, whole rows and a partial last row, cast on the way, equals the flat view."""
+    from vqdeploy.runtime.base import _TokenView
+
+    x = torch.randn(2, 3, 5, 4).transpose(2, 3)  # (2, 3, 4, 5): width 5, strides that merge no view
+    flat = x.reshape(2, 3, 20)
+    view = _TokenView(x, 2, 20, True, width=5)
+    for t0 in range(20):
+        for t1 in range(t0 + 1, 21):
+            out = torch.full((2, 3, t1 - t0), float("nan"), dtype=torch.float64)
+            view.copy_into(out, 0, 2, t0, t1)
+            assert torch.equal(out, flat[:, :, t0:t1].double()), (t0, t1)
+
+
 # -- 10. eager modules: uninitialised codebooks, bad sizes --------------------------------------------
 def test_eager_decode_on_an_uninitialised_codebook_is_refused():
     vq = VectorQuantize(dim=DIM, codebook_size=16, kmeans_init=True).eval()
