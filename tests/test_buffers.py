@@ -27,19 +27,18 @@ def test_a_large_buffer_is_advised_and_behaves_as_any_tensor():
     assert out.numel() == 10
 
 
-@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists(), reason="no THP here")
-def test_the_eager_gather_of_a_large_batch_lands_on_huge_pages_where_the_system_allows():
-    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux's smaps")
+def test_the_eager_gather_of_a_large_batch_is_advised_onto_huge_pages():
+    """The advice is what vqdeploy controls (the mapping holding the output carries MADV_HUGEPAGE's
+    "hg" flag); whether the kernel finds free 2 MiB pages for it depends on the system's memory."""
     vq = VectorQuantize(dim=32, codebook_size=64).eval()
     x = torch.randn(1, 131072, 32)
     with torch.no_grad():
         quantized, indices, _ = vq(x)
     assert torch.equal(quantized[0], vq._codebook.embed[0][indices[0]])  # the same codes as a plain gather
-    if "[never]" in mode:
-        pytest.skip("transparent huge pages are off on this system")
     size = quantized.numel() * quantized.element_size()
     middle = quantized.data_ptr() + size // 2  # the advice splits the mapping at the buffer's first whole page
-    huge = 0
+    flags: list[str] = []
     with open("/proc/self/smaps") as smaps:  # the mapping that holds the output's middle
         inside = False
         for line in smaps:
@@ -47,6 +46,6 @@ def test_the_eager_gather_of_a_large_batch_lands_on_huge_pages_where_the_system_
             if "-" in head and not head.endswith(":"):
                 low, high = (int(v, 16) for v in head.split("-"))
                 inside = low <= middle < high
-            elif inside and line.startswith("AnonHugePages:"):
-                huge = int(line.split()[1]) * 1024
-    assert huge >= size // 2, (huge, size)
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+    assert "hg" in flags, flags
