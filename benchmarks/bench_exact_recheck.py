@@ -5,7 +5,7 @@ At the four CPU sizes of docs/design.md section 5 (x ~ N(0, 1), float32) it time
 - ``argmin only``: the compiled CPU search as it was before exact tokens (GEMM per tile, then a
   running (min, argmin) per row with no second best), rebuilt here from the same loop minus the
   margin, so the only difference is what exact tokens add;
-- ``exact op``: `vqdeploy.ops.nearest_code` (the same GEMM tiles and core sharing, a running best and second best,
+- ``exact op``: `vqdeploy.ops.nearest_code` (the same GEMM tiles, a running best and second best,
   then `resolve_near_ties_` on the rows the float32 bound cannot decide).
 
 - ``ort argmin`` / ``ort exact``: the runtime's ONNX Runtime backend on an encode export, with
@@ -40,11 +40,7 @@ from harness import markdown_table, time_interleaved  # noqa: E402
 from vqdeploy import VectorQuantize, export_onnx, runtime  # noqa: E402
 from vqdeploy.ops import cpu_kernels, nearest_code  # noqa: E402
 from vqdeploy.ops.contract import norm_upper_bound, recheck_rows, rows_per_block, squared_norms
-from vqdeploy.ops.gemm import (
-    tile_product,
-    torch_blas_threads_of_this_thread,
-    torch_blas_threads_of_this_thread_available,
-)
+from vqdeploy.ops.gemm import tile_product
 
 SIZES = ["65536x256x1024", "65536x64x4096", "16384x512x8192", "262144x32x256"]
 
@@ -97,37 +93,20 @@ def argmin_only_loop(dots, norms, out, num_chunks):
             out[first + r] = best_index[r]
 
 
-_ARGMIN_SIGNATURE = "void(float32[:, ::1], float32[::1], int64[::1], int64)"
-_ARGMIN_ONLY = numba.njit(_ARGMIN_SIGNATURE, parallel=True, nogil=True)(argmin_only_loop)
-_ARGMIN_ONLY_SERIAL = numba.njit(_ARGMIN_SIGNATURE, nogil=True)(argmin_only_loop)
+_ARGMIN_ONLY = numba.njit("void(float32[:, ::1], float32[::1], int64[::1], int64)", parallel=True, nogil=True)(
+    argmin_only_loop
+)
 
 
 def argmin_only(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """The pre-exact CPU op: the same tiles, GEMM and sharing of the cores as the op (per core where
-    `vqdeploy.ops.cpu_kernels` runs per core, else MKL's pool then numba's), argmin only, no re-check."""
+    """The pre-exact CPU op: same tiles and GEMM, argmin only, no re-check."""
     num_rows, num_codes = x.shape[0], codebook.shape[0]
     out = torch.empty(num_rows, dtype=torch.int64)
     codes = codebook.float().contiguous()
     norms = squared_norms(codes).numpy()
-    threads = cpu_kernels._thread_count()
-    if codes.shape[1] <= cpu_kernels.PER_CORE_MAX_DIM and torch_blas_threads_of_this_thread_available():
-        step = min(rows_per_block(num_codes, parts=threads), num_rows)
-        starts = list(range(0, num_rows, step))
-        workers = min(threads, len(starts))
-
-        def work(worker: int) -> None:
-            block = torch.from_numpy(np.empty(num_codes * step, np.float32))
-            with torch_blas_threads_of_this_thread(1):
-                for start in starts[worker::workers]:
-                    stop = min(start + step, num_rows)
-                    dots = block[: num_codes * (stop - start)].view(num_codes, stop - start)
-                    tile_product("torch", codes, x[start:stop], dots, alpha=-2.0)
-                    _ARGMIN_ONLY_SERIAL(dots.numpy(), norms, out.numpy()[start:stop], 1)
-
-        cpu_kernels._run_on_threads(work, workers)
-        return out
     step = min(rows_per_block(num_codes), num_rows)
     block = torch.from_numpy(np.empty(num_codes * step, np.float32))
+    threads = cpu_kernels._thread_count()
     for start in range(0, num_rows, step):
         stop = min(start + step, num_rows)
         width = stop - start
