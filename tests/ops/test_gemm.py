@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -173,53 +172,3 @@ def test_numpy_path_restores_openblas_threads_and_follows_torch_threads():
         torch.set_num_threads(threads)
     assert torch.equal(one, cpu_kernels.nearest_code_cpu(x, codebook, gemm="numpy"))
     assert [c.get_num_threads() for c in blas] == before
-
-
-def test_mkl_count_set_for_one_thread_leaves_the_others():
-    if not gemm.torch_blas_threads_of_this_thread_available():
-        pytest.skip("torch's MKL does not export mkl_set_num_threads_local here")
-    get_max = gemm._MKL_LOCAL.functions()[1]
-    main_before = get_max()
-    inside, after = [], []
-    holding, release = threading.Event(), threading.Event()
-
-    def worker() -> None:
-        before = get_max()
-        with gemm.torch_blas_threads_of_this_thread(1):
-            inside.append(get_max())
-            holding.set()
-            release.wait(10)
-        after.append(get_max() == before)
-
-    helper = threading.Thread(target=worker)
-    helper.start()
-    assert holding.wait(10)
-    main_during = get_max()
-    release.set()
-    helper.join()
-    assert inside == [1] and after == [True]
-    assert main_during == main_before == get_max()
-
-
-@pytest.mark.parametrize("dim", [32, 300])
-def test_torch_gemm_per_core_where_d_is_small_else_on_the_shared_pool(monkeypatch, dim):
-    x, codebook = _near_tie_inputs(3000, dim, 256)
-    exact = nearest_code_exact(x, codebook)
-    ran = []
-    for name in ("_search_per_core", "_search_torch"):
-        original = getattr(cpu_kernels, name)
-
-        def spy(*args, _original=original, _name=name, **kwargs):
-            ran.append(_name)
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(cpu_kernels, name, spy)
-    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook, gemm="torch", block_bytes=4 * 256 * 300), exact)
-    small = dim <= cpu_kernels.PER_CORE_MAX_DIM and gemm.torch_blas_threads_of_this_thread_available()
-    assert ran == ["_search_per_core" if small else "_search_torch"]
-    # the other path gives the same tokens
-    if not gemm.torch_blas_threads_of_this_thread_available():
-        return
-    monkeypatch.setattr(cpu_kernels, "PER_CORE_MAX_DIM", 0 if small else 10**6)
-    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook, gemm="torch", block_bytes=4 * 256 * 300), exact)
-    assert ran[-1] == ("_search_torch" if small else "_search_per_core")

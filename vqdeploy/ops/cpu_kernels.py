@@ -19,12 +19,8 @@ once, forms the score ``s_k = ||c_k||^2 + dots_k`` with one add, the value
 `nearest_code_blocked` computes (``fl(n_k - 2 fl(x.c_k))``, so the error bound (3) of
 `vqdeploy.ops.contract` holds) and keeps a running (min, second, argmin) for every column with a
 strict ``<``, so ties go to the lowest k. Its inner loops run over the R contiguous columns,
-independent from column to column, which the compiler vectorises (details in
-`vqdeploy.ops._running_argmin`). Cores share the work in one of two ways: per core
-(`_search_per_core`: each worker thread runs a one-thread GEMM and the one-thread kernel on its
-own tiles; numpy's path always, torch's where D <= PER_CORE_MAX_DIM and MKL's per-thread count
-can be set), or on shared pools (`_search_torch`: MKL's threads for the GEMM, then the kernel's
-columns split into one chunk per numba thread). In the same thread, each column's
+independent from column to column, which the compiler vectorises; the columns are split into one
+chunk per thread (details in `vqdeploy.ops._running_argmin`). In the same thread, each column's
 margin is then tested against the bound (`flag_unproven_rows`: the norm of its row of x, two
 per-code coefficients); flagged rows, 0.01-0.6% of random rows, are re-solved exactly afterwards
 (`vqdeploy.ops.contract.exact_nearest`). Nothing of size M x K is ever allocated.
@@ -37,7 +33,6 @@ buffer (at most SCORE_BLOCK_BYTES) stays allocated between calls, for the next o
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import types
@@ -56,20 +51,10 @@ from vqdeploy.ops.contract import (
     rows_per_block,
     squared_norms,
 )
-from vqdeploy.ops.gemm import (
-    gemm_choice,
-    numpy_blas_threads,
-    tile_product,
-    torch_blas_threads_of_this_thread,
-    torch_blas_threads_of_this_thread_available,
-)
+from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads, tile_product
 
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
-# torch's GEMM runs per core (`_search_per_core`) up to this D, on MKL's shared pool above it: per core
-# took 0.87-0.98x the shared pool's time at D = 32-256 and 1.00-1.18x at D = 512, K = 8192 (two runs
-# of 10-15 interleaved rounds, Xeon, benchmarks/RESULTS.md), where the GEMM dominates.
-PER_CORE_MAX_DIM = 256
 # numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
 # entered by two threads at once; one lock around the kernel keeps every layer safe.
 _KERNEL_LOCK = threading.Lock()
@@ -216,10 +201,8 @@ def nearest_code_cpu(
     # The codebook's terms, once per call: the kernel, its re-check test and the exact re-solve share them.
     norms, code_norm = squared_norms(codes), norm_upper_bound(codes)
     recheck = _Recheck(codes.shape[1], code_norm, num_rows)
-    if library == "numpy" or (codes.shape[1] <= PER_CORE_MAX_DIM and torch_blas_threads_of_this_thread_available()):
-        _search_per_core(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes, library)
-    else:
-        _search_torch(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
+    search = _search_numpy if library == "numpy" else _search_torch
+    search(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
     rows = torch.from_numpy(flagged_rows(recheck.flags))
     if rows.numel():
         out[rows] = exact_nearest(x.detach()[rows], codes, code_terms=(norms, code_norm))
@@ -285,41 +268,34 @@ def _run_on_threads(work, count: int) -> None:
         raise errors[0]
 
 
-def _search_per_core(
+def _search_numpy(
     x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, recheck: _Recheck,
-    threads: int, block_bytes: int | None, library: str,
+    threads: int, block_bytes: int | None,
 ) -> None:
     """Each of `threads` worker threads takes every threads-th tile and runs, on its own core, a
-    one-thread GEMM (torch's MKL set to one thread for that thread alone, or numpy's OpenBLAS set
-    to one thread for the span of the call) and the one-thread kernel on it. No thread pool hands
-    the cores over between the two steps, and each core reads the scores it wrote: with OpenBLAS's
-    own threads, whose workers spin after each GEMM, the op took up to 4x as long, and against
-    MKL's shared pool this path took 0.9x its time at D = 32 and 64 (benchmarks/RESULTS.md).
-    The tile budget is split between the workers."""
+    one-thread OpenBLAS GEMM and the one-thread kernel on it: no thread pool hands the cores to
+    another between the two steps (with OpenBLAS's own threads, whose workers spin after each
+    GEMM, the op took up to 4x as long). The tile budget is split between the workers."""
     kernel = _serial_kernel()
     num_rows, num_codes = x.shape[0], codes.shape[0]
     step = min(rows_per_block(num_codes, block_bytes, parts=threads), num_rows)
     starts = list(range(0, num_rows, step))
     workers = min(threads, len(starts))
     buffer = _WORKSPACE.take(workers * num_codes * step)
-    if library == "numpy":  # numpy's matmul has no alpha: the exact factor -2 goes into the codes
-        factors, alpha, one_thread = codes * -2.0, 1.0, contextlib.nullcontext
-    else:
-        factors, alpha, one_thread = codes, -2.0, functools.partial(torch_blas_threads_of_this_thread, 1)
+    codes_array = (codes * -2.0).numpy()  # numpy's matmul has no alpha: the exact factor -2 goes into the codes
 
     def work(worker: int) -> None:
-        dots_all = torch.from_numpy(buffer[worker * num_codes * step : (worker + 1) * num_codes * step])
+        dots_all = buffer[worker * num_codes * step : (worker + 1) * num_codes * step]
         margin = np.empty(step, dtype=np.float32)
-        with one_thread():
-            for start in starts[worker::workers]:
-                stop = min(start + step, num_rows)
-                dots = dots_all[: num_codes * (stop - start)].view(num_codes, stop - start)
-                tile = _rows_array(x[start:stop])
-                tile_product(library, factors, torch.from_numpy(tile), dots, alpha=alpha)
-                recheck.run(kernel, dots.numpy(), norms, tile, out[start:stop], margin[: stop - start], start, 1)
+        for start in starts[worker::workers]:
+            stop = min(start + step, num_rows)
+            dots = dots_all[: num_codes * (stop - start)].reshape(num_codes, stop - start)
+            tile = _rows_array(x[start:stop])
+            np.matmul(codes_array, tile.T, out=dots)
+            recheck.run(kernel, dots, norms, tile, out[start:stop], margin[: stop - start], start, 1)
 
     try:
-        with numpy_blas_threads(1) if library == "numpy" else contextlib.nullcontext():
+        with numpy_blas_threads(1):
             _run_on_threads(work, workers)
     finally:
         _WORKSPACE.give(buffer)

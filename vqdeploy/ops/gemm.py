@@ -25,14 +25,11 @@ use the same library. ``VQDEPLOY_GEMM=torch`` or ``numpy`` forces a library (no 
 ``auto`` (the default) measures or reads the cache. Where the cache cannot be written, the
 measurement is kept for the process and `GemmChoice.source` says so.
 
-How each library runs: each of torch.get_num_threads() Python worker threads takes its own tiles
-and runs a one-thread GEMM and a one-thread argmin on them. For numpy, OpenBLAS's pool is set to
-one thread for the span of the call through threadpoolctl (a dependency of scikit-learn) and
-restored after; for torch, MKL's count is set for each worker thread alone
-(`torch_blas_threads_of_this_thread`: MKL's ``mkl_set_num_threads_local``, which torch's x86-64
-wheels export), so no other thread of the process is affected. Where that call is missing, and for
-D above `vqdeploy.ops.cpu_kernels.PER_CORE_MAX_DIM`, torch.mm runs on torch's threads and the
-argmin on numba's. Either way ``torch.set_num_threads`` governs the op.
+How each library runs: torch.mm on torch's threads, then the compiled argmin on numba's (as
+before); numpy's path gives each of torch.get_num_threads() Python worker threads its own tiles
+and runs a one-thread OpenBLAS GEMM and a one-thread argmin on them (OpenBLAS's pool is set to one
+thread for the span of the call through threadpoolctl, a dependency of scikit-learn, and
+restored after), so ``torch.set_num_threads`` governs both paths.
 """
 
 from __future__ import annotations
@@ -67,7 +64,7 @@ KERNEL_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_VERBOSE", "MKL_ENABLE_INSTRUCTIONS"
 # (about 50 ms per library and round on 2 quiet cores).
 PROBE_SHAPES = ((8192, 256, 1024), (4096, 64, 4096), (1024, 512, 8192), (32768, 32, 256))
 PROBE_ROUNDS = 3
-CACHE_FORMAT = 2  # 2: the torch path runs per core at small D (the old measurements timed another path)
+CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -218,83 +215,6 @@ _NUMPY_BLAS = _NumpyBlasThreads()
 def numpy_blas_threads(threads: int) -> contextlib.AbstractContextManager[None]:
     """Context manager: numpy's OpenBLAS runs `threads` threads inside it (threadpoolctl; a no-op without)."""
     return _NUMPY_BLAS.limit(threads)
-
-
-class _MklThreadsOfThisThread:
-    """MKL's thread count for the calling thread alone (``mkl_set_num_threads_local``), where torch's
-    libtorch_cpu exports it (torch's x86-64 wheels link MKL statically and export its service
-    functions). The Fortran-style symbols are used: their argument is a pointer in every MKL."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._functions: tuple[Any, Any] | None | bool = False  # False: not looked up yet
-
-    def _lookup(self) -> tuple[Any, Any] | None:
-        import ctypes
-
-        path = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
-        try:
-            library = ctypes.CDLL(str(path))
-            set_local, get_max = library.mkl_set_num_threads_local_, library.mkl_get_max_threads_
-        except (OSError, AttributeError):  # another platform, or a torch without MKL
-            return None
-        set_local.argtypes, set_local.restype = [ctypes.POINTER(ctypes.c_int)], ctypes.c_int
-        get_max.argtypes, get_max.restype = [], ctypes.c_int
-        return set_local, get_max
-
-    def functions(self) -> tuple[Any, Any] | None:
-        with self._lock:
-            if self._functions is False:
-                self._functions = self._lookup()
-                if self._functions is not None and not self._works(self._functions):
-                    self._functions = None
-            return self._functions
-
-    @staticmethod
-    def _works(functions: tuple[Any, Any]) -> bool:
-        """Whether setting one thread in a fresh thread reads back as one there (and nowhere else)."""
-        import ctypes
-
-        set_local, get_max = functions
-        seen: list[int] = []
-
-        def probe() -> None:
-            previous = set_local(ctypes.byref(ctypes.c_int(1)))
-            seen.append(get_max())
-            set_local(ctypes.byref(ctypes.c_int(previous)))
-
-        helper = threading.Thread(target=probe, name="vqdeploy-mkl-probe")
-        helper.start()
-        helper.join()
-        return seen == [1]
-
-    @contextlib.contextmanager
-    def limit(self, threads: int) -> Iterator[None]:
-        import ctypes
-
-        functions = self.functions()
-        if functions is None:
-            raise RuntimeError("MKL's per-thread thread count is not available here")
-        set_local = functions[0]
-        previous = set_local(ctypes.byref(ctypes.c_int(threads)))
-        try:
-            yield
-        finally:
-            set_local(ctypes.byref(ctypes.c_int(previous)))
-
-
-_MKL_LOCAL = _MklThreadsOfThisThread()
-
-
-def torch_blas_threads_of_this_thread_available() -> bool:
-    """Whether `torch_blas_threads_of_this_thread` can run here (torch's MKL exports the call)."""
-    return _MKL_LOCAL.functions() is not None
-
-
-def torch_blas_threads_of_this_thread(threads: int) -> contextlib.AbstractContextManager[None]:
-    """Context manager: torch's MKL GEMMs called from this thread run on `threads` threads inside it;
-    other threads keep their count. Raises RuntimeError where it is not available."""
-    return _MKL_LOCAL.limit(threads)
 
 
 def tile_product(library: str, codes: torch.Tensor, tile: torch.Tensor, out: torch.Tensor, alpha: float = 1.0) -> None:
