@@ -147,6 +147,16 @@ def test_tokens_are_identical_whichever_gemm(rows, dim, codes):
         assert torch.equal(small, exact), library
 
 
+def test_the_per_core_tile_height_changes_no_token(monkeypatch):
+    x, codebook = _near_tie_inputs(5003, 32, 256)
+    exact = nearest_code_exact(x, codebook)
+    for rows in (1, 37, 256, 5003):  # one row per tile, ragged tiles, the default, one tile
+        monkeypatch.setattr(cpu_kernels, "PER_CORE_TILE_ROWS", rows)
+        for variant in (x, x.t().contiguous().t(), -x):  # numpy slices, and the tile-by-tile conversion
+            assert torch.equal(cpu_kernels.nearest_code_cpu(variant, codebook, gemm="numpy"),
+                               nearest_code_exact(variant, codebook) if variant is not x else exact), rows
+
+
 @pytest.mark.parametrize("library", gemm.LIBRARIES)
 def test_the_op_follows_the_forced_library(fresh_cache, monkeypatch, library):
     monkeypatch.setenv(gemm.ENV_GEMM, library)

@@ -53,6 +53,10 @@ from vqdeploy.ops.contract import (
 )
 from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads, tile_product
 
+# Rows per tile on the per-core (numpy) path, where the tile budget allows: a one-thread OpenBLAS
+# GEMM ran at 68-97 GFLOP/s on 128-512 rows and at 45-69 on 1024-8192 (AMD EPYC, 1 MiB L2 per core,
+# benchmarks/RESULTS.md): small tiles stay in the core's cache for the argmin that follows.
+PER_CORE_TILE_ROWS = 256
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
 # numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
@@ -177,6 +181,19 @@ def _rows_array(tile: torch.Tensor) -> np.ndarray:
     return tile.to(torch.float32).resolve_neg().resolve_conj().contiguous().numpy()
 
 
+def _rows_source(x: torch.Tensor):
+    """rows(start, stop) -> x[start:stop] as a C-contiguous float32 numpy array.
+
+    A float32 C-contiguous x is viewed as one numpy array once, so a tile is a numpy slice (about a
+    microsecond, against 20-30 us for torch's slice, cast and conversion per tile); any other x is
+    converted tile by tile, so no float32 copy of the whole of x is ever made.
+    """
+    if x.dtype == torch.float32 and x.is_contiguous() and not x.is_neg() and not x.is_conj():
+        whole = x.numpy()
+        return lambda start, stop: whole[start:stop]
+    return lambda start, stop: _rows_array(x[start:stop])
+
+
 def nearest_code_cpu(
     x: torch.Tensor, codebook: torch.Tensor, gemm: str | None = None, block_bytes: int | None = None
 ) -> torch.Tensor:
@@ -275,10 +292,13 @@ def _search_numpy(
     """Each of `threads` worker threads takes every threads-th tile and runs, on its own core, a
     one-thread OpenBLAS GEMM and the one-thread kernel on it: no thread pool hands the cores to
     another between the two steps (with OpenBLAS's own threads, whose workers spin after each
-    GEMM, the op took up to 4x as long). The tile budget is split between the workers."""
+    GEMM, the op took up to 4x as long). A tile has at most PER_CORE_TILE_ROWS rows and a share of
+    the tile budget (split between the workers), so its scores are still in the core's cache when
+    the kernel reads them; a float32 C-contiguous x is sliced as numpy arrays (`_rows_source`)."""
     kernel = _serial_kernel()
     num_rows, num_codes = x.shape[0], codes.shape[0]
-    step = min(rows_per_block(num_codes, block_bytes, parts=threads), num_rows)
+    step = min(rows_per_block(num_codes, block_bytes, parts=threads), PER_CORE_TILE_ROWS, num_rows)
+    rows = _rows_source(x)
     starts = list(range(0, num_rows, step))
     workers = min(threads, len(starts))
     buffer = _WORKSPACE.take(workers * num_codes * step)
@@ -290,7 +310,7 @@ def _search_numpy(
         for start in starts[worker::workers]:
             stop = min(start + step, num_rows)
             dots = dots_all[: num_codes * (stop - start)].reshape(num_codes, stop - start)
-            tile = _rows_array(x[start:stop])
+            tile = rows(start, stop)
             np.matmul(codes_array, tile.T, out=dots)
             recheck.run(kernel, dots, norms, tile, out[start:stop], margin[: stop - start], start, 1)
 

@@ -64,7 +64,8 @@ KERNEL_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_VERBOSE", "MKL_ENABLE_INSTRUCTIONS"
 # (about 50 ms per library and round on 2 quiet cores).
 PROBE_SHAPES = ((8192, 256, 1024), (4096, 64, 4096), (1024, 512, 8192), (32768, 32, 256))
 PROBE_ROUNDS = 3
-CACHE_FORMAT = 1
+# 2: the numpy path's tiles became 256 rows at most (cpu_kernels.PER_CORE_TILE_ROWS): earlier answers are re-measured.
+CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
