@@ -32,7 +32,7 @@ class VectorReport:
     violations: int = 0  # vectors that differ from the eager decode of the served tokens
     max_abs_diff: float = 0.0
     max_rel_diff: float = 0.0  # relative to max(1, |row|)
-    tolerance: float = 0.0  # relative; 0 where no projection follows the codebook
+    tolerance: float = 0.0  # relative; 0 where codes are gathered as stored, with no projection after them
 
 
 @dataclass
