@@ -13,9 +13,8 @@ which the op's exact re-check removes (tokens are the exact argmin with either l
 How it is chosen
 ----------------
 `gemm_choice()` times the op with each library, interleaved, at the four CPU sizes of
-docs/design.md section 5 (N cut to a few tiles) and keeps the one with the lower geometric-mean
-time. The
-measurement (about a second) is made once per *key*: the CPU model and flags, the torch and numpy
+docs/design.md section 5 (N cut to a quarter or less) and keeps the one with the lower
+geometric-mean time. The measurement (3 to 6 seconds on 2 cores) is made once per *key*: the CPU model and flags, the torch and numpy
 versions, numpy's BLAS (name, version, the core type it runs: OpenBLAS honours
 ``OPENBLAS_CORETYPE``), the thread count and the environment variables that change either
 library's kernels. The answer is written to ``$VQDEPLOY_CACHE_DIR`` (default
@@ -60,12 +59,15 @@ ENV_GEMM = "VQDEPLOY_GEMM"
 ENV_CACHE_DIR = "VQDEPLOY_CACHE_DIR"
 # Environment variables that change which kernel MKL or OpenBLAS runs: part of the cache key.
 KERNEL_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_VERBOSE", "MKL_ENABLE_INSTRUCTIONS", "MKL_DEBUG_CPU_TYPE", "MKL_CBWR")
-# (N, D, K) the op is timed at: the four CPU sizes of docs/design.md section 5 with N cut to a few tiles
-# (about 50 ms per library and round on 2 quiet cores).
-PROBE_SHAPES = ((8192, 256, 1024), (4096, 64, 4096), (1024, 512, 8192), (32768, 32, 256))
+# (N, D, K) the op is timed at: the four CPU sizes of docs/design.md section 5 with N cut to a
+# quarter or less (about 0.5 s per library and round on 2 cores). Not smaller: on an AMD EPYC
+# the two libraries tied at N cut to two tiles of torch's path (8192x256x1024, 4096x64x4096...)
+# while numpy took 0.44-0.77 of torch's time from four times those N up to the full sizes.
+PROBE_SHAPES = ((32768, 256, 1024), (16384, 64, 4096), (4096, 512, 8192), (131072, 32, 256))
 PROBE_ROUNDS = 3
-# 2: the numpy path's tiles became 256 rows at most (cpu_kernels.PER_CORE_TILE_ROWS): earlier answers are re-measured.
-CACHE_FORMAT = 2
+# 2: the numpy path's tiles became 256 rows at most (cpu_kernels.PER_CORE_TILE_ROWS);
+# 3: the probe's N four times larger (format 2 chose torch on an AMD EPYC where numpy was 1.5-2x faster).
+CACHE_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -259,9 +261,8 @@ def measure(shapes: tuple[tuple[int, int, int], ...] | None = None, rounds: int 
         name = f"{rows}x{dim}x{num_codes}"
         x = torch.randn(rows, dim, generator=generator)
         codes = torch.randn(num_codes, dim, generator=generator)
-        for lib in LIBRARIES:  # warm-up: compiles, thread pools, page faults
-            nearest_code_cpu(x[:64], codes, gemm=lib)
-            nearest_code_cpu(x, codes, gemm=lib)
+        for lib in LIBRARIES:  # warm-up: compiles, thread pools
+            nearest_code_cpu(x[:1024], codes, gemm=lib)
             seconds[lib][name] = []
         for _ in range(PROBE_ROUNDS if rounds is None else rounds):
             for lib in LIBRARIES:
