@@ -165,3 +165,29 @@ def test_cli_exit_codes_and_json(trained, tmp_path):
     assert result.returncode != 0
     data = json.loads(bad_json.read_text())
     assert data["passed"] is False and data["violations"] > 0
+
+
+def test_vectors_of_codes_the_graph_computes_are_held_to_the_float32_tolerance(digits):
+    """affine_param codes come from a Sqrt and a Div each runtime rounds its own way: a vector one
+    ulp off passes there, and only there (a stored codebook is held bit for bit)."""
+    from vqdeploy.compat.vector_quantize_pytorch import VectorQuantize as CompatVQ
+    from vqdeploy.parity.classify import check_vectors, codes_computed_in_graph
+    from vqdeploy.parity.report import VectorReport
+
+    torch.manual_seed(0)
+    x = digits[:512].reshape(8, 64, 64)
+    affine = CompatVQ(dim=64, codebook_size=16, affine_param=True)
+    affine.train()(x)
+    plain = VectorQuantize(dim=64, codebook_size=16)
+    for module in (affine.eval(), plain.eval()):
+        with torch.no_grad():
+            quantized, indices, _ = module(x)
+        one_ulp_off = torch.nextafter(quantized, torch.full_like(quantized, float("inf")))
+        report = VectorReport()
+        check_vectors(module, one_ulp_off, indices, report)
+        assert report.rows == indices.numel()
+        assert codes_computed_in_graph(module) is (module is affine)
+        assert (report.violations == 0) is (module is affine), report
+        far = VectorReport()
+        check_vectors(module, quantized + 1e-3, indices, far)  # beyond the tolerance everywhere
+        assert far.violations == far.rows
