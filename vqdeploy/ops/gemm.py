@@ -14,8 +14,8 @@ How it is chosen
 ----------------
 `gemm_choice()` times the op with each library, interleaved, at the four CPU sizes of
 docs/design.md section 5 (N cut to a quarter or less) and keeps the one with the lower
-geometric-mean time. The measurement (3 to 6 seconds on 2 cores) is made once per *key*: the CPU model and flags, the torch and numpy
-versions, numpy's BLAS (name, version, the core type it runs: OpenBLAS honours
+geometric-mean time. The measurement (3 to 6 seconds on 2 cores) is made once per *key*: the
+CPU model and flags, the torch and numpy versions, numpy's BLAS (name, version, the core type it runs: OpenBLAS honours
 ``OPENBLAS_CORETYPE``), the thread count and the environment variables that change either
 library's kernels. The answer is written to ``$VQDEPLOY_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/vqdeploy``, else ``~/.cache/vqdeploy``) as ``gemm-<hash of the key>.json``; the
