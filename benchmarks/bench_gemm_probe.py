@@ -3,8 +3,8 @@
 `vqdeploy.ops.gemm` picks torch's (MKL) or numpy's (OpenBLAS) product for the op's tiles by timing
 the op at `gemm.PROBE_SHAPES` (the four CPU sizes of docs/design.md section 5 with N cut down).
 This script times ``nearest_code_cpu(x, codes, gemm=...)`` with both libraries, interleaved, at
-each probe shape's N times 1/4 (the size the probe used before cache format 3), 1, 4 and (where
-it is at most the full size) 16, and prints the numpy / torch time: where the ratio at the probe's
+each probe shape's N times 1/4 (the size the probe used before cache format 3), 1, 4 and 16 (the
+full sizes of section 5 lie at 2-4x), and prints the numpy / torch time: where the ratio at the probe's
 N has the same side of 1 as at the larger N, the probe decides as the full sizes would.
 
 Run: ``python benchmarks/bench_gemm_probe.py [--repeats 5] [--multiples 0.25 1 4 16]``
