@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqdeploy import buffers
 from vqdeploy.checks import eager_checks_enabled
 from vqdeploy.nn import distributed
 from vqdeploy.ops.custom_op import nearest_code
@@ -151,14 +150,13 @@ class EMACodebook(nn.Module):
     def lookup(self, indices: torch.Tensor, embed: torch.Tensor | None = None) -> torch.Tensor:
         """indices (H, M) -> codes (H, M, D) (of `embed`, default the searched codes, detached).
 
-        Outside autograd and tracing, a large CPU result is gathered into a buffer on huge pages
-        (`vqdeploy.buffers`): at 262144 x 32 the fresh output's page faults cost 6 times the copy.
-        """
+        Outside autograd and tracing, several codebooks' CPU codes are gathered straight into one
+        output (no stack, which would copy them once more)."""
         embed = self.search_embed() if embed is None else embed
         heads, rows = indices.shape
         if (embed.device.type == "cpu" and not (torch.is_grad_enabled() and embed.requires_grad)
                 and eager_checks_enabled() and not torch.jit.is_tracing()):
-            out = buffers.empty((heads, rows, embed.shape[-1]), embed.dtype)
+            out = torch.empty((heads, rows, embed.shape[-1]), dtype=embed.dtype)
             for h in range(heads):
                 torch.index_select(embed[h if self.num_codebooks > 1 else 0], 0, indices[h], out=out[h])
             return out

@@ -41,7 +41,6 @@ import warnings
 import numpy as np
 import torch
 
-from vqdeploy import buffers
 from vqdeploy.ops import gemm
 from vqdeploy.ops.contract import (
     exact_nearest,
@@ -209,7 +208,7 @@ def nearest_code_cpu(
     if kernel is None:
         raise RuntimeError("the numba nearest-code kernel is not available; check available() first")
     num_rows = x.shape[0]
-    out = buffers.empty((num_rows,), torch.int64)
+    out = torch.empty((num_rows,), dtype=torch.int64)
     if num_rows == 0:
         return out
     codes = codebook.detach().to(torch.float32).contiguous()

@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from vqdeploy import buffers
 from vqdeploy.checks import (
     as_tensor,
     check_axis_size,
@@ -433,7 +432,7 @@ class Quantizer:
         tokens, index_shape = self._token_view(x)
         info = self.info
         heads = (info.heads,) if info.heads > 1 else ()
-        index_rows = buffers.empty(
+        index_rows = torch.empty(
             (info.num_quantizers, tokens.groups, tokens.tokens) if self._residual else (tokens.groups, tokens.tokens, *heads),
             dtype=torch.int64,
             device=x.device,
@@ -441,7 +440,7 @@ class Quantizer:
         float_dtype = self._runner.float_dtype
         vector_shape = (tokens.groups, info.dim, tokens.tokens) if self._channel_first else \
             (tokens.groups, tokens.tokens, info.dim)
-        vectors = buffers.empty(vector_shape, dtype=float_dtype, device=x.device) if want_vectors else None
+        vectors = torch.empty(vector_shape, dtype=float_dtype, device=x.device) if want_vectors else None
         name = self.info.inputs[0]
         flagged_groups: list[torch.Tensor] = []
         flagged_tokens: list[torch.Tensor] = []
