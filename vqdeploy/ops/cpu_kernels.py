@@ -1,4 +1,4 @@
-"""Fused CPU nearest-code search: one GEMM per tile of rows, then a compiled running argmin.
+"""Fused CPU nearest-code search: per-core tiles, each a GEMM per block of codes and a compiled running argmin.
 
 `nearest_code_cpu(x, codebook)` computes the contract of `vqdeploy.ops.contract` on the CPU.
 
@@ -10,30 +10,40 @@ loop per row, about twice the time of the GEMM itself (benchmarks/RESULTS.md, 26
 
 How
 ---
-For each tile of R rows, the faster SGEMM of the machine (torch's MKL or numpy's OpenBLAS, measured
-once and cached: `vqdeploy.ops.gemm`) writes ``dots = -2 codebook @ x_tile^T`` as a (K, R)
-float32 block of at most SCORE_BLOCK_BYTES (`rows_per_block`, shared with
-`nearest_code_blocked`); the factor -2 is the GEMM's alpha (or is folded into the codes), a
-power of two, so it scales without rounding. The numba kernel then walks the K rows of that block
-once, forms the score ``s_k = ||c_k||^2 + dots_k`` with one add, the value
-`nearest_code_blocked` computes (``fl(n_k - 2 fl(x.c_k))``, so the error bound (3) of
-`vqdeploy.ops.contract` holds) and keeps a running (min, second, argmin) for every column with a
+Rows are cut into tiles of at most PER_CORE_TILE_ROWS, and each of torch.get_num_threads() workers
+(this thread and long-lived helper threads, `_Workers`) takes every workers-th tile. Where the
+library's SGEMM can be called from compiled code (`vqdeploy.ops.sgemm_entry`: torch's MKL or numpy's
+OpenBLAS, whichever `vqdeploy.ops.gemm` measured faster here), a worker's whole share runs in one
+numba call, `search_tiles`: for each block of codes (CODE_BLOCK_BYTES of scores, so they stay in
+the core's L2) a one-thread GEMM writes ``dots = -2 codes_block @ tile^T`` as a (Kb, R) float32
+block; the factor -2 is the GEMM's alpha, a power of two, so it scales without rounding. The
+kernel folds each block into a running (min, second, argmin) per column, forming the score
+``s_k = ||c_k||^2 + dots_k`` with one add, the value `nearest_code_blocked` computes
+(``fl(n_k - 2 fl(x.c_k))``, so the error bound (3) of `vqdeploy.ops.contract` holds), with a
 strict ``<``, so ties go to the lowest k. Its inner loops run over the R contiguous columns,
-independent from column to column, which the compiler vectorises; the columns are split into one
-chunk per thread (details in `vqdeploy.ops._running_argmin`). In the same thread, each column's
-margin is then tested against the bound (`flag_unproven_rows`: the norm of its row of x, two
-per-code coefficients); flagged rows, 0.01-0.6% of random rows, are re-solved exactly afterwards
-(`vqdeploy.ops.contract.exact_nearest`). Nothing of size M x K is ever allocated.
+independent from column to column, which the compiler vectorises (details in
+`vqdeploy.ops._running_argmin`). Then each column's margin is tested against the bound
+(`flag_unproven_rows`: the norm of its row of x, two per-code coefficients); flagged rows,
+0.01-0.6% of random rows, are re-solved exactly afterwards (`vqdeploy.ops.contract.exact_nearest`).
+Nothing of size M x K is ever allocated.
+
+Where the SGEMM cannot be called from compiled code, the Python tile loops do the same steps:
+`_search_torch` (torch.mm on torch's threads into 16 MiB tiles, then the kernel's columns split
+over numba's threads) and `_search_numpy` (per-core numpy.matmul and the one-thread kernel, a
+Python call per tile). Calling back into Python for every tile cost 20-30 us of the interpreter
+lock per tile, which the workers then waited on in turn (benchmarks/RESULTS.md).
 
 numba is a dependency of vqdeploy; where it cannot be imported or compiled, `available()` is
 False and the op uses `nearest_code_blocked` (same contract, slower at small D). The first call in
-a process compiles the kernel (a few seconds) unless numba's on-disk cache already holds it. One tile
-buffer (at most SCORE_BLOCK_BYTES) stays allocated between calls, for the next one.
+a process compiles the kernels (a few seconds) unless numba's on-disk cache already holds them. One
+score buffer stays allocated between calls, for the next one.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import queue
 import threading
 import types
 import warnings
@@ -41,7 +51,7 @@ import warnings
 import numpy as np
 import torch
 
-from vqdeploy.ops import gemm
+from vqdeploy.ops import gemm, sgemm_entry
 from vqdeploy.ops.contract import (
     exact_nearest,
     norm_bound_terms,
@@ -52,10 +62,18 @@ from vqdeploy.ops.contract import (
 )
 from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads, tile_product
 
-# Rows per tile on the per-core (numpy) path, where the tile budget allows: a one-thread OpenBLAS
-# GEMM ran at 68-97 GFLOP/s on 128-512 rows and at 45-69 on 1024-8192 (AMD EPYC, 1 MiB L2 per core,
-# benchmarks/RESULTS.md): small tiles stay in the core's cache for the argmin that follows.
-PER_CORE_TILE_ROWS = 256
+# Rows per tile on the per-core paths, where the tile budget allows: a one-thread OpenBLAS GEMM ran
+# at 68-97 GFLOP/s on 128-512 rows and at 45-69 on 1024-8192 (AMD EPYC, 1 MiB L2 per core), and the
+# compiled tile loop with one-thread MKL GEMMs was fastest at 512 rows at D = 32 and 64 (Intel Xeon,
+# 2 MiB L2 per core; benchmarks/RESULTS.md): small tiles stay in the core's cache for the argmin.
+PER_CORE_TILE_ROWS = 512
+# The compiled tile loop multiplies a tile by this many bytes' worth of codes' scores at a time
+# (a block of codes, folded into the tile's running best before the next): the scores stay in
+# the core's L2 between the GEMM that writes them and the argmin that reads them.
+CODE_BLOCK_BYTES = 1 * 2**20
+# A float32 copy of this many bytes of x at most is made at a time where x is not a float32
+# C-contiguous array (another dtype, a strided view): the compiled loop reads plain float32 rows.
+STAGING_BYTES = 4 * 2**20
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
 # numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
@@ -98,14 +116,14 @@ _SIGNATURE = ("void(float32[:, ::1], float32[::1], int64[::1], float32[::1], int
               "float32[:, ::1], float64[::1], float64[::1], float64, float64, float64, uint8[::1])")
 
 
-def _compile(function, parallel: bool):
+def _compile(function, parallel: bool, signature=_SIGNATURE):
     import numba
 
     options = dict(parallel=parallel, nogil=True, boundscheck=False, fastmath=False)
     try:
-        return numba.njit(_SIGNATURE, cache=True, **options)(function)
+        return numba.njit(signature, cache=True, **options)(function)
     except Exception:  # noqa: BLE001 - e.g. no writable cache directory: compile without the cache
-        return numba.njit(_SIGNATURE, cache=False, **options)(function)
+        return numba.njit(signature, cache=False, **options)(function)
 
 
 def _serial_copy(function):
@@ -145,6 +163,36 @@ def _serial_kernel():
     from vqdeploy.ops._running_argmin import running_argmin_over_codes
 
     return _compile(_serial_copy(running_argmin_over_codes), parallel=False)
+
+
+@functools.cache
+def _tile_search_kernel():
+    """`search_tiles` compiled (one thread; its GEMM through a library's sgemm entry), or None."""
+    try:
+        from numba import types
+
+        from vqdeploy.ops._running_argmin import search_tiles
+
+        matrix, vector, count, coefficients = types.float32[:, ::1], types.float32[::1], types.int64, types.float64[::1]
+        signature = types.void(types.FunctionType(sgemm_entry.signature()), matrix, matrix, vector, types.int64[::1],
+                               vector, vector, count, count, count, count, coefficients, coefficients, types.float64,
+                               types.float64, types.float64, types.uint8[::1])
+        return _compile(search_tiles, parallel=False, signature=signature)
+    except Exception as error:  # noqa: BLE001 - the Python tile loops stay in charge
+        warnings.warn(f"vqdeploy: the compiled tile loop did not compile ({error}); using the Python tile loops",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def compiled_tile_entry(library: str):
+    """The sgemm entry the compiled tile loop runs `library`'s GEMM through, or None where the
+    loop or the entry is not available here (the op then runs the Python tile loops)."""
+    if _kernel() is None:
+        return None
+    entry = sgemm_entry.entry(library)
+    if entry is None or _tile_search_kernel() is None:
+        return None
+    return entry
 
 
 def available() -> bool:
@@ -217,8 +265,12 @@ def nearest_code_cpu(
     # The codebook's terms, once per call: the kernel, its re-check test and the exact re-solve share them.
     norms, code_norm = squared_norms(codes), norm_upper_bound(codes)
     recheck = _Recheck(codes.shape[1], code_norm, num_rows)
-    search = _search_numpy if library == "numpy" else _search_torch
-    search(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
+    entry = compiled_tile_entry(library)
+    if entry is not None:
+        _search_compiled(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes, entry)
+    else:
+        search = _search_numpy if library == "numpy" else _search_torch
+        search(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
     rows = torch.from_numpy(flagged_rows(recheck.flags))
     if rows.numel():
         out[rows] = exact_nearest(x.detach()[rows], codes, code_terms=(norms, code_norm))
@@ -233,6 +285,112 @@ def flagged_rows(flags: np.ndarray) -> np.ndarray:
     rows, columns = np.nonzero(flags[:whole].reshape(-1, 8)[words])
     tail = np.flatnonzero(flags[whole:]) + whole
     return np.concatenate([words[rows] * 8 + columns, tail])
+
+
+def _code_block(num_codes: int, rows: int) -> int:
+    """Codes per GEMM of the compiled tile loop: CODE_BLOCK_BYTES of scores, a multiple of 4 codes."""
+    return max(4, min(num_codes, CODE_BLOCK_BYTES // (4 * rows) // 4 * 4))
+
+
+class _Workers:
+    """Helper threads that live as long as the process, for the compiled per-core search.
+
+    MKL keeps buffers for every thread that calls it; helpers started per call would leave one set
+    per call behind (a CI run of short-lived MKL threads once ended in a segmentation fault at exit),
+    so the helpers are kept, each set once to one-thread MKL GEMMs (`sgemm_entry.mkl_one_thread_here`).
+    After a fork the child starts its own (threads do not survive a fork). Concurrent calls queue
+    their pieces on the same helpers.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: list[queue.SimpleQueue] = []
+
+    def reset(self) -> None:
+        self._lock = threading.Lock()
+        self._queues = []
+
+    @staticmethod
+    def _serve(tasks: queue.SimpleQueue) -> None:
+        sgemm_entry.mkl_one_thread_here()
+        while True:
+            work, index, finished = tasks.get()
+            work(index)
+            finished.release()
+
+    def _helpers(self, count: int) -> list[queue.SimpleQueue]:
+        with self._lock:
+            while len(self._queues) < count:
+                tasks: queue.SimpleQueue = queue.SimpleQueue()
+                threading.Thread(target=self._serve, args=(tasks,), name="vqdeploy-nearest-code", daemon=True).start()
+                self._queues.append(tasks)
+            return self._queues[:count]
+
+    def run(self, work, count: int) -> None:
+        """work(0) on this thread and work(1..count-1) on helpers; re-raises the first error."""
+        errors: list[BaseException] = []
+
+        def guarded(index: int) -> None:
+            try:
+                work(index)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller below
+                errors.append(error)
+
+        finished = threading.Semaphore(0)
+        helpers = self._helpers(count - 1)
+        for index, tasks in enumerate(helpers, start=1):
+            tasks.put((guarded, index, finished))
+        guarded(0)
+        for _ in helpers:
+            finished.acquire()
+        if errors:
+            raise errors[0]
+
+
+_WORKERS = _Workers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WORKERS.reset)
+
+
+def _search_compiled(
+    x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, recheck: _Recheck,
+    threads: int, block_bytes: int | None, entry,
+) -> None:
+    """Each of `threads` workers (this thread and long-lived helpers) runs `search_tiles` once: its
+    share of the tiles of at most PER_CORE_TILE_ROWS rows, every tile's one-thread GEMM through the
+    library's sgemm entry, then the argmin and the re-check test, in compiled code that holds no
+    lock, so nothing waits on Python between tiles. A float32 C-contiguous x is read in place; any
+    other x is copied to float32 STAGING_BYTES at a time."""
+    kernel = _tile_search_kernel()
+    num_rows, num_codes = x.shape[0], codes.shape[0]
+    # Scores live only CODE_BLOCK_BYTES at a time, so the tile budget bounds the rows only where a
+    # caller sets one (tests: ragged small tiles).
+    budget_rows = num_rows if block_bytes is None else rows_per_block(num_codes, block_bytes, parts=threads)
+    step = min(budget_rows, PER_CORE_TILE_ROWS, num_rows)
+    workers = max(1, min(threads, -(-num_rows // step)))
+    code_block = _code_block(num_codes, step)
+    buffer = _WORKSPACE.take(workers * code_block * step)
+    margins = np.empty((workers, 4 * step), dtype=np.float32)  # margin, best, second, index
+    codes_array = codes.numpy()
+    whole = _rows_source(x)
+    in_place = x.dtype == torch.float32 and x.is_contiguous() and not x.is_neg() and not x.is_conj()
+    chunk = num_rows if in_place else max(workers * step, STAGING_BYTES // (4 * max(1, codes.shape[1])))
+    one_thread = numpy_blas_threads(1) if entry.library == "numpy" else sgemm_entry.mkl_threads_of_this_thread(1)
+    try:
+        with one_thread:
+            for begin in range(0, num_rows, chunk):
+                end = min(begin + chunk, num_rows)
+                rows = whole(begin, end)
+
+                def work(worker: int, rows=rows, begin=begin, end=end) -> None:
+                    kernel(entry, codes_array, rows, norms, out[begin:end],
+                           buffer[worker * code_block * step : (worker + 1) * code_block * step], margins[worker],
+                           worker * step, step, workers * step, code_block, recheck.alpha, recheck.beta, recheck.under,
+                           recheck.grow, recheck.limit, recheck.flags[begin:end])
+
+                _WORKERS.run(work, min(workers, -(-(end - begin) // step)))
+    finally:
+        _WORKSPACE.give(buffer)
 
 
 def _search_torch(
@@ -258,30 +416,6 @@ def _search_torch(
                 recheck.run(kernel, dots.numpy(), norms, _rows_array(tile), out[start:stop], margin[:width], start, chunks)
     finally:
         _WORKSPACE.give(buffer)
-
-
-def _run_on_threads(work, count: int) -> None:
-    """work(0) on this thread and work(1..count-1) on new ones; re-raises the first error.
-
-    Threads are started per call (tens of microseconds, against milliseconds of work): nothing
-    outlives a call, so nothing is left broken by a fork (a pool's threads do not survive one).
-    """
-    errors: list[BaseException] = []
-
-    def guarded(index: int) -> None:
-        try:
-            work(index)
-        except BaseException as error:  # noqa: BLE001 - handed to the caller below
-            errors.append(error)
-
-    helpers = [threading.Thread(target=guarded, args=(i,), name="vqdeploy-nearest-code") for i in range(1, count)]
-    for helper in helpers:
-        helper.start()
-    guarded(0)
-    for helper in helpers:
-        helper.join()
-    if errors:
-        raise errors[0]
 
 
 def _search_numpy(
@@ -315,7 +449,7 @@ def _search_numpy(
 
     try:
         with numpy_blas_threads(1):
-            _run_on_threads(work, workers)
+            _WORKERS.run(work, workers)
     finally:
         _WORKSPACE.give(buffer)
 

@@ -66,8 +66,9 @@ KERNEL_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_VERBOSE", "MKL_ENABLE_INSTRUCTIONS"
 PROBE_SHAPES = ((32768, 256, 1024), (16384, 64, 4096), (4096, 512, 8192), (131072, 32, 256))
 PROBE_ROUNDS = 3
 # 2: the numpy path's tiles became 256 rows at most (cpu_kernels.PER_CORE_TILE_ROWS);
-# 3: the probe's N four times larger (format 2 chose torch on an AMD EPYC where numpy was 1.5-2x faster).
-CACHE_FORMAT = 3
+# 3: the probe's N four times larger (format 2 chose torch on an AMD EPYC where numpy was 1.5-2x faster);
+# 4: both libraries' GEMMs run inside the compiled tile loop (`vqdeploy.ops.sgemm_entry`).
+CACHE_FORMAT = 4
 
 
 @dataclass(frozen=True)
