@@ -142,3 +142,18 @@ def test_a_forked_child_starts_its_own_helpers():
     assert child.exitcode == 0
     assert names == ["MainThread", "vqdeploy-nearest-code"]  # a helper of the child's own ran a piece
     assert torch.equal(torch.from_numpy(tokens), _FORK_INDICES)
+
+
+def test_torch_one_thread_here_is_this_threads_alone():
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    with sgemm_entry.torch_one_thread_here():
+        inside = torch.get_num_threads()
+        other = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        other.start()
+        other.join()
+        torch.ones(4096, 64).sum()  # torch still runs in the block
+    assert torch.get_num_threads() == before
+    if sgemm_entry._torch_openmp() is not None and before > 1:
+        assert inside == 1
+    assert seen and seen[0] != 1 or before == 1  # another thread keeps its own count

@@ -273,7 +273,8 @@ def nearest_code_cpu(
         search(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
     rows = torch.from_numpy(flagged_rows(recheck.flags))
     if rows.numel():
-        out[rows] = exact_nearest(x.detach()[rows], codes, code_terms=(norms, code_norm))
+        with sgemm_entry.torch_one_thread_here():  # a few rows: waking torch's threads would cost more
+            out[rows] = exact_nearest(x.detach()[rows], codes, code_terms=(norms, code_norm))
     return out
 
 

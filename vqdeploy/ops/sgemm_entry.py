@@ -185,3 +185,37 @@ def mkl_one_thread_here() -> None:
     set_local = _mkl_set_local()
     if set_local is not None:
         set_local(ctypes.byref(ctypes.c_int(1)))
+
+
+@functools.cache
+def _torch_openmp():
+    """omp_get_max_threads / omp_set_num_threads of the OpenMP runtime torch ships (its libgomp),
+    or None (another parallel backend, another platform)."""
+    try:
+        shared = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libgomp.so.1"))
+        get_max, set_count = shared.omp_get_max_threads, shared.omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+    get_max.argtypes, get_max.restype = [], ctypes.c_int
+    set_count.argtypes, set_count.restype = [ctypes.c_int], None
+    return get_max, set_count
+
+
+@contextlib.contextmanager
+def torch_one_thread_here() -> Iterator[None]:
+    """torch's operators and MKL run on this thread alone inside the block (other threads keep
+    their counts): OpenMP's thread count is a per-thread setting, and torch's ``get_num_threads``
+    reads it. For the op's small steps after the search (the exact re-solve of a few rows), whose
+    parallel regions otherwise wake torch's idle OpenMP threads, op after op: 7-14 ms for 30 rows
+    instead of 1.1 ms, in a VM whose idle vCPUs are slow to wake (benchmarks/RESULTS.md)."""
+    openmp = _torch_openmp()
+    previous = None
+    if openmp is not None:
+        previous = openmp[0]()
+        openmp[1](1)
+    try:
+        with mkl_threads_of_this_thread(1):
+            yield
+    finally:
+        if openmp is not None and previous is not None:
+            openmp[1](previous)
