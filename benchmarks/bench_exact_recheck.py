@@ -2,11 +2,12 @@
 
 At the four CPU sizes of docs/design.md section 5 (x ~ N(0, 1), float32) it times, interleaved:
 
-- ``argmin only``: the compiled CPU search as it was before exact tokens (GEMM per tile, then a
-  running (min, argmin) per row with no second best), rebuilt here from the same loop minus the
-  margin, so the only difference is what exact tokens add;
-- ``exact op``: `vqdeploy.ops.nearest_code` (the same GEMM tiles, a running best and second best,
-  then `resolve_near_ties_` on the rows the float32 bound cannot decide).
+- ``argmin only``: the op's compiled per-core tile loop (`search_tiles`: the same library, tiles,
+  code blocks and worker threads) with a running (min, argmin) per row and no second best or
+  re-check test, rebuilt here, so the only difference is what exact tokens add;
+- ``exact op``: `vqdeploy.ops.nearest_code` (the same loop keeping a running best and second best,
+  the re-check test in the worker, then the exact re-solve of the rows the float32 bound cannot
+  decide).
 
 - ``ort argmin`` / ``ort exact``: the runtime's ONNX Runtime backend on an encode export, with
   ``recheck=False`` (the file's ArgMin body) and with the default re-check body (TopK(2) margin,
@@ -23,6 +24,7 @@ broke a tie another way).
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import subprocess
@@ -38,82 +40,112 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import markdown_table, time_interleaved  # noqa: E402
 
 from vqdeploy import VectorQuantize, export_onnx, runtime  # noqa: E402
-from vqdeploy.ops import cpu_kernels, nearest_code  # noqa: E402
-from vqdeploy.ops.contract import norm_upper_bound, recheck_rows, rows_per_block, squared_norms
-from vqdeploy.ops.gemm import tile_product
+from vqdeploy.ops import cpu_kernels, nearest_code, sgemm_entry  # noqa: E402
+from vqdeploy.ops.contract import norm_upper_bound, recheck_rows, squared_norms  # noqa: E402
+from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads  # noqa: E402
 
 SIZES = ["65536x256x1024", "65536x64x4096", "16384x512x8192", "262144x32x256"]
 
 
-def argmin_only_loop(dots, norms, out, num_chunks):
-    """The running argmin of `vqdeploy.ops._running_argmin` without the second best (baseline); dots
-    hold -2 x.c, as the op's tiles do."""
-    num_codes, num_columns = dots.shape
-    step = ((num_columns + num_chunks - 1) // num_chunks + 15) // 16 * 16
-    for chunk in numba.prange(num_chunks):
-        first = chunk * step
-        last = min(num_columns, first + step)
-        width = last - first
-        if width <= 0:
-            continue
-        best = np.empty(width, np.float32)
-        best_index = np.zeros(width, np.int32)
-        row = dots[0, first:last]
+def argmin_only_tiles(gemm, codes, x, norms, out, dots, first, step, stride, code_block):
+    """`vqdeploy.ops._running_argmin.search_tiles` without the second best and the re-check test
+    (the baseline): the same tiles, code blocks and GEMM calls, a running (min, argmin) per column."""
+    num_codes, dim = codes.shape
+    num_rows = x.shape[0]
+    characters = np.empty(2, np.uint8)
+    characters[0], characters[1] = 84, 78
+    scalars = np.empty(2, np.float32)
+    scalars[0], scalars[1] = -2.0, 0.0
+    sizes = np.empty(4, np.int64)
+    best = np.empty(step, np.float32)
+    best_index = np.empty(step, np.int32)
+    for start in range(first, num_rows, stride):
+        stop = min(start + step, num_rows)
+        width = stop - start
+        tile = x[start:stop]
+        for offset in range(0, num_codes, code_block):
+            count = min(code_block, num_codes - offset)
+            block = dots[: count * width].reshape(count, width)
+            sizes[0], sizes[1], sizes[2], sizes[3] = width, count, dim, width
+            gemm(characters[0:].ctypes, characters[1:].ctypes, sizes[0:].ctypes, sizes[1:].ctypes, sizes[2:].ctypes,
+                 scalars[0:].ctypes, tile.ctypes, sizes[2:].ctypes, codes[offset:].ctypes, sizes[2:].ctypes,
+                 scalars[1:].ctypes, block.ctypes, sizes[3:].ctypes)
+            k = 0
+            if offset == 0:
+                for r in range(width):
+                    best[r] = norms[0] + block[0, r]
+                    best_index[r] = 0
+                k = 1
+            while k + 4 <= count:
+                k0, k1 = np.int32(offset + k), np.int32(offset + k + 1)
+                k2, k3 = np.int32(offset + k + 2), np.int32(offset + k + 3)
+                n0, n1, n2, n3 = norms[offset + k], norms[offset + k + 1], norms[offset + k + 2], norms[offset + k + 3]
+                row0, row1, row2, row3 = block[k], block[k + 1], block[k + 2], block[k + 3]
+                for r in range(width):
+                    s0, s1, s2, s3 = n0 + row0[r], n1 + row1[r], n2 + row2[r], n3 + row3[r]
+                    lower = s1 < s0
+                    s01 = s1 if lower else s0
+                    i01 = k1 if lower else k0
+                    lower = s3 < s2
+                    s23 = s3 if lower else s2
+                    i23 = k3 if lower else k2
+                    lower = s23 < s01
+                    score = s23 if lower else s01
+                    index = i23 if lower else i01
+                    lower = score < best[r]
+                    best[r] = score if lower else best[r]
+                    best_index[r] = index if lower else best_index[r]
+                k += 4
+            while k < count:
+                code = np.int32(offset + k)
+                norm = norms[offset + k]
+                row = block[k]
+                for r in range(width):
+                    score = norm + row[r]
+                    lower = score < best[r]
+                    best[r] = score if lower else best[r]
+                    best_index[r] = code if lower else best_index[r]
+                k += 1
         for r in range(width):
-            best[r] = norms[0] + row[r]
-        k = 1
-        while k + 4 <= num_codes:
-            k0, k1, k2, k3 = np.int32(k), np.int32(k + 1), np.int32(k + 2), np.int32(k + 3)
-            n0, n1, n2, n3 = norms[k], norms[k + 1], norms[k + 2], norms[k + 3]
-            row0, row1, row2, row3 = dots[k, first:last], dots[k + 1, first:last], dots[k + 2, first:last], dots[k + 3, first:last]
-            for r in range(width):
-                s0, s1, s2, s3 = n0 + row0[r], n1 + row1[r], n2 + row2[r], n3 + row3[r]
-                lower = s1 < s0
-                s01 = s1 if lower else s0
-                i01 = k1 if lower else k0
-                lower = s3 < s2
-                s23 = s3 if lower else s2
-                i23 = k3 if lower else k2
-                lower = s23 < s01
-                score = s23 if lower else s01
-                index = i23 if lower else i01
-                lower = score < best[r]
-                best[r] = score if lower else best[r]
-                best_index[r] = index if lower else best_index[r]
-            k += 4
-        while k < num_codes:
-            row = dots[k, first:last]
-            for r in range(width):
-                score = norms[k] + row[r]
-                lower = score < best[r]
-                best[r] = score if lower else best[r]
-                best_index[r] = np.int32(k) if lower else best_index[r]
-            k += 1
-        for r in range(width):
-            out[first + r] = best_index[r]
+            out[start + r] = best_index[r]
 
 
-_ARGMIN_ONLY = numba.njit("void(float32[:, ::1], float32[::1], int64[::1], int64)", parallel=True, nogil=True)(
-    argmin_only_loop
-)
+@functools.cache
+def _argmin_only_kernel():
+    from numba import types
+
+    matrix, count = types.float32[:, ::1], types.int64
+    signature = types.void(types.FunctionType(sgemm_entry.signature()), matrix, matrix, types.float32[::1],
+                           types.int64[::1], types.float32[::1], count, count, count, count)
+    return numba.njit(signature, nogil=True, boundscheck=False)(argmin_only_tiles)
 
 
 def argmin_only(x: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """The pre-exact CPU op: same tiles and GEMM, argmin only, no re-check."""
+    """The op before exact tokens: the op's compiled per-core tile loop (same library, tiles, code
+    blocks, workers), argmin only, no re-check; float32 C-contiguous x."""
+    library = gemm_choice().library
+    entry = cpu_kernels.compiled_tile_entry(library)
+    if entry is None:
+        raise SystemExit(f"the op's compiled tile loop is not available here for {library}; nothing to compare")
+    kernel = _argmin_only_kernel()
     num_rows, num_codes = x.shape[0], codebook.shape[0]
-    out = torch.empty(num_rows, dtype=torch.int64)
-    codes = codebook.float().contiguous()
-    norms = squared_norms(codes).numpy()
-    step = min(rows_per_block(num_codes), num_rows)
-    block = torch.from_numpy(np.empty(num_codes * step, np.float32))
+    out = np.empty(num_rows, dtype=np.int64)
+    codes = codebook.float().contiguous().numpy()
+    norms = squared_norms(codebook.float()).numpy()
     threads = cpu_kernels._thread_count()
-    for start in range(0, num_rows, step):
-        stop = min(start + step, num_rows)
-        width = stop - start
-        dots = block[: num_codes * width].view(num_codes, width)
-        tile_product("torch", codes, x[start:stop], dots, alpha=-2.0)
-        _ARGMIN_ONLY(dots.numpy(), norms, out.numpy()[start:stop], max(1, min(threads, width // 256)))
-    return out
+    step = min(cpu_kernels.PER_CORE_TILE_ROWS, num_rows)
+    workers = max(1, min(threads, -(-num_rows // step)))
+    code_block = cpu_kernels._code_block(num_codes, step)
+    dots = np.empty((workers, code_block * step), dtype=np.float32)
+    rows = x.numpy()
+
+    def work(worker: int) -> None:
+        kernel(entry, codes, rows, norms, out, dots[worker], worker * step, step, workers * step, code_block)
+
+    one_thread = numpy_blas_threads(1) if library == "numpy" else sgemm_entry.mkl_threads_of_this_thread(1)
+    with one_thread:
+        cpu_kernels._WORKERS.run(work, workers)
+    return torch.from_numpy(out)
 
 
 def rechecked_rows(x: torch.Tensor, codebook: torch.Tensor) -> int:

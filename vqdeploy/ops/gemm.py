@@ -83,7 +83,7 @@ class GemmChoice:
 
     def describe(self) -> str:
         """One line for `vqdeploy inspect` / `bench`: the library, why, and the measured ratio."""
-        what = "torch.mm (MKL)" if self.library == "torch" else f"numpy.matmul ({self.key.get('numpy_blas', 'BLAS')})"
+        what = "torch's MKL" if self.library == "torch" else f"numpy's {self.key.get('numpy_blas', 'BLAS')}"
         text = f"CPU tile GEMM: {what}, {self.source}"
         if self.seconds.get("torch") and self.seconds.get("numpy"):
             text += f"; numpy / torch time {geometric_mean_ratio(self.seconds['numpy'], self.seconds['torch']):.2f}"
@@ -381,7 +381,11 @@ def describe_current(measure_now: bool = False) -> str:
     choice = gemm_choice() if measure_now else peek_choice()
     if choice is None:
         return "CPU tile GEMM: not chosen yet on this machine (the first CPU encode measures torch vs numpy)"
-    return choice.describe()
+    from vqdeploy.ops import cpu_kernels  # it imports this module
+
+    route = ("tiles in compiled code" if cpu_kernels.compiled_tile_entry(choice.library) is not None
+             else "Python tile loop (the library's sgemm is not callable from compiled code here)")
+    return f"{choice.describe()}; {route}"
 
 
 def forget_cached_choice() -> None:
