@@ -41,6 +41,7 @@ from harness import markdown_table, time_interleaved  # noqa: E402
 
 from vqdeploy import VectorQuantize, export_onnx, runtime  # noqa: E402
 from vqdeploy.ops import cpu_kernels, nearest_code, sgemm_entry  # noqa: E402
+from vqdeploy.ops._running_argmin import tile_gemm  # noqa: E402
 from vqdeploy.ops.contract import norm_upper_bound, recheck_rows, squared_norms  # noqa: E402
 from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads  # noqa: E402
 
@@ -50,13 +51,8 @@ SIZES = ["65536x256x1024", "65536x64x4096", "16384x512x8192", "262144x32x256"]
 def argmin_only_tiles(gemm, codes, x, norms, out, dots, first, step, stride, code_block):
     """`vqdeploy.ops._running_argmin.search_tiles` without the second best and the re-check test
     (the baseline): the same tiles, code blocks and GEMM calls, a running (min, argmin) per column."""
-    num_codes, dim = codes.shape
+    num_codes = codes.shape[0]
     num_rows = x.shape[0]
-    characters = np.empty(2, np.uint8)
-    characters[0], characters[1] = 84, 78
-    scalars = np.empty(2, np.float32)
-    scalars[0], scalars[1] = -2.0, 0.0
-    sizes = np.empty(4, np.int64)
     best = np.empty(step, np.float32)
     best_index = np.empty(step, np.int32)
     for start in range(first, num_rows, stride):
@@ -66,10 +62,7 @@ def argmin_only_tiles(gemm, codes, x, norms, out, dots, first, step, stride, cod
         for offset in range(0, num_codes, code_block):
             count = min(code_block, num_codes - offset)
             block = dots[: count * width].reshape(count, width)
-            sizes[0], sizes[1], sizes[2], sizes[3] = width, count, dim, width
-            gemm(characters[0:].ctypes, characters[1:].ctypes, sizes[0:].ctypes, sizes[1:].ctypes, sizes[2:].ctypes,
-                 scalars[0:].ctypes, tile.ctypes, sizes[2:].ctypes, codes[offset:].ctypes, sizes[2:].ctypes,
-                 scalars[1:].ctypes, block.ctypes, sizes[3:].ctypes)
+            tile_gemm(gemm, tile, codes[offset : offset + count], block)
             k = 0
             if offset == 0:
                 for r in range(width):

@@ -37,18 +37,10 @@ def search_tiles(gemm, codes, x, norms, out, dots, margin, first, step, stride, 
 
     x (N, D) and codes (K, D) are C-contiguous float32; out (N,) int64 and flags (N,) uint8 are
     written for those tiles' rows; dots holds at least code_block * step floats and margin 4 * step
-    floats (the running best, second best and index live there too). In column-major terms the
-    row-major (Kb, R) block is the (R, Kb) matrix tile @ codes_block^T, whose operands are the
-    row-major buffers read as (D, R) transposed and (D, Kb): sgemm("T", "N", R, Kb, D, -2, tile, D,
-    codes_block, D, 0, dots, R).
+    floats (the running best, second best and index live there too). The GEMM: `tile_gemm`.
     """
-    num_codes, dim = codes.shape
+    num_codes = codes.shape[0]
     num_rows = x.shape[0]
-    characters = np.empty(2, np.uint8)
-    characters[0], characters[1] = 84, 78  # "T", "N"
-    scalars = np.empty(2, np.float32)
-    scalars[0], scalars[1] = -2.0, 0.0
-    sizes = np.empty(4, np.int64)
     best, second = margin[step : 2 * step], margin[2 * step : 3 * step]
     best_index = margin[3 * step : 4 * step].view(np.int32)
     for start in range(first, num_rows, stride):
@@ -58,10 +50,7 @@ def search_tiles(gemm, codes, x, norms, out, dots, margin, first, step, stride, 
         for offset in range(0, num_codes, code_block):
             count = min(code_block, num_codes - offset)
             block = dots[: count * width].reshape(count, width)
-            sizes[0], sizes[1], sizes[2], sizes[3] = width, count, dim, width
-            gemm(characters[0:].ctypes, characters[1:].ctypes, sizes[0:].ctypes, sizes[1:].ctypes, sizes[2:].ctypes,
-                 scalars[0:].ctypes, tile.ctypes, sizes[2:].ctypes, codes[offset:].ctypes, sizes[2:].ctypes,
-                 scalars[1:].ctypes, block.ctypes, sizes[3:].ctypes)
+            tile_gemm(gemm, tile, codes[offset : offset + count], block)
             block_norms = norms[offset : offset + count]
             if offset == 0:
                 start_columns(block, block_norms, 0, width, best, second, best_index)
@@ -71,6 +60,23 @@ def search_tiles(gemm, codes, x, norms, out, dots, margin, first, step, stride, 
         rows_out, rows_margin = out[start:stop], margin[:width]
         finish_columns(best[:width], second[:width], best_index[:width], rows_out, rows_margin)
         flag_unproven_rows(tile, 0, width, rows_out, rows_margin, alpha, beta, under, grow, limit, flags[start:stop])
+
+
+@numba.njit(nogil=True, boundscheck=False)
+def tile_gemm(gemm, tile, codes, block):
+    """block (Kb, R) = -2 codes (Kb, D) @ tile (R, D)^T through a Fortran sgemm (ILP64), all three
+    C-contiguous float32. In column-major terms the row-major (Kb, R) block is the (R, Kb) matrix
+    tile @ codes^T, whose operands are the row-major buffers read as (D, R) transposed and (D, Kb):
+    sgemm("T", "N", R, Kb, D, -2, tile, D, codes, D, 0, block, R)."""
+    characters = np.empty(2, np.uint8)
+    characters[0], characters[1] = 84, 78  # "T", "N"
+    scalars = np.empty(2, np.float32)
+    scalars[0], scalars[1] = -2.0, 0.0
+    sizes = np.empty(4, np.int64)
+    sizes[0], sizes[1], sizes[2], sizes[3] = tile.shape[0], codes.shape[0], codes.shape[1], tile.shape[0]
+    gemm(characters[0:].ctypes, characters[1:].ctypes, sizes[0:].ctypes, sizes[1:].ctypes, sizes[2:].ctypes,
+         scalars[0:].ctypes, tile.ctypes, sizes[2:].ctypes, codes.ctypes, sizes[2:].ctypes, scalars[1:].ctypes,
+         block.ctypes, sizes[3:].ctypes)
 
 
 @numba.njit(nogil=True, boundscheck=False)
