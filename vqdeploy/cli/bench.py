@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
           f"best of {args.repeats}")
     print(format_table(("backend", "device", "call", "vectors/s", "vs eager", "vs faiss"), rows, right=(3, 4, 5)))
     if args.device == "cpu":
-        from vqdeploy.ops import gemm
+        from vqdeploy.ops import cpu_kernels
 
-        print(gemm.describe_current(measure_now=True))
+        print(cpu_kernels.describe_search(measure_now=True))
     if module is None:
         print("(pass --checkpoint CKPT for the ratio against eager PyTorch)")
     if faiss is None and info.part != "decode":

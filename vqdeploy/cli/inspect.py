@@ -59,9 +59,9 @@ def _shape_text(shape: list[Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     path = existing_file(args.model, "ONNX file")
     described = describe_onnx(path)
-    from vqdeploy.ops import gemm
+    from vqdeploy.ops import cpu_kernels
 
-    described["cpu_gemm"] = gemm.describe_current()
+    described["cpu_gemm"] = cpu_kernels.describe_search()
     if args.json:
         print(json.dumps(described, indent=2))
         return 0

@@ -195,6 +195,18 @@ def compiled_tile_entry(library: str):
     return entry
 
 
+def describe_search(measure_now: bool = False) -> str:
+    """The line `vqdeploy inspect` / `bench` print about the CPU search: the tile GEMM's library
+    (`vqdeploy.ops.gemm.describe_current`) and whether the tiles run in compiled code."""
+    text = gemm.describe_current(measure_now)
+    choice = gemm.peek_choice()
+    if choice is None:
+        return text
+    route = ("tiles in compiled code" if compiled_tile_entry(choice.library) is not None
+             else "Python tile loop (the library's sgemm is not callable from compiled code here)")
+    return f"{text}; {route}"
+
+
 def available() -> bool:
     """Whether the compiled CPU kernel can run here (compiles it on first call)."""
     return _kernel() is not None

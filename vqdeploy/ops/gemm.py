@@ -381,11 +381,7 @@ def describe_current(measure_now: bool = False) -> str:
     choice = gemm_choice() if measure_now else peek_choice()
     if choice is None:
         return "CPU tile GEMM: not chosen yet on this machine (the first CPU encode measures torch vs numpy)"
-    from vqdeploy.ops import cpu_kernels  # it imports this module
-
-    route = ("tiles in compiled code" if cpu_kernels.compiled_tile_entry(choice.library) is not None
-             else "Python tile loop (the library's sgemm is not callable from compiled code here)")
-    return f"{choice.describe()}; {route}"
+    return choice.describe()
 
 
 def forget_cached_choice() -> None:
