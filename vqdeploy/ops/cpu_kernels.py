@@ -41,6 +41,7 @@ score buffer stays allocated between calls, for the next one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import queue
@@ -74,6 +75,13 @@ CODE_BLOCK_BYTES = 1 * 2**20
 # A float32 copy of this many bytes of x at most is made at a time where x is not a float32
 # C-contiguous array (another dtype, a strided view): the compiled loop reads plain float32 rows.
 STAGING_BYTES = 4 * 2**20
+# The exact re-solve of the flagged rows runs on the calling thread alone (torch's OpenMP and MKL
+# counts set to one for it) up to this many multiply-adds in its candidate pass (rows x K x D):
+# each of its small operators otherwise wakes torch's idle OpenMP threads, 7-14 ms for 30 rows at
+# K = 256, D = 32 instead of 1.1 ms. Measured (10 rounds, 0.2 s pauses): 66 rows at K = 256, D = 32
+# 1.4 ms on one thread against 6.3 ms; 195 rows at K = 1024, D = 256 (5e7) 4.6 against 10.3 ms; 195
+# rows at K = 8192, D = 512 (8e8) 39.2 against 29.8 ms, where two threads pay (benchmarks/RESULTS.md).
+ONE_THREAD_RESOLVE_MACS = 2**28
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
 # numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
@@ -285,7 +293,8 @@ def nearest_code_cpu(
         search(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
     rows = torch.from_numpy(flagged_rows(recheck.flags))
     if rows.numel():
-        with sgemm_entry.torch_one_thread_here():  # a few rows: waking torch's threads would cost more
+        small = rows.numel() * codes.shape[0] * codes.shape[1] <= ONE_THREAD_RESOLVE_MACS
+        with sgemm_entry.torch_one_thread_here() if small else contextlib.nullcontext():
             out[rows] = exact_nearest(x.detach()[rows], codes, code_terms=(norms, code_norm))
     return out
 
