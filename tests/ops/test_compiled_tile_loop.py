@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from vqdeploy.ops import cpu_kernels, gemm, sgemm_entry
-from vqdeploy.ops.contract import nearest_code_exact
+from vqdeploy.ops._running_argmin import LIST_CAPACITY
+from vqdeploy.ops.contract import exact_nearest_listed, nearest_code_exact, norm_upper_bound, squared_norms
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the numba kernel is not available")
 
@@ -157,3 +158,88 @@ def test_torch_one_thread_here_is_this_threads_alone():
     if sgemm_entry._torch_openmp() is not None and before > 1:
         assert inside == 1
     assert seen and seen[0] != 1 or before == 1  # another thread keeps its own count
+
+
+def _search(x: torch.Tensor, codebook: torch.Tensor, library: str | None = None):
+    """The compiled search alone, before any re-solve: (tokens, flags, listed rows, their lists)."""
+    library = library or gemm.gemm_choice().library
+    entry = cpu_kernels.compiled_tile_entry(library)
+    if entry is None:
+        pytest.skip(f"no compiled tile loop for {library} here")
+    codes = codebook.float().contiguous()
+    norms = squared_norms(codes)
+    recheck = cpu_kernels._Recheck(codes.shape[1], norm_upper_bound(codes), x.shape[0])
+    listed = cpu_kernels._Listed()
+    out = np.full(x.shape[0], -1, dtype=np.int64)
+    cpu_kernels._search_compiled(x, codes, norms.numpy(), out, recheck, cpu_kernels._thread_count(), None, entry,
+                                 listed)
+    rows, lists = listed.collect()
+    return out, recheck.flags.copy(), rows, lists
+
+
+def _integer_ties(seed: int = 0):
+    """Integer-valued rows and codes (every float32 score exact in any summation order): exact
+    midpoints of two codes (exact ties float64 cannot break), duplicated codes, and rows on codes."""
+    generator = torch.Generator().manual_seed(seed)
+    codebook = torch.randint(-8, 9, (200, 24), generator=generator).float() * 2  # even: midpoints are integers
+    codebook[150] = codebook[3]  # a duplicate in another block
+    pairs = torch.tensor([[3, 150], [5, 190], [0, 199], [17, 18], [40, 120]])
+    x = torch.cat([(codebook[pairs[:, 0]] + codebook[pairs[:, 1]]) / 2, codebook[[3, 7, 150, 199]]])
+    return x, codebook, pairs
+
+
+def test_rows_float64_cannot_separate_are_listed_with_every_tied_code(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "CODE_BLOCK_BYTES", 4 * 16 * 8)  # 16-code blocks: ties span blocks
+    monkeypatch.setattr(cpu_kernels, "PER_CORE_TILE_ROWS", 8)
+    x, codebook, pairs = _integer_ties()
+    out, flags, rows, lists = _search(x, codebook)
+    scores = squared_norms(codebook)[None, :].double() - 2.0 * x.double() @ codebook.double().t()
+    tied = {r: torch.nonzero(scores[r] == scores[r].min()).squeeze(1).tolist() for r in range(x.shape[0])}
+    listed = {int(r): [int(k) for k in codes if k >= 0] for r, codes in zip(rows, lists, strict=True)}
+    for r in range(x.shape[0]):
+        if len(tied[r]) > 1:
+            assert flags[r] == 2 and set(tied[r]) <= set(listed[r]), (r, tied[r], listed.get(r))
+            assert listed[r] == sorted(listed[r])
+        else:
+            assert flags[r] == 0 and out[r] == tied[r][0]
+    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), nearest_code_exact(x, codebook))
+    assert cpu_kernels.nearest_code_cpu(x[:5], codebook).tolist() == pairs.min(dim=1).values.tolist()
+
+
+def test_more_tied_codes_than_a_list_holds_go_to_the_full_search():
+    codebook = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    codebook[10 : 10 + LIST_CAPACITY + 3] = codebook[9]  # LIST_CAPACITY + 4 copies of one code
+    x = torch.cat([codebook[9:10], codebook[40:41]])
+    out, flags, rows, lists = _search(x, codebook)
+    assert flags.tolist() == [1, 0] and rows.numel() == 0
+    assert cpu_kernels.nearest_code_cpu(x, codebook).tolist() == [9, 40]
+
+
+@pytest.mark.parametrize("block_codes", [8, 16, 64])
+def test_a_near_best_found_in_a_later_block_keeps_the_earlier_one_listed(monkeypatch, block_codes):
+    """Rows between a code of the first block and one of a later block, a hair nearer the later one:
+    the running best changes in the later block while the earlier best stays within the bound, so
+    the candidate list must carry it over; every such row is decided exactly or listed, none falls
+    back to the full search, and every token is the exact argmin."""
+    monkeypatch.setattr(cpu_kernels, "CODE_BLOCK_BYTES", 4 * 64 * block_codes)
+    monkeypatch.setattr(cpu_kernels, "PER_CORE_TILE_ROWS", 64)
+    generator = torch.Generator().manual_seed(block_codes)
+    codebook = torch.randn(256, 64, generator=generator)
+    early = torch.randint(0, 8, (500,), generator=generator)
+    late = torch.randint(128, 256, (500,), generator=generator)
+    nudge = torch.rand(500, 1, generator=generator) * 2e-6
+    x = (0.5 - nudge) * codebook[early] + (0.5 + nudge) * codebook[late]
+    out, flags, rows, lists = _search(x, codebook)
+    assert (flags != 1).all()
+    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), nearest_code_exact(x, codebook))
+
+
+def test_exact_nearest_listed_decides_separable_rows_and_breaks_exact_ties_low():
+    x, codebook, pairs = _integer_ties(seed=4)
+    candidates = torch.full((x.shape[0], 4), -1, dtype=torch.int64)
+    for r in range(x.shape[0]):
+        best = nearest_code_exact(x[r : r + 1], codebook).item()
+        tied = sorted({best, *pairs[r].tolist()}) if r < pairs.shape[0] else [best]
+        extra = [k for k in (0, 1, 2) if k not in tied][: 4 - len(tied)]
+        candidates[r, : len(tied) + len(extra)] = torch.tensor(sorted(tied + extra))
+    assert torch.equal(exact_nearest_listed(x, codebook, candidates), nearest_code_exact(x, codebook))

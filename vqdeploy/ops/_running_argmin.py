@@ -1,11 +1,40 @@
 """The loops that `vqdeploy.ops.cpu_kernels` compiles with numba: the two kernels are plain Python
 here (cpu_kernels compiles them with their signatures and numba's on-disk cache); the helpers
-they call are jitted where they are defined."""
+they call are jitted where they are defined.
+
+How a row's margin is kept
+--------------------------
+The exact re-check needs each row's margin t_2 - t_b, the second-smallest score minus the
+smallest. The fold (`fold_codes`) takes the codes GROUP at a time: a tournament picks each group's
+smallest score (strict ``<``, the lower index winning a tie), and only that winner meets the
+running best, which also keeps the second smallest of the group winners. The second smallest
+score of all is the smaller of that and the smallest of the best's own group mates, which
+`best_group_mates` reads from the block of scores still in cache, once per block and only for the
+rows whose best lies in it. Tracking the exact second inside every group cost a quarter of the
+op's time at D = 32 (benchmarks/RESULTS.md).
+
+Candidate lists
+---------------
+A row whose margin is within its bound after a block (`NEAR_SAFETY`) keeps the list of the codes
+whose scores lie within the bound of its running best (`note_near_codes`); the exact re-solve then
+needs the float64 distances of those few codes only, instead of a second float32 pass over all K
+(`vqdeploy.ops.contract.exact_nearest_listed`).
+"""
 
 from __future__ import annotations
 
 import numba
 import numpy as np
+
+# Codes per tournament in `fold_codes`; code blocks of the tile loop are multiples of it.
+GROUP = 8
+# Codes a row's candidate list holds at most; a row with more near its best (duplicate codes,
+# a codebook of equidistant codes) is re-solved over all codes.
+LIST_CAPACITY = 16
+# The candidate lists use one bound per row, ||x|| max_k alpha_k + max_k beta_k of
+# `vqdeploy.ops.contract.recheck_coefficients` (which is at least the best code's own), widened so
+# that a row the re-check test flags is near in the float64 test of `note_near_codes` too.
+NEAR_SAFETY = 1.0 + 2.0**-20
 
 
 def running_argmin_over_codes(dots, norms, out, margin, num_chunks, x, alpha, beta, under, grow, limit, flags):
@@ -24,56 +53,108 @@ def running_argmin_over_codes(dots, norms, out, margin, num_chunks, x, alpha, be
         if last <= first:
             continue
         argmin_columns(dots, norms, first, last, out, margin)
-        flag_unproven_rows(x, first, last, out, margin, alpha, beta, under, grow, limit, flags)
+        bounds = np.empty(last - first, np.float64)
+        row_norm_bounds(x[first:last], under, grow, bounds)
+        flag_unproven_rows(bounds, out[first:last], margin[first:last], alpha, beta, limit, flags[first:last])
 
 
-def search_tiles(gemm, codes, x, norms, out, dots, margin, first, step, stride, code_block,
-                 alpha, beta, under, grow, limit, flags):
+def search_tiles(gemm, codes, x, norms, out, dots, first, step, stride, code_block,
+                 alpha, beta, under, grow, limit, separation, flags, listed_rows, listed_codes, listed_count):
     """The whole search of one worker thread: for the tiles of `step` rows of x starting at rows
-    first, first + stride, ..., and for each block of `code_block` codes, the GEMM
-    ``dots = -2 codes_block @ tile^T`` through `gemm` (a library's ILP64 Fortran sgemm,
-    `vqdeploy.ops.sgemm_entry`) and `fold_codes` on it; then the tile's tokens, margins and
-    `flag_unproven_rows`, all without returning to Python.
+    first, first + stride, ..., and for each block of `code_block` codes (a multiple of GROUP), the
+    GEMM ``dots = -2 codes_block @ tile^T`` through `gemm` (a library's ILP64 Fortran sgemm,
+    `vqdeploy.ops.sgemm_entry`), `fold_codes` on it, the best's group mates and the candidate
+    lists of near rows; then the tile's tokens, margins and `flag_unproven_rows`, all without
+    returning to Python.
 
     x (N, D) and codes (K, D) are C-contiguous float32; out (N,) int64 and flags (N,) uint8 are
-    written for those tiles' rows; dots holds at least code_block * step floats and margin 4 * step
-    floats (the running best, second best and index live there too). The GEMM: `tile_gemm`.
+    written for those tiles' rows; dots holds at least code_block * leading_dimension(step) floats.
+    A flagged row whose candidate list is complete is decided here where the float64 distances of
+    its listed codes separate them (`decide_among_listed`; its flag is then cleared); one they do
+    not separate is written to listed_rows[n] (its row in x) and listed_codes[n] (its codes
+    ascending, -1 after them), n = listed_count[0] counting up while there is room, and gets flag 2
+    instead of 1. The GEMM: `tile_gemm`.
     """
     num_codes = codes.shape[0]
     num_rows = x.shape[0]
-    best, second = margin[step : 2 * step], margin[2 * step : 3 * step]
-    best_index = margin[3 * step : 4 * step].view(np.int32)
+    best = np.empty(step, np.float32)
+    winners = np.empty(step, np.float32)
+    mates = np.empty(step, np.float32)
+    best_index = np.empty(step, np.int32)
+    before = np.empty(step, np.float32)
+    before_index = np.empty(step, np.int32)
+    bounds = np.empty(step, np.float64)
+    reach = np.empty(step, np.float64)
+    margin = np.empty(step, np.float32)
+    list_length = np.empty(step, np.int32)
+    list_codes = np.empty((step, LIST_CAPACITY), np.int32)
+    list_scores = np.empty((step, LIST_CAPACITY), np.float32)
+    alpha_top, beta_top = alpha.max(), beta.max()
     for start in range(first, num_rows, stride):
         stop = min(start + step, num_rows)
         width = stop - start
         tile = x[start:stop]
+        lead = leading_dimension(width)
+        row_norm_bounds(tile, under, grow, bounds[:width])
+        for r in range(width):
+            reach[r] = (bounds[r] * alpha_top + beta_top) * NEAR_SAFETY
+            list_length[r] = 0
+        start_columns(best[:width], winners[:width], mates[:width], best_index[:width])
         for offset in range(0, num_codes, code_block):
             count = min(code_block, num_codes - offset)
-            block = dots[: count * width].reshape(count, width)
+            block = dots[: count * lead].reshape(count, lead)
             tile_gemm(gemm, tile, codes[offset : offset + count], block)
             block_norms = norms[offset : offset + count]
-            if offset == 0:
-                start_columns(block, block_norms, 0, width, best, second, best_index)
-                fold_codes(block, block_norms, 0, width, 0, 1, best, second, best_index)
-            else:
-                fold_codes(block, block_norms, 0, width, offset, 0, best, second, best_index)
-        rows_out, rows_margin = out[start:stop], margin[:width]
-        finish_columns(best[:width], second[:width], best_index[:width], rows_out, rows_margin)
-        flag_unproven_rows(tile, 0, width, rows_out, rows_margin, alpha, beta, under, grow, limit, flags[start:stop])
+            before[:width] = best[:width]
+            before_index[:width] = best_index[:width]
+            fold_codes(block, block_norms, 0, width, offset, best, winners, best_index)
+            best_group_mates(block, block_norms, 0, width, offset, best_index, mates)
+            note_near_codes(block, block_norms, width, offset, best, winners, mates, best_index, before,
+                            before_index, reach, list_length, list_codes, list_scores)
+        rows_out, rows_flags = out[start:stop], flags[start:stop]
+        finish_columns(best[:width], winners[:width], mates[:width], best_index[:width], rows_out, margin[:width])
+        flag_unproven_rows(bounds[:width], rows_out, margin[:width], alpha, beta, limit, rows_flags)
+        for r in range(width):
+            length = list_length[r]
+            if rows_flags[r] == 0 or length <= 0 or not bounds[r] < limit:
+                continue
+            code = decide_among_listed(tile[r], codes, list_codes[r, :length], separation)
+            if code >= 0:
+                rows_out[r] = code
+                rows_flags[r] = 0
+                continue
+            if listed_count[0] >= listed_rows.shape[0]:
+                continue
+            slot = listed_count[0]
+            listed_count[0] = slot + 1
+            listed_rows[slot] = start + r
+            chosen = np.sort(list_codes[r, :length])
+            listed_codes[slot, :length] = chosen
+            listed_codes[slot, length:] = -1
+            rows_flags[r] = 2
+
+
+@numba.njit(nogil=True)
+def leading_dimension(width):
+    """Floats per row of a tile's block of scores: width rounded up to 16, plus 16, so that rows
+    of the block never lie a multiple of 4 KiB apart (at 512 columns every other row did, and the
+    fold's stores to its running state then aliased its loads of scores)."""
+    return (width + 15) // 16 * 16 + 16
 
 
 @numba.njit(nogil=True, boundscheck=False)
 def tile_gemm(gemm, tile, codes, block):
-    """block (Kb, R) = -2 codes (Kb, D) @ tile (R, D)^T through a Fortran sgemm (ILP64), all three
-    C-contiguous float32. In column-major terms the row-major (Kb, R) block is the (R, Kb) matrix
-    tile @ codes^T, whose operands are the row-major buffers read as (D, R) transposed and (D, Kb):
-    sgemm("T", "N", R, Kb, D, -2, tile, D, codes, D, 0, block, R)."""
+    """block[:, :R] = -2 codes (Kb, D) @ tile (R, D)^T through a Fortran sgemm (ILP64), all three
+    C-contiguous float32, block (Kb, L) with L >= R. In column-major terms the row-major block is
+    the (R, Kb) matrix tile @ codes^T with leading dimension L, whose operands are the row-major
+    buffers read as (D, R) transposed and (D, Kb): sgemm("T", "N", R, Kb, D, -2, tile, D, codes,
+    D, 0, block, L)."""
     characters = np.empty(2, np.uint8)
     characters[0], characters[1] = 84, 78  # "T", "N"
     scalars = np.empty(2, np.float32)
     scalars[0], scalars[1] = -2.0, 0.0
     sizes = np.empty(4, np.int64)
-    sizes[0], sizes[1], sizes[2], sizes[3] = tile.shape[0], codes.shape[0], codes.shape[1], tile.shape[0]
+    sizes[0], sizes[1], sizes[2], sizes[3] = tile.shape[0], codes.shape[0], codes.shape[1], block.shape[1]
     gemm(characters[0:].ctypes, characters[1:].ctypes, sizes[0:].ctypes, sizes[1:].ctypes, sizes[2:].ctypes,
          scalars[0:].ctypes, tile.ctypes, sizes[2:].ctypes, codes.ctypes, sizes[2:].ctypes, scalars[1:].ctypes,
          block.ctypes, sizes[3:].ctypes)
@@ -85,79 +166,96 @@ def argmin_columns(dots, norms, first, last, out, margin):
     first <= r < last of the (K, R) block dots, ties to the lowest k (`fold_codes` over all K)."""
     width = last - first
     best = np.empty(width, np.float32)
-    second = np.empty(width, np.float32)
+    winners = np.empty(width, np.float32)
+    mates = np.empty(width, np.float32)
     best_index = np.empty(width, np.int32)
-    start_columns(dots, norms, first, last, best, second, best_index)
-    fold_codes(dots, norms, first, last, 0, 1, best, second, best_index)
-    finish_columns(best, second, best_index, out[first:last], margin[first:last])
+    start_columns(best, winners, mates, best_index)
+    fold_codes(dots, norms, first, last, 0, best, winners, best_index)
+    best_group_mates(dots, norms, first, last, 0, best_index, mates)
+    finish_columns(best, winners, mates, best_index, out[first:last], margin[first:last])
 
 
 @numba.njit(nogil=True, boundscheck=False)
-def start_columns(dots, norms, first, last, best, second, best_index):
-    """The running (best, second, index) of columns first..last-1 after code 0 of dots alone."""
-    norm = norms[0]
-    row = dots[0, first:last]
-    for r in range(last - first):
-        best[r] = norm + row[r]
-        second[r] = np.inf
+def start_columns(best, winners, mates, best_index):
+    """The running state of columns before any code: no best (+inf at index 0), no second."""
+    for r in range(best.shape[0]):
+        best[r] = np.inf
+        winners[r] = np.inf
+        mates[r] = np.inf
         best_index[r] = 0
 
 
 @numba.njit(nogil=True, boundscheck=False)
-def finish_columns(best, second, best_index, out, margin):
+def finish_columns(best, winners, mates, best_index, out, margin):
+    """Each column's token and margin: the second best is the smaller of the second-best group
+    winner and the best's group mates."""
     for r in range(best.shape[0]):
         out[r] = best_index[r]
-        margin[r] = second[r] - best[r]
+        margin[r] = min(winners[r], mates[r]) - best[r]
 
 
 @numba.njit(nogil=True, boundscheck=False)
-def fold_codes(dots, norms, first, last, offset, start, best, second, best_index):
-    """Fold codes start.. of the (Kb, R) block dots (codes offset.. of the codebook; norms their
-    squared norms) into the running (best, second, index) of columns first..last-1.
+def fold_codes(dots, norms, first, last, offset, best, winners, best_index):
+    """Fold the (Kb, R) block dots (codes offset.. of the codebook; norms their squared norms) into
+    the running (best, index) of columns first..last-1 and the second-best of the group winners.
 
     dots holds -2 x.c (the GEMM's alpha is -2: scaling by a power of two is exact, so
     fl(norms[k] + dots[k, r]) is the score fl(n_k - 2 fl(x.c_k)) of every implementation, one add
     instead of a multiply and a subtract). The inner loops run over the contiguous columns with no
-    dependence between columns, so they vectorise. Codes are taken four at a time: a small
-    tournament (strict ``<``, so the lower index wins a tie) picks the best of the four, and only
-    its winner is compared with the running best, which cuts the loads and stores of the running
-    (min, argmin) fourfold. The group's second smallest, min(max(a, b), min(A, B)) for pair minima
-    a, b and pair maxima A, B, and the loser of the winner's duel with the running best fold into a
-    running second-best. Blocks must come in ascending code order (a later code never wins a tie).
+    dependence between columns, so they vectorise. Codes are taken GROUP (8) at a time: a
+    tournament of strict ``<`` (the lower index wins a tie) picks the group's winner, and only it
+    meets the running best; the loser of that duel folds into `winners`, the running second
+    smallest of the winners. The codes after the last whole group are groups of one. Blocks must
+    come in ascending code order (a later code never wins a tie). `best_group_mates` supplies
+    the rest of the second best.
+
+    The running values are written with np.minimum / np.maximum, not ``a if a < b else b``: LLVM
+    turns a store of "the new value or the one loaded from there" into a masked store, which on the
+    AMD EPYC (Zen 4) cost 1.04 cycles a score against 0.42 (K = 256, 512 columns in cache). The
+    two differ only for NaN, whose rows the re-check always flags, and for -0 against +0, equal
+    scores.
     """
     num_codes = dots.shape[0]
     width = last - first
-    k = start
-    while k + 4 <= num_codes:
-        k0, k1 = np.int32(offset + k), np.int32(offset + k + 1)
-        k2, k3 = np.int32(offset + k + 2), np.int32(offset + k + 3)
+    k = 0
+    while k + 8 <= num_codes:  # the tournament below is written out for GROUP = 8
+        k0, k1, k2, k3 = np.int32(offset + k), np.int32(offset + k + 1), np.int32(offset + k + 2), np.int32(offset + k + 3)
+        k4, k5, k6, k7 = np.int32(offset + k + 4), np.int32(offset + k + 5), np.int32(offset + k + 6), np.int32(offset + k + 7)
         n0, n1, n2, n3 = norms[k], norms[k + 1], norms[k + 2], norms[k + 3]
+        n4, n5, n6, n7 = norms[k + 4], norms[k + 5], norms[k + 6], norms[k + 7]
         row0, row1 = dots[k, first:last], dots[k + 1, first:last]
         row2, row3 = dots[k + 2, first:last], dots[k + 3, first:last]
+        row4, row5 = dots[k + 4, first:last], dots[k + 5, first:last]
+        row6, row7 = dots[k + 6, first:last], dots[k + 7, first:last]
         for r in range(width):
-            s0 = n0 + row0[r]
-            s1 = n1 + row1[r]
-            s2 = n2 + row2[r]
-            s3 = n3 + row3[r]
+            s0, s1, s2, s3 = n0 + row0[r], n1 + row1[r], n2 + row2[r], n3 + row3[r]
+            s4, s5, s6, s7 = n4 + row4[r], n5 + row5[r], n6 + row6[r], n7 + row7[r]
             lower = s1 < s0
             s01 = s1 if lower else s0
-            l01 = s0 if lower else s1
             i01 = k1 if lower else k0
             lower = s3 < s2
             s23 = s3 if lower else s2
-            l23 = s2 if lower else s3
             i23 = k3 if lower else k2
+            lower = s5 < s4
+            s45 = s5 if lower else s4
+            i45 = k5 if lower else k4
+            lower = s7 < s6
+            s67 = s7 if lower else s6
+            i67 = k7 if lower else k6
             lower = s23 < s01
-            score = s23 if lower else s01
-            loser = s01 if lower else s23
-            index = i23 if lower else i01
-            group_second = min(loser, min(l01, l23))
+            s03 = s23 if lower else s01
+            i03 = i23 if lower else i01
+            lower = s67 < s45
+            s47 = s67 if lower else s45
+            i47 = i67 if lower else i45
+            lower = s47 < s03
+            score = s47 if lower else s03
+            index = i47 if lower else i03
             old = best[r]
-            second[r] = min(second[r], min(group_second, max(old, score)))
-            lower = score < old
-            best[r] = score if lower else old
-            best_index[r] = index if lower else best_index[r]
-        k += 4
+            winners[r] = np.minimum(winners[r], np.maximum(old, score))
+            best[r] = np.minimum(old, score)
+            best_index[r] = index if score < old else best_index[r]
+        k += 8
     while k < num_codes:
         code = np.int32(offset + k)
         norm = norms[k]
@@ -165,31 +263,124 @@ def fold_codes(dots, norms, first, last, offset, start, best, second, best_index
         for r in range(width):
             score = norm + row[r]
             old = best[r]
-            second[r] = min(second[r], max(old, score))
-            lower = score < old
-            best[r] = score if lower else old
-            best_index[r] = code if lower else best_index[r]
+            winners[r] = np.minimum(winners[r], np.maximum(old, score))
+            best[r] = np.minimum(old, score)
+            best_index[r] = code if score < old else best_index[r]
         k += 1
 
 
-@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, boundscheck=False)
-def flag_unproven_rows(x, first, last, out, margin, alpha, beta, under, grow, limit, flags):
-    """flags[r] = 1 for rows first <= r < last whose margin does not prove out[r] to be the exact
-    argmin, else 0: the test of `vqdeploy.ops.contract.recheck_rows`, row by row.
+@numba.njit(nogil=True, boundscheck=False)
+def best_group_mates(dots, norms, first, last, offset, best_index, mates):
+    """mates[r] = the smallest score of the other codes in the group of column r's best code, for
+    the columns whose best code lies in this block (codes offset.. of the (Kb, R) block dots, as
+    `fold_codes` grouped them; +inf for a group of one). Other columns keep theirs: their best, and
+    so its group, was in an earlier block."""
+    num_codes = dots.shape[0]
+    grouped = num_codes // GROUP * GROUP
+    for r in range(last - first):
+        position = best_index[r] - offset
+        if position < 0 or position >= num_codes:
+            continue
+        least = np.float32(np.inf)
+        if position < grouped:
+            group = position // GROUP * GROUP
+            for j in range(group, group + GROUP):
+                if j != position:
+                    least = min(least, norms[j] + dots[j, first + r])
+        mates[r] = least
 
-    ||x_r|| is bounded by sqrt(fl(sum x_ri^2) + under) * grow (`norm_bound_from_float32`), and the row
-    is proven where margin[r] > ||x_r|| alpha[out[r]] + beta[out[r]] and ||x_r|| < limit (alpha,
-    beta, limit from `vqdeploy.ops.contract.recheck_coefficients`). Compiled with reassociation and
-    contraction only (no "nnan": a NaN margin or norm fails the test and leaves the row flagged):
-    the float32 sum of squares may then run in any order, which the norm bound allows, and
-    vectorises; the float64 threshold carries RECHECK_SAFETY for its own rounding.
-    """
+
+@numba.njit(nogil=True, boundscheck=False)
+def note_near_codes(dots, norms, width, offset, best, winners, mates, best_index, before, before_index, reach,
+                    list_length, list_codes, list_scores):
+    """After a block: the candidate list of every row whose margin is within reach[r] of its
+    running best, i.e. every code seen so far with score <= best + reach (the best included).
+
+    list_length[r] is 0 for a row with no code but its best within reach (its list is implied),
+    the list's length while it is complete, -1 once more than LIST_CAPACITY codes were within
+    reach (the row then needs a search over all codes if flagged). A row that comes near in
+    this block starts from its best before the block (before, before_index); codes of the block
+    (dots (Kb, width), codes offset..) are scanned for it. Scores are compared in float64."""
+    num_codes = dots.shape[0]
+    capacity = list_codes.shape[1]
+    for r in range(width):
+        limit = np.float64(best[r]) + reach[r]
+        second = min(winners[r], mates[r])
+        if not np.float64(second) <= limit:  # only the best is within reach (or a NaN row)
+            list_length[r] = 0
+            continue
+        length = list_length[r]
+        if length < 0:
+            continue
+        if length == 0 and offset > 0 and np.float64(before[r]) <= limit:
+            list_codes[r, 0] = before_index[r]
+            list_scores[r, 0] = before[r]
+            length = 1
+        kept = 0
+        for j in range(length):  # drop the codes the new best has put out of reach
+            if np.float64(list_scores[r, j]) <= limit:
+                list_codes[r, kept] = list_codes[r, j]
+                list_scores[r, kept] = list_scores[r, j]
+                kept += 1
+        length = kept
+        for k in range(num_codes):
+            score = norms[k] + dots[k, r]
+            if np.float64(score) <= limit:
+                if length == capacity:
+                    length = -1
+                    break
+                list_codes[r, length] = offset + k
+                list_scores[r, length] = score
+                length += 1
+        list_length[r] = length
+
+
+@numba.njit(nogil=True, boundscheck=False)
+def decide_among_listed(row, codes, listed, separation):
+    """The exact argmin of the float32 row among the listed codes (every code that can be it), or -1
+    where float64 does not settle it: the test of `vqdeploy.ops.contract.resolve_candidates`.
+    The float64 distance sum_i (x_i - c_i)^2 of float32 values errs by at most gamma_{D+2} of
+    itself in any order, so the smallest decides the row when it times ``separation``
+    (`vqdeploy.ops.contract.float64_separation`) is below every other listed distance."""
+    least, second, chosen = np.inf, np.inf, -1
+    for j in range(listed.shape[0]):
+        code = listed[j]
+        total = 0.0
+        for i in range(row.shape[0]):
+            difference = np.float64(row[i]) - np.float64(codes[code, i])
+            total += difference * difference
+        if total < least:
+            least, second, chosen = total, least, code
+        elif total < second:
+            second = total
+    if least * separation < second and least < np.inf:
+        return chosen
+    return -1
+
+
+@numba.njit(fastmath={"reassoc", "contract"}, nogil=True, boundscheck=False)
+def row_norm_bounds(x, under, grow, bounds):
+    """bounds[r] >= ||x_r||: sqrt(fl(sum x_ri^2) + under) * grow (`norm_bound_from_float32`).
+    Compiled with reassociation and contraction only (no "nnan": a NaN row gets a NaN bound, which
+    no test proves): the float32 sum of squares may then run in any order, which the bound allows,
+    and vectorises."""
     dim = x.shape[1]
-    for r in range(first, last):
+    for r in range(x.shape[0]):
         total = np.float32(0.0)
         for i in range(dim):
             total += x[r, i] * x[r, i]
-        bound = np.sqrt(np.float64(total) + under) * grow
+        bounds[r] = np.sqrt(np.float64(total) + under) * grow
+
+
+@numba.njit(nogil=True, boundscheck=False)
+def flag_unproven_rows(bounds, out, margin, alpha, beta, limit, flags):
+    """flags[r] = 1 for the rows whose margin does not prove out[r] to be the exact argmin, else 0:
+    the test of `vqdeploy.ops.contract.recheck_rows`, row by row. The row is proven where
+    margin[r] > bounds[r] alpha[out[r]] + beta[out[r]] and bounds[r] < limit (bounds from
+    `row_norm_bounds`; alpha, beta, limit from `vqdeploy.ops.contract.recheck_coefficients`, whose
+    threshold carries RECHECK_SAFETY for its own rounding). A NaN margin or bound is never proven.
+    """
+    for r in range(out.shape[0]):
         best = out[r]
-        proven = np.float64(margin[r]) > bound * alpha[best] + beta[best] and bound < limit
+        proven = np.float64(margin[r]) > bounds[r] * alpha[best] + beta[best] and bounds[r] < limit
         flags[r] = 0 if proven else 1

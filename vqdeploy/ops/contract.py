@@ -439,11 +439,10 @@ def resolve_candidates(
     if rows == 0 or width == 0:
         return tokens, decided
     factor = float64_separation(codebook.shape[1])
-    codes64 = codebook.double()
     step = max(1, 2**22 // max(width * codebook.shape[1], 1))  # float64 temporaries near 32 MiB
     for start in range(0, rows, step):
         idx = candidates[start : start + step]
-        diff = x[start : start + step].double()[:, None, :] - codes64[idx.clamp(min=0)]
+        diff = x[start : start + step].double()[:, None, :] - codebook[idx.clamp(min=0)].double()
         dist = torch.where(idx >= 0, (diff * diff).sum(-1), torch.inf)
         best, pos = dist.min(dim=1)
         others = dist.clone()
@@ -452,6 +451,27 @@ def resolve_candidates(
         tokens[start : start + step] = idx[torch.arange(idx.shape[0], device=x.device), pos]
     tokens[~decided] = -1
     return tokens, decided
+
+
+def exact_nearest_listed(x: torch.Tensor, codebook: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """The exact argmin (ties to the lowest k) of rows whose complete candidate lists are known.
+
+    ``candidates`` [rows, L] holds, per row and ascending, every code that can be its exact argmin
+    (-1 pads), as the CPU op's compiled search lists them for the rows it flags. The float64
+    distances of those codes decide most rows (`resolve_candidates`); the rest, whose listed codes
+    float64 cannot separate (duplicates, exact midpoints), are compared exactly among their codes
+    (`_exact_nearest_among`). Cost O(rows L D), against O(rows K D) for `exact_nearest`. The rows
+    must be finite (the lists' proof assumes finite float32 scores).
+    """
+    x = x.detach().float().cpu()
+    codebook = codebook.detach().float().cpu()
+    candidates = candidates.cpu()
+    tokens, decided = resolve_candidates(x, codebook, candidates)
+    for r in torch.nonzero(~decided).squeeze(1).tolist():
+        listed = candidates[r][candidates[r] >= 0]
+        position = _exact_nearest_among(x[r].double(), codebook[listed].double(), list(range(listed.numel())))
+        tokens[r] = listed[position]
+    return tokens
 
 
 def resolve_near_ties_(

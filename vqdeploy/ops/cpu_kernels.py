@@ -55,6 +55,8 @@ import torch
 from vqdeploy.ops import gemm, sgemm_entry
 from vqdeploy.ops.contract import (
     exact_nearest,
+    exact_nearest_listed,
+    float64_separation,
     norm_bound_terms,
     norm_upper_bound,
     recheck_coefficients,
@@ -82,6 +84,9 @@ STAGING_BYTES = 4 * 2**20
 # 1.4 ms on one thread against 6.3 ms; 195 rows at K = 1024, D = 256 (5e7) 4.6 against 10.3 ms; 195
 # rows at K = 8192, D = 512 (8e8) 39.2 against 29.8 ms, where two threads pay (benchmarks/RESULTS.md).
 ONE_THREAD_RESOLVE_MACS = 2**28
+# At most this many flagged rows a worker (and chunk of x) get a candidate list from the compiled
+# loop (4 MiB of lists); the rest are re-solved over all codes.
+LISTED_ROWS_PER_WORKER = 2**16
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
 # numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
@@ -183,8 +188,9 @@ def _tile_search_kernel():
 
         matrix, vector, count, coefficients = types.float32[:, ::1], types.float32[::1], types.int64, types.float64[::1]
         signature = types.void(types.FunctionType(sgemm_entry.signature()), matrix, matrix, vector, types.int64[::1],
-                               vector, vector, count, count, count, count, coefficients, coefficients, types.float64,
-                               types.float64, types.float64, types.uint8[::1])
+                               vector, count, count, count, count, coefficients, coefficients, types.float64,
+                               types.float64, types.float64, types.float64, types.uint8[::1], types.int64[::1],
+                               types.int32[:, ::1], types.int64[::1])
         return _compile(search_tiles, parallel=False, signature=signature)
     except Exception as error:  # noqa: BLE001 - the Python tile loops stay in charge
         warnings.warn(f"vqdeploy: the compiled tile loop did not compile ({error}); using the Python tile loops",
@@ -234,6 +240,7 @@ class _Recheck:
         alpha, beta, self.limit = recheck_coefficients(dim, code_norm)
         self.alpha, self.beta = alpha.numpy(), beta.numpy()
         self.under, self.grow = norm_bound_terms(dim)
+        self.separation = float64_separation(dim)
         self.flags = np.empty(num_rows, dtype=np.uint8)
 
     def run(self, kernel, dots: np.ndarray, norms: np.ndarray, tile: np.ndarray, out: np.ndarray,
@@ -286,16 +293,22 @@ def nearest_code_cpu(
     norms, code_norm = squared_norms(codes), norm_upper_bound(codes)
     recheck = _Recheck(codes.shape[1], code_norm, num_rows)
     entry = compiled_tile_entry(library)
+    listed = _Listed()
     if entry is not None:
-        _search_compiled(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes, entry)
+        _search_compiled(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes, entry, listed)
     else:
         search = _search_numpy if library == "numpy" else _search_torch
         search(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
     rows = torch.from_numpy(flagged_rows(recheck.flags))
     if rows.numel():
+        full = rows[torch.from_numpy(recheck.flags)[rows] == 1]
         small = rows.numel() * codes.shape[0] * codes.shape[1] <= ONE_THREAD_RESOLVE_MACS
         with sgemm_entry.torch_one_thread_here() if small else contextlib.nullcontext():
-            out[rows] = exact_nearest(x.detach()[rows], codes, code_terms=(norms, code_norm))
+            listed_rows, candidates = listed.collect()
+            if listed_rows.numel():
+                out[listed_rows] = exact_nearest_listed(x.detach()[listed_rows], codes, candidates)
+            if full.numel():
+                out[full] = exact_nearest(x.detach()[full], codes, code_terms=(norms, code_norm))
     return out
 
 
@@ -310,8 +323,44 @@ def flagged_rows(flags: np.ndarray) -> np.ndarray:
 
 
 def _code_block(num_codes: int, rows: int) -> int:
-    """Codes per GEMM of the compiled tile loop: CODE_BLOCK_BYTES of scores, a multiple of 4 codes."""
-    return max(4, min(num_codes, CODE_BLOCK_BYTES // (4 * rows) // 4 * 4))
+    """Codes per GEMM of the compiled tile loop: CODE_BLOCK_BYTES of scores, a multiple of the
+    fold's GROUP of codes (its tournaments are aligned to each block)."""
+    from vqdeploy.ops._running_argmin import GROUP
+
+    return max(GROUP, min(num_codes, CODE_BLOCK_BYTES // (4 * rows) // GROUP * GROUP))
+
+
+class _Listed:
+    """The flagged rows the compiled tile loop wrote a complete candidate list for (flag 2): each
+    worker's rows and lists, gathered once the search is done. Room for LISTED_ROWS_PER_WORKER rows
+    a worker and chunk, at most; a flagged row beyond that keeps flag 1 (the search over all codes)."""
+
+    def __init__(self) -> None:
+        self._rows: list[np.ndarray] = []
+        self._codes: list[np.ndarray] = []
+
+    def room(self, workers: int, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows, codes, counts) arrays for one chunk of `rows` rows searched by `workers` workers."""
+        from vqdeploy.ops._running_argmin import LIST_CAPACITY
+
+        per_worker = max(64, min(LISTED_ROWS_PER_WORKER, -(-rows // workers) // 16))
+        return (np.empty((workers, per_worker), dtype=np.int64),
+                np.empty((workers, per_worker, LIST_CAPACITY), dtype=np.int32),
+                np.zeros((workers, 1), dtype=np.int64))
+
+    def keep(self, rows: np.ndarray, codes: np.ndarray, counts: np.ndarray, begin: int) -> None:
+        for worker in range(counts.shape[0]):
+            count = int(counts[worker, 0])
+            if count:
+                self._rows.append(rows[worker, :count] + begin)
+                self._codes.append(codes[worker, :count])
+
+    def collect(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows int64, candidates int64 [rows, width], -1 after each row's codes)."""
+        if not self._rows:
+            return torch.zeros(0, dtype=torch.int64), torch.zeros((0, 0), dtype=torch.int64)
+        return (torch.from_numpy(np.concatenate(self._rows)),
+                torch.from_numpy(np.concatenate(self._codes).astype(np.int64)))
 
 
 class _Workers:
@@ -376,13 +425,16 @@ if hasattr(os, "register_at_fork"):
 
 def _search_compiled(
     x: torch.Tensor, codes: torch.Tensor, norms: np.ndarray, out: np.ndarray, recheck: _Recheck,
-    threads: int, block_bytes: int | None, entry,
+    threads: int, block_bytes: int | None, entry, listed: _Listed,
 ) -> None:
     """Each of `threads` workers (this thread and long-lived helpers) runs `search_tiles` once: its
     share of the tiles of at most PER_CORE_TILE_ROWS rows, every tile's one-thread GEMM through the
-    library's sgemm entry, then the argmin and the re-check test, in compiled code that holds no
-    lock, so nothing waits on Python between tiles. A float32 C-contiguous x is read in place; any
-    other x is copied to float32 STAGING_BYTES at a time."""
+    library's sgemm entry, then the argmin, the re-check test and the candidate lists of flagged
+    rows (into `listed`), in compiled code that holds no lock, so nothing waits on Python between
+    tiles. A float32 C-contiguous x is read in place; any other x is copied to float32
+    STAGING_BYTES at a time."""
+    from vqdeploy.ops._running_argmin import leading_dimension
+
     kernel = _tile_search_kernel()
     num_rows, num_codes = x.shape[0], codes.shape[0]
     # Scores live only CODE_BLOCK_BYTES at a time, so the tile budget bounds the rows only where a
@@ -391,8 +443,8 @@ def _search_compiled(
     step = min(budget_rows, PER_CORE_TILE_ROWS, num_rows)
     workers = max(1, min(threads, -(-num_rows // step)))
     code_block = _code_block(num_codes, step)
-    buffer = _WORKSPACE.take(workers * code_block * step)
-    margins = np.empty((workers, 4 * step), dtype=np.float32)  # margin, best, second, index
+    block_floats = code_block * leading_dimension(step)
+    buffer = _WORKSPACE.take(workers * block_floats)
     codes_array = codes.numpy()
     whole = _rows_source(x)
     in_place = x.dtype == torch.float32 and x.is_contiguous() and not x.is_neg() and not x.is_conj()
@@ -403,14 +455,17 @@ def _search_compiled(
             for begin in range(0, num_rows, chunk):
                 end = min(begin + chunk, num_rows)
                 rows = whole(begin, end)
+                listed_rows, listed_codes, listed_counts = listed.room(workers, end - begin)
 
                 def work(worker: int, rows=rows, begin=begin, end=end) -> None:
                     kernel(entry, codes_array, rows, norms, out[begin:end],
-                           buffer[worker * code_block * step : (worker + 1) * code_block * step], margins[worker],
+                           buffer[worker * block_floats : (worker + 1) * block_floats],
                            worker * step, step, workers * step, code_block, recheck.alpha, recheck.beta, recheck.under,
-                           recheck.grow, recheck.limit, recheck.flags[begin:end])
+                           recheck.grow, recheck.limit, recheck.separation, recheck.flags[begin:end], listed_rows[worker],
+                           listed_codes[worker], listed_counts[worker])
 
                 _WORKERS.run(work, min(workers, -(-(end - begin) // step)))
+                listed.keep(listed_rows, listed_codes, listed_counts, begin)
     finally:
         _WORKSPACE.give(buffer)
 
