@@ -17,15 +17,19 @@ OpenBLAS, whichever `vqdeploy.ops.gemm` measured faster here), a worker's whole 
 numba call, `search_tiles`: for each block of codes (CODE_BLOCK_BYTES of scores, so they stay in
 the core's L2) a one-thread GEMM writes ``dots = -2 codes_block @ tile^T`` as a (Kb, R) float32
 block; the factor -2 is the GEMM's alpha, a power of two, so it scales without rounding. The
-kernel folds each block into a running (min, second, argmin) per column, forming the score
-``s_k = ||c_k||^2 + dots_k`` with one add, the value `nearest_code_blocked` computes
+kernel folds each block into a running (min, argmin) per column, eight codes at a time, forming
+the score ``s_k = ||c_k||^2 + dots_k`` with one add, the value `nearest_code_blocked` computes
 (``fl(n_k - 2 fl(x.c_k))``, so the error bound (3) of `vqdeploy.ops.contract` holds), with a
-strict ``<``, so ties go to the lowest k. Its inner loops run over the R contiguous columns,
-independent from column to column, which the compiler vectorises (details in
-`vqdeploy.ops._running_argmin`). Then each column's margin is tested against the bound
-(`flag_unproven_rows`: the norm of its row of x, two per-code coefficients); flagged rows,
-0.01-0.6% of random rows, are re-solved exactly afterwards (`vqdeploy.ops.contract.exact_nearest`).
-Nothing of size M x K is ever allocated.
+strict ``<``, so ties go to the lowest k. The second-best score comes from the second-best group
+winner and the best's group mates (`vqdeploy.ops._running_argmin`). Its inner loops run over the
+R contiguous columns, independent from column to column, which the compiler vectorises. Then each
+column's margin is tested against the bound (`flag_unproven_rows`: the norm of its row of x, two
+per-code coefficients). Flagged rows (0.01-1.2% of random rows) keep, block by block, the list of
+codes within their bound of the running best, and the worker decides them from the float64
+distances of those few codes; only the rows float64 cannot separate (exact ties, duplicates) come
+back to Python (`vqdeploy.ops.contract.exact_nearest_listed`), and rows with more than
+LIST_CAPACITY codes near their best, or the Python tile loops' flagged rows, go to
+`vqdeploy.ops.contract.exact_nearest`. Nothing of size M x K is ever allocated.
 
 Where the SGEMM cannot be called from compiled code, the Python tile loops do the same steps:
 `_search_torch` (torch.mm on torch's threads into 16 MiB tiles, then the kernel's columns split
@@ -275,7 +279,8 @@ def nearest_code_cpu(
 
     The compiled float32 search keeps each row's margin t_2 - t_b and flags the rows whose margin
     does not prove the float32 argmin exact (the test of `vqdeploy.ops.contract.recheck_rows`);
-    those are re-solved by `vqdeploy.ops.contract.exact_nearest`.
+    the compiled loop decides most of them from their candidate lists, the rest are re-solved by
+    `vqdeploy.ops.contract.exact_nearest_listed` (listed) or `vqdeploy.ops.contract.exact_nearest`.
     ``gemm`` ("torch" / "numpy") overrides the library `vqdeploy.ops.gemm.gemm_choice` picks for
     the tile product, ``block_bytes`` the tile budget (SCORE_BLOCK_BYTES); both for benchmarks and tests.
     """
@@ -299,16 +304,16 @@ def nearest_code_cpu(
     else:
         search = _search_numpy if library == "numpy" else _search_torch
         search(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
+    listed_rows, candidates = listed.collect()  # flag 2: rows float64 could not settle from their lists
+    if listed_rows.numel():
+        with sgemm_entry.torch_one_thread_here():
+            out[listed_rows] = exact_nearest_listed(x.detach()[listed_rows], codes, candidates)
     rows = torch.from_numpy(flagged_rows(recheck.flags))
-    if rows.numel():
-        full = rows[torch.from_numpy(recheck.flags)[rows] == 1]
-        small = rows.numel() * codes.shape[0] * codes.shape[1] <= ONE_THREAD_RESOLVE_MACS
+    full = rows[torch.from_numpy(recheck.flags)[rows] == 1] if rows.numel() else rows
+    if full.numel():
+        small = full.numel() * codes.shape[0] * codes.shape[1] <= ONE_THREAD_RESOLVE_MACS
         with sgemm_entry.torch_one_thread_here() if small else contextlib.nullcontext():
-            listed_rows, candidates = listed.collect()
-            if listed_rows.numel():
-                out[listed_rows] = exact_nearest_listed(x.detach()[listed_rows], codes, candidates)
-            if full.numel():
-                out[full] = exact_nearest(x.detach()[full], codes, code_terms=(norms, code_norm))
+            out[full] = exact_nearest(x.detach()[full], codes, code_terms=(norms, code_norm))
     return out
 
 
