@@ -41,7 +41,7 @@ from harness import markdown_table, time_interleaved  # noqa: E402
 
 from vqdeploy import VectorQuantize, export_onnx, runtime  # noqa: E402
 from vqdeploy.ops import cpu_kernels, nearest_code, sgemm_entry  # noqa: E402
-from vqdeploy.ops._running_argmin import leading_dimension, tile_gemm  # noqa: E402
+from vqdeploy.ops._running_argmin import fold_codes_argmin_only, leading_dimension, tile_gemm  # noqa: E402
 from vqdeploy.ops.contract import norm_upper_bound, recheck_rows, squared_norms  # noqa: E402
 from vqdeploy.ops.gemm import gemm_choice, numpy_blas_threads  # noqa: E402
 
@@ -50,70 +50,24 @@ SIZES = ["65536x256x1024", "65536x64x4096", "16384x512x8192", "262144x32x256"]
 
 def argmin_only_tiles(gemm, codes, x, norms, out, dots, first, step, stride, code_block):
     """`vqdeploy.ops._running_argmin.search_tiles` without the second best and the re-check test
-    (the baseline): the same tiles, code blocks and GEMM calls, a running (min, argmin) per column."""
+    (the baseline): the same tiles, code blocks, GEMM calls and tournament (`fold_codes_argmin_only`,
+    the op's fold without its second-best group winner), a running (min, argmin) per column."""
     num_codes = codes.shape[0]
     num_rows = x.shape[0]
     best = np.empty(step, np.float32)
+    unused = np.empty(step, np.float32)
     best_index = np.empty(step, np.int32)
     for start in range(first, num_rows, stride):
         stop = min(start + step, num_rows)
         width = stop - start
-        tile = x[start:stop]
         lead = leading_dimension(width)
+        best[:width] = np.inf
+        best_index[:width] = 0
         for offset in range(0, num_codes, code_block):
             count = min(code_block, num_codes - offset)
             block = dots[: count * lead].reshape(count, lead)
-            tile_gemm(gemm, tile, codes[offset : offset + count], block)
-            if offset == 0:
-                for r in range(width):
-                    best[r] = np.inf
-                    best_index[r] = 0
-            k = 0
-            while k + 8 <= count:  # fold_codes' tournament of eight, without its second best
-                k0, k1, k2, k3 = np.int32(offset + k), np.int32(offset + k + 1), np.int32(offset + k + 2), np.int32(offset + k + 3)
-                k4, k5, k6, k7 = np.int32(offset + k + 4), np.int32(offset + k + 5), np.int32(offset + k + 6), np.int32(offset + k + 7)
-                n0, n1, n2, n3 = norms[offset + k], norms[offset + k + 1], norms[offset + k + 2], norms[offset + k + 3]
-                n4, n5, n6, n7 = norms[offset + k + 4], norms[offset + k + 5], norms[offset + k + 6], norms[offset + k + 7]
-                row0, row1, row2, row3 = block[k], block[k + 1], block[k + 2], block[k + 3]
-                row4, row5, row6, row7 = block[k + 4], block[k + 5], block[k + 6], block[k + 7]
-                for r in range(width):
-                    s0, s1, s2, s3 = n0 + row0[r], n1 + row1[r], n2 + row2[r], n3 + row3[r]
-                    s4, s5, s6, s7 = n4 + row4[r], n5 + row5[r], n6 + row6[r], n7 + row7[r]
-                    lower = s1 < s0
-                    s01 = s1 if lower else s0
-                    i01 = k1 if lower else k0
-                    lower = s3 < s2
-                    s23 = s3 if lower else s2
-                    i23 = k3 if lower else k2
-                    lower = s5 < s4
-                    s45 = s5 if lower else s4
-                    i45 = k5 if lower else k4
-                    lower = s7 < s6
-                    s67 = s7 if lower else s6
-                    i67 = k7 if lower else k6
-                    lower = s23 < s01
-                    s03 = s23 if lower else s01
-                    i03 = i23 if lower else i01
-                    lower = s67 < s45
-                    s47 = s67 if lower else s45
-                    i47 = i67 if lower else i45
-                    lower = s47 < s03
-                    score = s47 if lower else s03
-                    index = i47 if lower else i03
-                    old = best[r]
-                    best[r] = np.minimum(old, score)
-                    best_index[r] = index if score < old else best_index[r]
-                k += 8
-            while k < count:
-                code = np.int32(offset + k)
-                norm = norms[offset + k]
-                row = block[k]
-                for r in range(width):
-                    score = norm + row[r]
-                    old = best[r]
-                    best[r] = np.minimum(old, score)
-                    best_index[r] = code if score < old else best_index[r]
-                k += 1
+            tile_gemm(gemm, x[start:stop], codes[offset : offset + count], block)
+            fold_codes_argmin_only(block, norms[offset : offset + count], 0, width, offset, best, unused, best_index)
         for r in range(width):
             out[start + r] = best_index[r]
 

@@ -194,79 +194,93 @@ def finish_columns(best, winners, mates, best_index, out, margin):
         margin[r] = min(winners[r], mates[r]) - best[r]
 
 
-@numba.njit(nogil=True, boundscheck=False)
-def fold_codes(dots, norms, first, last, offset, best, winners, best_index):
-    """Fold the (Kb, R) block dots (codes offset.. of the codebook; norms their squared norms) into
-    the running (best, index) of columns first..last-1 and the second-best of the group winners.
+def _fold_with(keep_winners: bool):
+    """`fold_codes` (keep_winners) and the same fold without the second-best group winner (the
+    argmin-only baseline of benchmarks/bench_exact_recheck.py): one body, the branch a
+    compile-time constant."""
 
-    dots holds -2 x.c (the GEMM's alpha is -2: scaling by a power of two is exact, so
-    fl(norms[k] + dots[k, r]) is the score fl(n_k - 2 fl(x.c_k)) of every implementation, one add
-    instead of a multiply and a subtract). The inner loops run over the contiguous columns with no
-    dependence between columns, so they vectorise. Codes are taken GROUP (8) at a time: a
-    tournament of strict ``<`` (the lower index wins a tie) picks the group's winner, and only it
-    meets the running best; the loser of that duel folds into `winners`, the running second
-    smallest of the winners. The codes after the last whole group are groups of one. Blocks must
-    come in ascending code order (a later code never wins a tie). `best_group_mates` supplies
-    the rest of the second best.
+    @numba.njit(nogil=True, boundscheck=False)
+    def fold(dots, norms, first, last, offset, best, winners, best_index):
+        """Fold the (Kb, R) block dots (codes offset.. of the codebook; norms their squared
+        norms) into the running (best, index) of columns first..last-1 and the second-best of the
+        group winners.
 
-    The running values are written with np.minimum / np.maximum, not ``a if a < b else b``: LLVM
-    turns a store of "the new value or the one loaded from there" into a masked store, which on the
-    AMD EPYC (Zen 4) cost 1.04 cycles a score against 0.42 (K = 256, 512 columns in cache). The
-    two differ only for NaN, whose rows the re-check always flags, and for -0 against +0, equal
-    scores.
-    """
-    num_codes = dots.shape[0]
-    width = last - first
-    k = 0
-    while k + 8 <= num_codes:  # the tournament below is written out for GROUP = 8
-        k0, k1, k2, k3 = np.int32(offset + k), np.int32(offset + k + 1), np.int32(offset + k + 2), np.int32(offset + k + 3)
-        k4, k5, k6, k7 = np.int32(offset + k + 4), np.int32(offset + k + 5), np.int32(offset + k + 6), np.int32(offset + k + 7)
-        n0, n1, n2, n3 = norms[k], norms[k + 1], norms[k + 2], norms[k + 3]
-        n4, n5, n6, n7 = norms[k + 4], norms[k + 5], norms[k + 6], norms[k + 7]
-        row0, row1 = dots[k, first:last], dots[k + 1, first:last]
-        row2, row3 = dots[k + 2, first:last], dots[k + 3, first:last]
-        row4, row5 = dots[k + 4, first:last], dots[k + 5, first:last]
-        row6, row7 = dots[k + 6, first:last], dots[k + 7, first:last]
-        for r in range(width):
-            s0, s1, s2, s3 = n0 + row0[r], n1 + row1[r], n2 + row2[r], n3 + row3[r]
-            s4, s5, s6, s7 = n4 + row4[r], n5 + row5[r], n6 + row6[r], n7 + row7[r]
-            lower = s1 < s0
-            s01 = s1 if lower else s0
-            i01 = k1 if lower else k0
-            lower = s3 < s2
-            s23 = s3 if lower else s2
-            i23 = k3 if lower else k2
-            lower = s5 < s4
-            s45 = s5 if lower else s4
-            i45 = k5 if lower else k4
-            lower = s7 < s6
-            s67 = s7 if lower else s6
-            i67 = k7 if lower else k6
-            lower = s23 < s01
-            s03 = s23 if lower else s01
-            i03 = i23 if lower else i01
-            lower = s67 < s45
-            s47 = s67 if lower else s45
-            i47 = i67 if lower else i45
-            lower = s47 < s03
-            score = s47 if lower else s03
-            index = i47 if lower else i03
-            old = best[r]
-            winners[r] = np.minimum(winners[r], np.maximum(old, score))
-            best[r] = np.minimum(old, score)
-            best_index[r] = index if score < old else best_index[r]
-        k += 8
-    while k < num_codes:
-        code = np.int32(offset + k)
-        norm = norms[k]
-        row = dots[k, first:last]
-        for r in range(width):
-            score = norm + row[r]
-            old = best[r]
-            winners[r] = np.minimum(winners[r], np.maximum(old, score))
-            best[r] = np.minimum(old, score)
-            best_index[r] = code if score < old else best_index[r]
-        k += 1
+        dots holds -2 x.c (the GEMM's alpha is -2: scaling by a power of two is exact, so
+        fl(norms[k] + dots[k, r]) is the score fl(n_k - 2 fl(x.c_k)) of every implementation, one
+        add instead of a multiply and a subtract). The inner loops run over the contiguous columns
+        with no dependence between columns, so they vectorise. Codes are taken GROUP (8) at a time:
+        a tournament of strict ``<`` (the lower index wins a tie) picks the group's winner, and
+        only it meets the running best; the loser of that duel folds into `winners`, the running
+        second smallest of the winners. The codes after the last whole group are groups of one.
+        Blocks must come in ascending code order (a later code never wins a tie).
+        `best_group_mates` supplies the rest of the second best.
+
+        The running values are written with np.minimum / np.maximum, not ``a if a < b else b``:
+        LLVM turns a store of "the new value or the one loaded from there" into a masked store,
+        which on an AMD EPYC without AVX-512 cost 1.04 cycles a score against 0.42 (K = 256, 512
+        columns in cache). The two differ only for NaN, whose rows the re-check always flags, and
+        for -0 against +0, equal scores.
+        """
+        num_codes = dots.shape[0]
+        width = last - first
+        k = 0
+        while k + 8 <= num_codes:  # the tournament below is written out for GROUP = 8
+            k0, k1, k2, k3 = np.int32(offset + k), np.int32(offset + k + 1), np.int32(offset + k + 2), np.int32(offset + k + 3)
+            k4, k5, k6, k7 = np.int32(offset + k + 4), np.int32(offset + k + 5), np.int32(offset + k + 6), np.int32(offset + k + 7)
+            n0, n1, n2, n3 = norms[k], norms[k + 1], norms[k + 2], norms[k + 3]
+            n4, n5, n6, n7 = norms[k + 4], norms[k + 5], norms[k + 6], norms[k + 7]
+            row0, row1 = dots[k, first:last], dots[k + 1, first:last]
+            row2, row3 = dots[k + 2, first:last], dots[k + 3, first:last]
+            row4, row5 = dots[k + 4, first:last], dots[k + 5, first:last]
+            row6, row7 = dots[k + 6, first:last], dots[k + 7, first:last]
+            for r in range(width):
+                s0, s1, s2, s3 = n0 + row0[r], n1 + row1[r], n2 + row2[r], n3 + row3[r]
+                s4, s5, s6, s7 = n4 + row4[r], n5 + row5[r], n6 + row6[r], n7 + row7[r]
+                lower = s1 < s0
+                s01 = s1 if lower else s0
+                i01 = k1 if lower else k0
+                lower = s3 < s2
+                s23 = s3 if lower else s2
+                i23 = k3 if lower else k2
+                lower = s5 < s4
+                s45 = s5 if lower else s4
+                i45 = k5 if lower else k4
+                lower = s7 < s6
+                s67 = s7 if lower else s6
+                i67 = k7 if lower else k6
+                lower = s23 < s01
+                s03 = s23 if lower else s01
+                i03 = i23 if lower else i01
+                lower = s67 < s45
+                s47 = s67 if lower else s45
+                i47 = i67 if lower else i45
+                lower = s47 < s03
+                score = s47 if lower else s03
+                index = i47 if lower else i03
+                old = best[r]
+                if keep_winners:
+                    winners[r] = np.minimum(winners[r], np.maximum(old, score))
+                best[r] = np.minimum(old, score)
+                best_index[r] = index if score < old else best_index[r]
+            k += 8
+        while k < num_codes:
+            code = np.int32(offset + k)
+            norm = norms[k]
+            row = dots[k, first:last]
+            for r in range(width):
+                score = norm + row[r]
+                old = best[r]
+                if keep_winners:
+                    winners[r] = np.minimum(winners[r], np.maximum(old, score))
+                best[r] = np.minimum(old, score)
+                best_index[r] = code if score < old else best_index[r]
+            k += 1
+
+    return fold
+
+
+fold_codes = _fold_with(True)
+fold_codes_argmin_only = _fold_with(False)
 
 
 @numba.njit(nogil=True, boundscheck=False)

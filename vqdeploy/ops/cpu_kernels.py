@@ -462,12 +462,13 @@ def _search_compiled(
                 rows = whole(begin, end)
                 listed_rows, listed_codes, listed_counts = listed.room(workers, end - begin)
 
-                def work(worker: int, rows=rows, begin=begin, end=end) -> None:
+                def work(worker: int, rows=rows, begin=begin, end=end,
+                         room=(listed_rows, listed_codes, listed_counts)) -> None:
                     kernel(entry, codes_array, rows, norms, out[begin:end],
                            buffer[worker * block_floats : (worker + 1) * block_floats],
                            worker * step, step, workers * step, code_block, recheck.alpha, recheck.beta, recheck.under,
-                           recheck.grow, recheck.limit, recheck.separation, recheck.flags[begin:end], listed_rows[worker],
-                           listed_codes[worker], listed_counts[worker])
+                           recheck.grow, recheck.limit, recheck.separation, recheck.flags[begin:end], room[0][worker],
+                           room[1][worker], room[2][worker])
 
                 _WORKERS.run(work, min(workers, -(-(end - begin) // step)))
                 listed.keep(listed_rows, listed_codes, listed_counts, begin)
