@@ -13,7 +13,7 @@ import torch
 
 from vqdeploy.ops import cpu_kernels, gemm, sgemm_entry
 from vqdeploy.ops._running_argmin import LIST_CAPACITY
-from vqdeploy.ops.contract import exact_nearest_listed, nearest_code_exact, norm_upper_bound, squared_norms
+from vqdeploy.ops.contract import exact_nearest_listed, nearest_code_exact, squared_norms
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="the numba kernel is not available")
 
@@ -167,12 +167,12 @@ def _search(x: torch.Tensor, codebook: torch.Tensor, library: str | None = None)
     if entry is None:
         pytest.skip(f"no compiled tile loop for {library} here")
     codes = codebook.float().contiguous()
-    norms = squared_norms(codes)
-    recheck = cpu_kernels._Recheck(codes.shape[1], norm_upper_bound(codes), x.shape[0])
+    terms = cpu_kernels._CodebookTerms(codes)
+    recheck = cpu_kernels._Recheck(terms, x.shape[0])
     listed = cpu_kernels._Listed()
     out = np.full(x.shape[0], -1, dtype=np.int64)
-    cpu_kernels._search_compiled(x, codes, norms.numpy(), out, recheck, cpu_kernels._thread_count(), None, entry,
-                                 listed)
+    cpu_kernels._search_compiled(x, codes, terms.norms.numpy(), out, recheck, cpu_kernels._thread_count(), None,
+                                 entry, listed)
     rows, lists = listed.collect()
     return out, recheck.flags.copy(), rows, lists
 
@@ -243,3 +243,21 @@ def test_exact_nearest_listed_decides_separable_rows_and_breaks_exact_ties_low()
         extra = [k for k in (0, 1, 2) if k not in tied][: 4 - len(tied)]
         candidates[r, : len(tied) + len(extra)] = torch.tensor(sorted(tied + extra))
     assert torch.equal(exact_nearest_listed(x, codebook, candidates), nearest_code_exact(x, codebook))
+
+
+def test_a_codebook_changed_in_place_is_searched_with_its_new_norms():
+    """The codebook's norms and bounds are kept between calls for small codebooks; a change to the
+    same storage that bumps no version counter (through .data, or a numpy view) must still be seen."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(400, 16, generator=generator)
+    weight = torch.nn.Parameter(torch.randn(64, 16, generator=generator))
+    codebook = weight.detach()
+    before = cpu_kernels.nearest_code_cpu(x, codebook)
+    assert torch.equal(before, nearest_code_exact(x, codebook))
+    version = codebook._version
+    weight.data.mul_(torch.linspace(0.2, 3.0, 64)[:, None])  # an EMA-style update through .data
+    assert codebook._version == version
+    after = cpu_kernels.nearest_code_cpu(x, codebook)
+    assert torch.equal(after, nearest_code_exact(x, codebook)) and not torch.equal(after, before)
+    codebook.numpy()[::2] *= -1.0  # the same storage again, through numpy
+    assert torch.equal(cpu_kernels.nearest_code_cpu(x, codebook), nearest_code_exact(x, codebook))

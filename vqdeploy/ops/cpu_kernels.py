@@ -45,6 +45,7 @@ score buffer stays allocated between calls, for the next one.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
@@ -91,6 +92,10 @@ ONE_THREAD_RESOLVE_MACS = 2**28
 # At most this many flagged rows a worker (and chunk of x) get a candidate list from the compiled
 # loop (4 MiB of lists); the rest are re-solved over all codes.
 LISTED_ROWS_PER_WORKER = 2**16
+# Codebooks of at most this many values keep their `_CodebookTerms` between calls (a copy of the
+# values is kept with them to tell whether they still hold), the last CACHED_CODEBOOKS of them.
+CACHED_CODEBOOK_VALUES = 2**18
+CACHED_CODEBOOKS = 8
 # A thread gets at least this many columns, so small calls do not pay for waking threads.
 MIN_COLUMNS_PER_THREAD = 256
 # numba's "workqueue" threading layer (used where no OpenMP or TBB runtime is found) must not be
@@ -236,15 +241,62 @@ def _thread_count() -> int:
     return max(1, min(torch.get_num_threads(), numba.get_num_threads()))
 
 
-class _Recheck:
-    """What the re-check test needs per call (`vqdeploy.ops.contract.recheck_coefficients`), and the
-    per-row flags it writes: `flag_unproven_rows` runs it on each tile right after the kernel."""
+class _CodebookTerms:
+    """What a call needs that depends on the codebook alone: its float32 squared norms (`squared_norms`,
+    for the scores), norm bounds (`norm_upper_bound`) and the re-check test's coefficients
+    (`vqdeploy.ops.contract.recheck_coefficients`), with the dimension's constants."""
 
-    def __init__(self, dim: int, code_norm: torch.Tensor, num_rows: int):
-        alpha, beta, self.limit = recheck_coefficients(dim, code_norm)
+    def __init__(self, codes: torch.Tensor):
+        dim = codes.shape[1]
+        self.norms, self.code_norm = squared_norms(codes), norm_upper_bound(codes)
+        alpha, beta, self.limit = recheck_coefficients(dim, self.code_norm)
         self.alpha, self.beta = alpha.numpy(), beta.numpy()
         self.under, self.grow = norm_bound_terms(dim)
         self.separation = float64_separation(dim)
+
+
+class _TermsCache:
+    """The `_CodebookTerms` of the last few small codebooks (at most CACHED_CODEBOOK_VALUES values),
+    which took 200 of the 400 us a one-row call cost. An entry is found by the codebook's storage
+    and shape and used only where its values still equal a copy kept with it (`torch.equal`), so a
+    codebook changed in place by any route (an EMA step through ``.data``, a numpy view, a new
+    tensor at a freed address) is never served terms of other values."""
+
+    def __init__(self, entries: int) -> None:
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+        self._size = entries
+
+    def terms(self, codes: torch.Tensor) -> _CodebookTerms:
+        if codes.numel() > CACHED_CODEBOOK_VALUES:
+            return _CodebookTerms(codes)
+        key = (codes.data_ptr(), tuple(codes.shape))
+        with self._lock:
+            entry = self._entries.get(key)
+        if entry is not None and torch.equal(entry[0], codes):
+            with self._lock:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+            return entry[1]
+        terms = _CodebookTerms(codes)
+        with self._lock:
+            self._entries[key] = (codes.clone(), terms)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return terms
+
+
+_TERMS = _TermsCache(CACHED_CODEBOOKS)
+
+
+class _Recheck:
+    """What the re-check test needs per call (the codebook's `_CodebookTerms`), and the per-row
+    flags it writes: `flag_unproven_rows` runs it on each tile right after the kernel."""
+
+    def __init__(self, terms: _CodebookTerms, num_rows: int):
+        self.alpha, self.beta, self.limit = terms.alpha, terms.beta, terms.limit
+        self.under, self.grow, self.separation = terms.under, terms.grow, terms.separation
         self.flags = np.empty(num_rows, dtype=np.uint8)
 
     def run(self, kernel, dots: np.ndarray, norms: np.ndarray, tile: np.ndarray, out: np.ndarray,
@@ -294,26 +346,28 @@ def nearest_code_cpu(
     codes = codebook.detach().to(torch.float32).contiguous()
     library = gemm or gemm_choice().library
     threads = _thread_count()
-    # The codebook's terms, once per call: the kernel, its re-check test and the exact re-solve share them.
-    norms, code_norm = squared_norms(codes), norm_upper_bound(codes)
-    recheck = _Recheck(codes.shape[1], code_norm, num_rows)
+    # The codebook's terms: the kernel, its re-check test and the exact re-solve share them.
+    terms = _TERMS.terms(codes)
+    recheck = _Recheck(terms, num_rows)
     entry = compiled_tile_entry(library)
     listed = _Listed()
+    norms = terms.norms.numpy()
     if entry is not None:
-        _search_compiled(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes, entry, listed)
+        _search_compiled(x.detach(), codes, norms, out.numpy(), recheck, threads, block_bytes, entry, listed)
     else:
         search = _search_numpy if library == "numpy" else _search_torch
-        search(x.detach(), codes, norms.numpy(), out.numpy(), recheck, threads, block_bytes)
+        search(x.detach(), codes, norms, out.numpy(), recheck, threads, block_bytes)
     listed_rows, candidates = listed.collect()  # flag 2: rows float64 could not settle from their lists
     if listed_rows.numel():
         with sgemm_entry.torch_one_thread_here():
             out[listed_rows] = exact_nearest_listed(x.detach()[listed_rows], codes, candidates)
-    rows = torch.from_numpy(flagged_rows(recheck.flags))
-    full = rows[torch.from_numpy(recheck.flags)[rows] == 1] if rows.numel() else rows
-    if full.numel():
+    rows = flagged_rows(recheck.flags)
+    full = rows[recheck.flags[rows] == 1]  # flag 1: rows the search could not list
+    if full.size:
+        full = torch.from_numpy(full)
         small = full.numel() * codes.shape[0] * codes.shape[1] <= ONE_THREAD_RESOLVE_MACS
         with sgemm_entry.torch_one_thread_here() if small else contextlib.nullcontext():
-            out[full] = exact_nearest(x.detach()[full], codes, code_terms=(norms, code_norm))
+            out[full] = exact_nearest(x.detach()[full], codes, code_terms=(terms.norms, terms.code_norm))
     return out
 
 
@@ -333,6 +387,9 @@ def _code_block(num_codes: int, rows: int) -> int:
     from vqdeploy.ops._running_argmin import GROUP
 
     return max(GROUP, min(num_codes, CODE_BLOCK_BYTES // (4 * rows) // GROUP * GROUP))
+
+
+_NO_ROWS = torch.zeros(0, dtype=torch.int64)
 
 
 class _Listed:
@@ -363,7 +420,7 @@ class _Listed:
     def collect(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(rows int64, candidates int64 [rows, width], -1 after each row's codes)."""
         if not self._rows:
-            return torch.zeros(0, dtype=torch.int64), torch.zeros((0, 0), dtype=torch.int64)
+            return _NO_ROWS, _NO_ROWS.view(0, 0)
         return (torch.from_numpy(np.concatenate(self._rows)),
                 torch.from_numpy(np.concatenate(self._codes).astype(np.int64)))
 
