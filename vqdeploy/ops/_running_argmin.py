@@ -194,6 +194,14 @@ def finish_columns(best, winners, mates, best_index, out, margin):
         margin[r] = min(winners[r], mates[r]) - best[r]
 
 
+@numba.njit(nogil=True, inline="always")
+def duel(score_a, index_a, score_b, index_b):
+    """(score, index) of the smaller score, a's on a tie (a is the lower code): one match of the
+    fold's tournament, inlined into it (numba's inlining, so the fold's loop still vectorises)."""
+    lower = score_b < score_a
+    return (score_b if lower else score_a), (index_b if lower else index_a)
+
+
 def _fold_with(keep_winners: bool):
     """`fold_codes` (keep_winners) and the same fold without the second-best group winner (the
     argmin-only baseline of benchmarks/bench_exact_recheck.py): one body, the branch a
@@ -236,27 +244,13 @@ def _fold_with(keep_winners: bool):
             for r in range(width):
                 s0, s1, s2, s3 = n0 + row0[r], n1 + row1[r], n2 + row2[r], n3 + row3[r]
                 s4, s5, s6, s7 = n4 + row4[r], n5 + row5[r], n6 + row6[r], n7 + row7[r]
-                lower = s1 < s0
-                s01 = s1 if lower else s0
-                i01 = k1 if lower else k0
-                lower = s3 < s2
-                s23 = s3 if lower else s2
-                i23 = k3 if lower else k2
-                lower = s5 < s4
-                s45 = s5 if lower else s4
-                i45 = k5 if lower else k4
-                lower = s7 < s6
-                s67 = s7 if lower else s6
-                i67 = k7 if lower else k6
-                lower = s23 < s01
-                s03 = s23 if lower else s01
-                i03 = i23 if lower else i01
-                lower = s67 < s45
-                s47 = s67 if lower else s45
-                i47 = i67 if lower else i45
-                lower = s47 < s03
-                score = s47 if lower else s03
-                index = i47 if lower else i03
+                s01, i01 = duel(s0, k0, s1, k1)
+                s23, i23 = duel(s2, k2, s3, k3)
+                s45, i45 = duel(s4, k4, s5, k5)
+                s67, i67 = duel(s6, k6, s7, k7)
+                s03, i03 = duel(s01, i01, s23, i23)
+                s47, i47 = duel(s45, i45, s67, i67)
+                score, index = duel(s03, i03, s47, i47)
                 old = best[r]
                 if keep_winners:
                     winners[r] = np.minimum(winners[r], np.maximum(old, score))
