@@ -7,6 +7,7 @@ They accept torch tensors and numpy arrays alike, and raise the typed errors of
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -62,7 +63,13 @@ def as_tensor(x, name: str = "x") -> tuple[torch.Tensor, bool]:
     """(a torch view of x, whether x was a numpy array): numpy arrays are viewed, never copied."""
     if isinstance(x, np.ndarray):
         check_numpy_readable(x, name)
-        return torch.from_numpy(x), True
+        if x.flags.writeable:
+            return torch.from_numpy(x), True
+        # A read-only array (a memory map opened "r", Arrow's buffers): torch warns that writing
+        # to its view is undefined. vqdeploy only reads the view, so the warning would only alarm.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+            return torch.from_numpy(x), True
     if not isinstance(x, torch.Tensor):
         raise NotAnArrayError(f"{name} must be a numpy array or a torch tensor, got {type(x).__module__}.{type(x).__name__}")
     check_tensor(x, name)

@@ -32,12 +32,12 @@ def test_readme_python_examples_run(tmp_path: Path, monkeypatch) -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     install = "pip install torch==2.13.0"
     project = "pip install -c constraints.txt"
-    command = f'python -m venv .venv && . .venv/bin/activate && {install} && {project} -e ".[test]" && python -m pytest -q'
+    command = f'python -m venv .venv && . .venv/bin/activate && {install} && {project} -e ".[test]" && python -m pytest -q -n 2'
     assert command in README
     assert f"{install} && {project} -e . && vqdeploy demo" in README
     lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     commands = [line for line in lines if line and not line.startswith("#")]
-    steps = ["-m venv .venv", ". .venv/bin/activate", "torch==2.13.0", '-c constraints.txt -e ".[test]"', "python -m pytest -q"]
+    steps = ["-m venv .venv", ". .venv/bin/activate", "torch==2.13.0", '-c constraints.txt -e ".[test]"', "python -m pytest -q -n 2"]
     positions = [next(i for i, line in enumerate(commands) if step in line) for step in steps]
     assert positions == sorted(positions)  # venv, torch first, then the project with the pins, then the tests
 

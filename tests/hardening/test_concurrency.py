@@ -15,12 +15,12 @@ from vqdeploy.errors import QuantizerClosedError
 
 RACING_EXPORT = textwrap.dedent(
     """
-    import sys, time, torch
+    import sys, torch
     from vqdeploy import VectorQuantize, export_onnx
     from vqdeploy.errors import OutputExistsError
-    codes, start_at = int(sys.argv[2]), float(sys.argv[3])
-    vq = VectorQuantize(dim=8, codebook_size=codes).eval()
-    time.sleep(max(0.0, start_at - time.time()))  # both processes pass the existence check together
+    vq = VectorQuantize(dim=8, codebook_size=int(sys.argv[2])).eval()
+    print("ready", flush=True)
+    sys.stdin.readline()  # both processes pass the existence check together, once both are ready
     try:
         export_onnx(vq, sys.argv[1], part="encode")
         print("won")
@@ -32,14 +32,16 @@ RACING_EXPORT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_two_processes_exporting_to_one_path_one_wins(tmp_path):
-    import time
-
     for round_ in range(2):
         target = tmp_path / f"race{round_}.onnx"
-        start_at = time.time() + 8
-        children = [subprocess.Popen([sys.executable, "-c", RACING_EXPORT, str(target), str(codes), str(start_at)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        children = [subprocess.Popen([sys.executable, "-c", RACING_EXPORT, str(target), str(codes)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                     for codes in (16, 32)]
+        for child in children:  # both have imported torch and built their module
+            assert child.stdout.readline().strip() == "ready", child.communicate(timeout=60)
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
         outputs = [child.communicate(timeout=180) for child in children]
         verdicts = [out.strip().split(" ")[0] for out, _ in outputs]
         assert sorted(verdicts) == ["refused", "won"], outputs

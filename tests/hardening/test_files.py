@@ -188,12 +188,24 @@ def test_external_data_outside_the_folder_is_refused(vq, tmp_path):
 # -- fault injection: kill -9 at random points of an export, in a loop ----------------------------------
 KILLED_EXPORT = textwrap.dedent(
     """
-    import sys, torch
+    import os, signal, sys, torch
     from vqdeploy import VectorQuantize, export_onnx
-    torch.manual_seed(int(sys.argv[2]))
-    vq = VectorQuantize(dim=16, codebook_size=int(sys.argv[2])).eval()
+    target, codes, at = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+
+    def kill_after(function):  # the real call, then SIGKILL: nothing after it in the export runs
+        def call(*args, **kwargs):
+            function(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return call
+
+    if at == "temp written":  # the temporary file is complete and synced, not yet in place
+        os.fsync = kill_after(os.fsync)
+    elif at == "replaced":  # the new file is in place, its folder not yet synced
+        os.replace = kill_after(os.replace)
+    torch.manual_seed(codes)
+    vq = VectorQuantize(dim=16, codebook_size=codes).eval()
     print("ready", flush=True)
-    export_onnx(vq, sys.argv[1], part="encode", overwrite=True)
+    export_onnx(vq, target, part="encode", overwrite=True)
     print("done", flush=True)
     """
 )
@@ -201,32 +213,34 @@ KILLED_EXPORT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_an_export_killed_at_random_points_never_loses_the_target(tmp_path):
-    """The target is always the old file or a complete new one, whenever a SIGKILL lands."""
+    """The target is always the old file or a complete new one, whenever a SIGKILL lands: at random
+    times (tracing, checking: the first seconds of an export), and at the two points of the write
+    itself, the temporary file complete and the new file just moved in place."""
     target = tmp_path / "vq.onnx"
     torch.manual_seed(0)
     export_onnx(VectorQuantize(dim=16, codebook_size=8).eval(), target, part="encode")
-    sizes = {8}
     rng = random.Random(0)
-    deadline, kills, completed = time.monotonic() + 150, 0, 0
-    for attempt in range(12):
-        if time.monotonic() > deadline:
-            break
+    kills = []
+    for attempt, at in enumerate(["random", "temp written", "random", "replaced", "random"]):
+        old = read_metadata(target).codebook_size
         codes = 9 + attempt
-        child = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(target), str(codes)],
+        child = subprocess.Popen([sys.executable, "-c", KILLED_EXPORT, str(target), str(codes), at],
                                  stdout=subprocess.PIPE, text=True)
         assert child.stdout.readline().strip() == "ready"
-        time.sleep(rng.uniform(0.0, 1.5))  # somewhere in the export: tracing, checking, writing, renaming
-        child.send_signal(signal.SIGKILL)
-        child.wait()
+        if at == "random":
+            time.sleep(rng.uniform(0.0, 1.5))
+            child.send_signal(signal.SIGKILL)
+        child.wait(timeout=300)
         finished = child.stdout.read().strip() == "done"
-        completed += finished
-        kills += not finished
+        kills.append(not finished)
         info = read_metadata(target)  # a complete vqdeploy export, never a half-written one
         onnx.checker.check_model(onnx.load(str(target)))
-        assert info.codebook_size in sizes | {codes}
-        if info.codebook_size == codes:
-            sizes.add(codes)
-    assert kills >= 1, (kills, completed)  # at least one kill landed inside an export
+        expected = {"temp written": {old}, "replaced": {codes}}.get(at, {old, codes})
+        assert info.codebook_size in expected, (at, info.codebook_size, expected)
+        assert not finished or info.codebook_size == codes
+        if at == "temp written":  # its writer is dead: the next export clears it (checked below)
+            assert [p for p in tmp_path.iterdir() if p.name != "vq.onnx"], "no temporary file was left"
+    assert kills[1] and kills[3] and any(kills[0::2]), kills  # the write's kills, and one at random
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "vq.onnx"]
     export_onnx(VectorQuantize(dim=16, codebook_size=8).eval(), target, part="encode", overwrite=True)
     assert not [p for p in tmp_path.iterdir() if p.name != "vq.onnx"], leftovers  # the killed writers' temp files

@@ -3,6 +3,8 @@ value reaches the search as something else than what the user passed (docs/desig
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -195,6 +197,33 @@ def test_non_contiguous_layouts_give_eager_tokens(hardening_exports, backend):
                 got_vectors = torch.from_numpy(vectors) if isinstance(vectors, np.ndarray) else vectors
                 assert torch.allclose(got_vectors, expected_vectors, atol=1e-6), (kind, x.shape)
 
+
+
+READ_ONLY = """
+import json, sys, numpy as np
+from vqdeploy import runtime
+path, backend, data = sys.argv[1:]
+x = np.load(data, mmap_mode="r")  # a read-only memory map, as a corpus on disk is read
+assert not x.flags.writeable
+with runtime.load(path, backend=backend) as quantizer:
+    print(json.dumps(quantizer.encode(x).tolist()))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_read_only_array_encodes_without_a_warning(hardening_exports, backend, tmp_path):
+    """torch warns (once a process) on a view of a read-only array; vqdeploy only reads its input, so
+    a user encoding a memory map sees no warning. A fresh process with warnings as errors."""
+    import subprocess
+    import sys
+
+    module, path, _ = hardening_exports["last"]
+    x = np.random.default_rng(3).standard_normal((2, 50, DIM)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    result = subprocess.run([sys.executable, "-W", "error", "-c", READ_ONLY, str(path), backend, str(tmp_path / "x.npy")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr[-3000:]
+    assert json.loads(result.stdout) == module(torch.from_numpy(x))[1].tolist()
 
 
 def test_an_image_read_row_by_row_copies_every_tile_exactly():

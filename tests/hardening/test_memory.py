@@ -1,12 +1,14 @@
-"""Peak extra memory of an encode at N = 4M vectors (D = 64), for every dtype and memory layout,
-on both CPU backends: <= 64 MiB beyond the input and the indices returned.
+"""Peak extra memory of an encode, for every dtype and memory layout, on both CPU backends: <= 64 MiB
+beyond the input and the indices returned.
 
 The sweep covers every dtype (float16, bfloat16, float32, float64; torch and numpy) and every
 memory layout (contiguous, Fortran order, transposed views, channels_last, transposed image
 axes) of the three export layouts, each at least once, with K = 16 and chunk_size = 8192 (what a chunk holds is then the
 same as at K = 1024 on ort, and the sweep costs 64 times less compute): what it measures is the
-input path (checks, casts, views, chunk copies), whose memory does not depend on K. One encode per
-backend runs at the full size (K = 1024, default chunks). Peak RSS is reset before each case by
+input path (checks, casts, views, chunk copies), whose memory does not depend on K. The sweep runs
+at N = 2M vectors of D = 64 (512 MiB of float32: a copy of the whole input in any dtype, 256 MiB or
+more, fails it as surely as at 4M, in half the time). One encode per backend runs at the full size
+(N = 4M, K = 1024, default chunks). Peak RSS is reset before each case by
 writing 5 to /proc/self/clear_refs (Linux), so one process measures every case; before that,
 glibc's malloc_trim hands back the free heap earlier cases left resident, so that no case is
 served by another's leftovers (which read as negative figures) and each pays for what it touches.
@@ -34,7 +36,8 @@ SWEEP = textwrap.dedent(
     full = mode == "full"
     at_size = mode in ("full", "sweep-k1024")  # K = 1024 and the backend's default chunk
     only = set(sys.argv[4].split(",")) if len(sys.argv) > 4 else None  # case numbers, for a quick look
-    N, D = 4 * 2**20, 64
+    N, D = (4 if at_size else 2) * 2**20, 64  # at_size: N = 4M
+    H, W = 1024, N // 4 // 1024  # the image layouts: (4, D, H, W)
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -88,9 +91,9 @@ SWEEP = textwrap.dedent(
         yield "b n d", "transposed (4, N/4, D) of (4, D, N/4)", lambda: filled((4, D, N // 4), (0, 2, 1), "b n d", dtype)
         yield "b d n", "contiguous (4, D, N/4)", lambda: filled((4, D, N // 4), (0, 1, 2), "b d n", dtype)
         yield "b d n", "transposed (4, D, N/4) of (4, N/4, D)", lambda: filled((4, N // 4, D), (0, 2, 1), "b d n", dtype)
-        yield "b d h w", "contiguous (4, D, 1024, 1024)", lambda: filled((4, D, 1024, 1024), (0, 1, 2, 3), "img", dtype)
-        yield "b d h w", "channels_last (4, D, 1024, 1024)", lambda: filled((4, 1024, 1024, D), (0, 3, 1, 2), "img", dtype)
-        yield "b d h w", "h/w transposed (4, D, 1024, 1024)", lambda: filled((4, D, 1024, 1024), (0, 1, 3, 2), "img", dtype)
+        yield "b d h w", "contiguous (4, D, H, W)", lambda: filled((4, D, H, W), (0, 1, 2, 3), "img", dtype)
+        yield "b d h w", "channels_last (4, D, H, W)", lambda: filled((4, H, W, D), (0, 3, 1, 2), "img", dtype)
+        yield "b d h w", "h/w transposed (4, D, H, W) of (4, D, W, H)", lambda: filled((4, D, W, H), (0, 1, 3, 2), "img", dtype)
 
     # A covering set: every dtype, every memory layout of every export layout, numpy and torch.
     cases = [
@@ -102,9 +105,9 @@ SWEEP = textwrap.dedent(
         ("b n d", "transposed (4, N/4, D) of (4, D, N/4)", torch.bfloat16, False),
         ("b d n", "contiguous (4, D, N/4)", torch.float64, False),
         ("b d n", "transposed (4, D, N/4) of (4, N/4, D)", torch.float16, False),
-        ("b d h w", "contiguous (4, D, 1024, 1024)", torch.float32, False),
-        ("b d h w", "channels_last (4, D, 1024, 1024)", torch.float64, False),
-        ("b d h w", "h/w transposed (4, D, 1024, 1024)", torch.float32, True),
+        ("b d h w", "contiguous (4, D, H, W)", torch.float32, False),
+        ("b d h w", "channels_last (4, D, H, W)", torch.float64, False),
+        ("b d h w", "h/w transposed (4, D, H, W) of (4, D, W, H)", torch.float32, True),
     ]
     if full:
         cases = [("b n d", "contiguous (1, N, D)", torch.float32, False)]
@@ -125,8 +128,9 @@ SWEEP = textwrap.dedent(
 
 
 def _run(backend: str, folder: Path, mode: str) -> list[dict]:
-    """The sweep in a fresh process: mode "sweep" (13 cases, K = 16), "full" (one case at K = 1024) or
-    "sweep-k1024" (13 cases at K = 1024, default chunks: minutes; run by hand, see RESULTS.md)."""
+    """The sweep in a fresh process: mode "sweep" (13 cases, K = 16, N = 2M), "full" (one case at K = 1024,
+    N = 4M) or "sweep-k1024" (13 cases at K = 1024, default chunks, N = 4M: minutes; run by hand, see
+    RESULTS.md)."""
     result = subprocess.run([sys.executable, "-c", SWEEP, backend, str(folder), mode],
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]

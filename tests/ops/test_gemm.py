@@ -31,7 +31,10 @@ def fresh_cache(tmp_path, monkeypatch):
 
 
 def _child(code: str, cache: os.PathLike, **env: str) -> str:
+    """Run code in a new process with this one's cache folder, probe and torch thread count (part of
+    the choice's key: a test run earlier in this worker process may have left it changed)."""
     script = (
+        f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n"
         "from vqdeploy.ops import gemm\n"
         f"gemm.PROBE_SHAPES = {SMALL_PROBE!r}\n" + code
     )
