@@ -116,8 +116,19 @@ def test_dask_threads_engine(corpus, tmp_path):
     check_output(corpus, tmp_path / "out")
 
 
+@pytest.fixture
+def environment_kept():
+    """os.environ as it was before the test: LocalCluster leaves its workers' settings
+    (OMP_NUM_THREADS=1, MKL_NUM_THREADS=1...) in this process's environment, which every later
+    subprocess of the session would inherit."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.mark.slow
-def test_dask_cluster_at_address(corpus, tmp_path):
+def test_dask_cluster_at_address(corpus, tmp_path, environment_kept):
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None, worker_dashboard_address=None) as cluster:
