@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqdeploy.checks import eager_checks_enabled
-from vqdeploy.nn import distributed
+from vqdeploy.nn import distributed, reused_outputs
 from vqdeploy.ops.custom_op import nearest_code
 
 
@@ -150,13 +150,14 @@ class EMACodebook(nn.Module):
     def lookup(self, indices: torch.Tensor, embed: torch.Tensor | None = None) -> torch.Tensor:
         """indices (H, M) -> codes (H, M, D) (of `embed`, default the searched codes, detached).
 
-        Outside autograd and tracing, several codebooks' CPU codes are gathered straight into one
-        output (no stack, which would copy them once more)."""
+        Outside autograd and tracing, CPU codes are gathered straight into one output (no stack,
+        which would copy them once more) whose memory a dropped earlier output of the same size
+        gave back where there is one (`vqdeploy.nn.reused_outputs`)."""
         embed = self.search_embed() if embed is None else embed
         heads, rows = indices.shape
         if (embed.device.type == "cpu" and not (torch.is_grad_enabled() and embed.requires_grad)
                 and eager_checks_enabled() and not torch.jit.is_tracing()):
-            out = torch.empty((heads, rows, embed.shape[-1]), dtype=embed.dtype)
+            out = reused_outputs.empty((heads, rows, embed.shape[-1]), embed.dtype)
             for h in range(heads):
                 torch.index_select(embed[h if self.num_codebooks > 1 else 0], 0, indices[h], out=out[h])
             return out
