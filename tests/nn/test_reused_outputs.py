@@ -74,6 +74,18 @@ def test_idle_blocks_are_bounded_and_release_frees_them():
     assert reused_outputs.idle_bytes() == 0
 
 
+def test_a_new_size_is_reused_after_the_idle_blocks_filled_up_with_another():
+    large = (BIG[0] * 4, BIG[1])  # four times the threshold
+    held = [reused_outputs.empty(large, torch.float32) for _ in range(reused_outputs.IDLE_MAX_BYTES // (4 * BIG[0] * BIG[1] * 4))]
+    del held
+    assert reused_outputs.idle_bytes() == reused_outputs.IDLE_MAX_BYTES  # full of the large size
+    first = reused_outputs.empty(BIG, torch.float32)
+    address = first.data_ptr()
+    del first  # the longest idle large block makes room
+    assert reused_outputs.idle_bytes() <= reused_outputs.IDLE_MAX_BYTES
+    assert reused_outputs.empty(BIG, torch.float32).data_ptr() == address
+
+
 def test_the_environment_turns_reuse_off(monkeypatch):
     monkeypatch.setenv(reused_outputs.ENV_REUSE, "0")
     first = reused_outputs.empty(BIG, torch.float32)
@@ -147,16 +159,19 @@ def test_a_reused_output_crosses_torch_multiprocessing(tmp_path):
     code = (
         "import torch, torch.multiprocessing as mp\n"
         "from vqdeploy.nn import reused_outputs\n"
-        "def child(queue):\n"
+        "def child(queue, received):\n"
         "    out = reused_outputs.empty((%d, %d), torch.float32)\n"
         "    out.fill_(7.0)\n"
         "    queue.put(out)\n"
+        "    received.wait(120)  # the sender must live until the receiver has the shared memory\n"
         "if __name__ == '__main__':\n"
         "    context = mp.get_context('spawn')\n"
         "    queue = context.Queue()\n"
-        "    process = context.Process(target=child, args=(queue,))\n"
+        "    received = context.Event()\n"
+        "    process = context.Process(target=child, args=(queue, received))\n"
         "    process.start()\n"
         "    got = queue.get(timeout=120)\n"
+        "    received.set()\n"
         "    process.join(120)\n"
         "    print(bool((got == 7.0).all()), tuple(got.shape))\n"
     ) % BIG

@@ -16,7 +16,8 @@ of it). A finalizer on that view runs when the last tensor sharing its storage i
 caller dropped the output and every view of it, or its storage moved to shared memory) and gives
 the block back; the next output of the same size in bytes takes it. Outputs smaller than
 REUSED_MIN_BYTES come from torch's allocator as before (glibc already reuses its heap for those),
-and at most IDLE_MAX_BYTES of blocks are kept idle: a block given back beyond that is freed.
+and at most IDLE_MAX_BYTES of blocks are kept idle: beyond that the blocks idle longest are freed
+(a caller that moves on to another size gets its new size reused, not the old one kept).
 
 Such a tensor is like any other CPU tensor except that its storage cannot grow (``resize_`` to a
 larger size raises, as for ``torch.from_numpy``); ``VQDEPLOY_REUSE_OUTPUTS=0`` in the environment
@@ -69,9 +70,10 @@ class _IdleBlocks:
         if not self._lock.acquire(blocking=False):
             return
         try:
+            self._blocks.append((nbytes, block))
             idle = sum(size for size, _ in self._blocks)
-            if idle + nbytes <= IDLE_MAX_BYTES:
-                self._blocks.append((nbytes, block))
+            while idle > IDLE_MAX_BYTES:  # the longest idle go first: a loop's sizes are the recent ones
+                idle -= self._blocks.pop(0)[0]
         finally:
             self._lock.release()
 
