@@ -6,7 +6,10 @@ nearest-code op returns only N int64 indices. Timed interleaved, at one size (de
 size of docs/design.md section 5):
 
 - ``op``: `vqdeploy.ops.nearest_code` (the search alone);
-- ``eager``: ``VectorQuantize`` eval forward under ``torch.no_grad()`` (the search, then the gather);
+- ``eager``: ``VectorQuantize`` eval forward under ``torch.no_grad()`` (the search, then the gather
+  into memory that the output dropped before gave back, `vqdeploy.nn.reused_outputs`);
+- ``eager fresh``: the same forward with that reuse off (``VQDEPLOY_REUSE_OUTPUTS=0``): the gather
+  into a new tensor from torch's allocator, as before 2026-12-03;
 - ``gather fresh``: ``torch.index_select`` of N codes into a new tensor, as the forward does;
 - ``gather reused``: the same into a tensor allocated and written before (no new pages);
 - ``touch fresh``: a new tensor with one value written per 4 KiB page, no gather: the cost of the
@@ -19,6 +22,7 @@ size of docs/design.md section 5):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -30,6 +34,7 @@ from bench_eager import environment, parse_size  # noqa: E402
 from harness import markdown_table, time_interleaved  # noqa: E402
 
 import vqdeploy  # noqa: E402
+from vqdeploy.nn import reused_outputs  # noqa: E402
 from vqdeploy.ops import nearest_code  # noqa: E402
 
 PAGE_FLOATS = 1024  # float32 values per 4 KiB page
@@ -57,16 +62,25 @@ def main(argv: list[str] | None = None) -> int:
         out.view(-1)[::PAGE_FLOATS].zero_()
         return out
 
+    def eager_fresh():
+        os.environ[reused_outputs.ENV_REUSE] = "0"
+        try:
+            return vq(x)
+        finally:
+            del os.environ[reused_outputs.ENV_REUSE]
+
     calls = {
         "op": lambda: nearest_code(x[0], codes),
         "eager": lambda: vq(x),
+        "eager fresh": eager_fresh,
         "gather fresh": gather_fresh,
         "gather reused": lambda: torch.index_select(codes, 0, indices, out=reused),
         "touch fresh": touch_fresh,
     }
     with torch.no_grad():
         timings = time_interleaved(calls, n, repeats=args.repeats, warmup=1, settle_s=0.1)
-    if not torch.equal(timings["eager"].last_result[1].reshape(-1), timings["op"].last_result):
+    if not all(torch.equal(timings[name].last_result[1].reshape(-1), timings["op"].last_result)
+               for name in ("eager", "eager fresh")):
         print("error: eager and op tokens differ", file=sys.stderr)
         return 1
     print(f"# bench_fresh_output  {env['date']}  {env['cpu']}  cores={env['cpu_count']}  "
@@ -74,12 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {' '.join(sys.argv)}  size={n}x{d}x{k}  repeats={args.repeats}  output {n * d * 4 / 2**20:.0f} MiB\n")
     rows = [[name, f"{t.median_s * 1e3:.1f} ms"] for name, t in timings.items()]
     print(markdown_table(["method", "median"], rows))
-    op, eager = timings["op"].seconds, timings["eager"].seconds
-    ratios = [a / b for a, b in zip(op, eager, strict=True)]
-    extra = [b - a for a, b in zip(op, eager, strict=True)]
-    print(f"\neager speed vs op: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}); "
-          f"eager - op: {statistics.median(extra) * 1e3:.1f} ms a call, of which a gather into reused memory "
-          f"takes {timings['gather reused'].median_s * 1e3:.1f} ms and new pages alone "
+    op = timings["op"].seconds
+    print()
+    for name in ("eager", "eager fresh"):
+        eager = timings[name].seconds
+        ratios = [a / b for a, b in zip(op, eager, strict=True)]
+        extra = [b - a for a, b in zip(op, eager, strict=True)]
+        print(f"{name} speed vs op: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}); "
+              f"{name} - op: {statistics.median(extra) * 1e3:.1f} ms a call")
+    print(f"a gather into reused memory takes {timings['gather reused'].median_s * 1e3:.1f} ms, new pages alone "
           f"{timings['touch fresh'].median_s * 1e3:.1f} ms")
     return 0
 
