@@ -120,7 +120,7 @@ def test_eager_outputs_kept_by_the_caller_are_never_overwritten():
     with torch.no_grad():
         kept = [vq(x) for x in xs]  # all four held: four blocks
         codes = vq._codebook.embed[0]
-        for (quantized, indices, _), x in zip(kept, xs, strict=True):
+        for quantized, indices, _ in kept:
             assert not quantized.untyped_storage().resizable()  # it did come from reused memory
             assert torch.equal(quantized[0], codes[indices[0]])
         addresses = {q.data_ptr() for q, _, _ in kept}
@@ -160,7 +160,7 @@ def test_a_reused_output_crosses_torch_multiprocessing(tmp_path):
         "import torch, torch.multiprocessing as mp\n"
         "from vqdeploy.nn import reused_outputs\n"
         "def child(queue, received):\n"
-        "    out = reused_outputs.empty((%d, %d), torch.float32)\n"
+        f"    out = reused_outputs.empty({BIG}, torch.float32)\n"
         "    out.fill_(7.0)\n"
         "    queue.put(out)\n"
         "    received.wait(120)  # the sender must live until the receiver has the shared memory\n"
@@ -174,7 +174,7 @@ def test_a_reused_output_crosses_torch_multiprocessing(tmp_path):
         "    received.set()\n"
         "    process.join(120)\n"
         "    print(bool((got == 7.0).all()), tuple(got.shape))\n"
-    ) % BIG
+    )
     script = tmp_path / "child.py"  # spawn's child imports the script's functions
     script.write_text(code)
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
